@@ -1,0 +1,65 @@
+"""Run folders, atomic checkpoints and exact resume.
+
+    RUN/config.json        every flag of the run
+    RUN/metrics.jsonl      one line per step
+    RUN/samples.jsonl      a few sampled captions per step, with their rewards
+    RUN/checkpoints/step_NNNNNN/   model + processor (save_pretrained, safetensors, loadable by transformers)
+                                   + trainer_state.pt (optimizer state, step)
+    RUN/final/             the last model, same layout as a checkpoint's model part
+
+A checkpoint is written into a temporary folder and renamed into place (atomic on POSIX), so a run killed
+mid-write leaves the previous checkpoint intact and never a half-written one that looks complete.
+Resume needs no RNG state: every random draw of a step (images, sampling, question draws) is seeded from
+(seed, step), so step k+1 after a resume is the same as step k+1 of an uninterrupted run.
+"""
+import json
+import os
+import re
+import shutil
+
+import torch
+
+from .models import save_model
+
+
+def checkpoint_dir(run_dir, step):
+    return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
+
+
+def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2):
+    """Atomically write checkpoint `step`; keep the newest `keep` checkpoints."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, proc, tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir):
+    d = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(d):
+        return []
+    return [os.path.join(d, n) for n in sorted(os.listdir(d)) if re.fullmatch(r"step_\d{6}", n)]
+
+
+def latest_checkpoint(run_dir):
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def load_trainer_state(path):
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+
+
+def truncate_jsonl(path, last_step):
+    """Drop log lines of steps after `last_step` (written after the checkpoint a run resumes from)."""
+    if not os.path.exists(path):
+        return
+    lines = [ln for ln in open(path) if ln.strip() and json.loads(ln).get("step", -1) <= last_step]
+    with open(path, "w") as f:
+        f.writelines(lines)

@@ -1,0 +1,114 @@
+"""QA data on disk and the built-in world behind one interface: `dataset[i]` -> an item
+{"id", "image" (PIL RGB), "questions": [{"question", "options", "answer" (letter), "type"}], "scene" (built-in)}.
+
+QA JSONL, one image per line:   {"id", "image": "path", "questions": [{"question", "options": [...], "answer": "C"}]}
+CapRL-QA rows (the released CapRL-QA-75K exported to JSONL) are accepted too:
+    {"id"?, "image" | "images", "reward_model": {"ground_truth": [{"question", "choices": ["A) ...", ...], "answer": "C"}]}}
+Images: a path (relative paths resolve against --image-root, else the JSONL's folder), or bytes / base64.
+Every line is validated on load; a bad line raises DataError naming the file and line and what to fix.
+"""
+import base64
+import io
+import json
+import os
+
+from PIL import Image
+
+from . import shapes
+from .judge import LETTERS
+
+
+class DataError(ValueError):
+    pass
+
+
+class World:
+    """The built-in shapes world as a dataset: item i of a split is generated on demand; unbounded."""
+
+    def __init__(self, split="train", size=None):
+        self.split, self.size = split, size
+
+    def __len__(self):
+        return self.size if self.size is not None else 10**9
+
+    def __getitem__(self, i):
+        return shapes.world_item(i, self.split)
+
+
+def _question(q, where):
+    if not isinstance(q, dict) or "question" not in q:
+        raise DataError(f"{where}: each question needs a 'question' field")
+    if "choices" in q and "options" not in q:  # CapRL-QA: "A) text"
+        q = {**q, "options": [c.split(")", 1)[1].strip() if c[1:2] == ")" else c for c in q["choices"]]}
+    opts, ans = q.get("options"), q.get("answer")
+    if not isinstance(opts, list) or len(opts) < 2:
+        raise DataError(f"{where}: a question needs at least two options, got {opts!r}")
+    if len(opts) > len(LETTERS) - 1:
+        raise DataError(f"{where}: at most {len(LETTERS) - 1} options (one letter is kept for abstain)")
+    if not (isinstance(ans, str) and ans.strip().upper()[:1] in LETTERS[:len(opts)] and len(ans.strip()) == 1):
+        raise DataError(f"{where}: answer {ans!r} is not one of the option letters {LETTERS[:len(opts)]}")
+    return {"question": q["question"], "options": [str(o) for o in opts], "answer": ans.strip().upper(),
+            "type": q.get("type", "qa")}
+
+
+def load_image(ref, root):
+    """A path (relative to root), raw bytes, or base64 text -> RGB PIL image."""
+    if isinstance(ref, dict):  # {"bytes": ...} or {"path": ...} as datasets exports them
+        ref = ref.get("bytes") or ref.get("path")
+    if isinstance(ref, str) and not os.path.isabs(ref) and os.path.exists(os.path.join(root, ref)):
+        ref = os.path.join(root, ref)
+    if isinstance(ref, str) and os.path.exists(ref):
+        img = Image.open(ref)
+    else:
+        raw = ref if isinstance(ref, (bytes, bytearray)) else base64.b64decode(ref, validate=True)
+        img = Image.open(io.BytesIO(raw))
+    img.load()
+    return img.convert("RGB")
+
+
+class QAFile:
+    """A QA JSONL file, validated on load; images are read when an item is accessed."""
+
+    def __init__(self, path, image_root=None):
+        self.path, self.root = path, image_root or os.path.dirname(os.path.abspath(path))
+        self.rows, seen = [], {}
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    row = self._parse(line, f"{path}:{n}")
+                    if row["id"] in seen:
+                        raise DataError(f"{path}:{n}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+                    seen[row["id"]] = n
+                    self.rows.append(row)
+        if not self.rows:
+            raise DataError(f"{path}: no rows")
+
+    def _parse(self, line, where):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a line must be a JSON object")
+        qs = row.get("questions")
+        if qs is None and isinstance(row.get("reward_model"), dict):
+            qs = row["reward_model"].get("ground_truth")
+        image = row.get("image", row.get("images"))
+        if isinstance(image, list):
+            image = image[0] if image else None
+        if image is None or not isinstance(qs, list) or not qs:
+            raise DataError(f"{where}: needs 'image' (or 'images') and a non-empty 'questions' list "
+                            "(or reward_model.ground_truth)")
+        return {"id": str(row.get("id", where)), "image": image, "where": where,
+                "questions": [_question(q, where) for q in qs]}
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        try:
+            image = load_image(row["image"], self.root)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{row['where']}: cannot read image {str(row['image'])[:80]!r}: {e}") from None
+        return {"id": row["id"], "image": image, "questions": row["questions"]}

@@ -1,0 +1,78 @@
+"""Prism-style evaluation: captioner -> captions -> the judge answers every question from the caption alone.
+
+The score is the reward's own function (judge.score_questions), read with argmax over freshly shuffled
+options, over *all* question types, the held-out ones (never in the reward) reported separately. On the
+built-in world the captions are also parsed into facts and scored exactly: precision (stated facts that are
+true) and recall (true facts that are stated), so a reward bought with hallucinations shows up here.
+"""
+import random
+
+import torch
+
+from . import shapes
+from .judge import score_questions
+from .models import encode_prompts
+from .sampling import decode, sample
+
+
+def caption_items(model, proc, items, batch_size=50, max_new_tokens=64, temperature=0.0, n=1, seed=0,
+                  instruction=None):
+    """n captions per item (greedy when temperature is 0): list of lists of (caption, token count)."""
+    out = []
+    gen = torch.Generator().manual_seed(seed)
+    for i0 in range(0, len(items), batch_size):
+        batch = items[i0:i0 + batch_size]
+        kw = {"instruction": instruction} if instruction else {}
+        prompt = encode_prompts(proc, [it["image"] for it in batch], **kw)
+        prompt = {k: v.to(model.device) for k, v in prompt.items()}
+        s = sample(model, prompt, n, max_new_tokens, temperature, generator=gen)
+        caps, lens = decode(proc, s), s["mask"].sum(1).tolist()
+        out += [list(zip(caps[j * n:(j + 1) * n], lens[j * n:(j + 1) * n])) for j in range(len(batch))]
+    return out
+
+
+def evaluate_captions(judge, jtok, fmt, items, captions, seed=0):
+    """captions: per item a list of (caption, tokens). Returns the results.json record (without "path")."""
+    rng = random.Random(seed)
+    rows_c, rows_q = [], []
+    for it, caps in zip(items, captions):
+        for cap, _ in caps:
+            rows_c += [cap] * len(it["questions"])
+            rows_q += it["questions"]
+    right = score_questions(judge, jtok, rows_c, rows_q, fmt, "argmax", rng)
+    by_type = {}
+    for q, r in zip(rows_q, right):
+        by_type.setdefault(q.get("type", "qa"), []).append(r)
+    held = [r for q, r in zip(rows_q, right) if q.get("type") in shapes.HELDOUT_TYPES]
+    res = {"n_images": len(items), "captions_per_image": len(captions[0]) if captions else 0,
+           "qa_accuracy": sum(right) / max(1, len(right)),
+           "qa_accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+           "heldout_types_accuracy": sum(held) / len(held) if held else None,
+           "mean_caption_tokens": sum(n for caps in captions for _, n in caps) / max(1, sum(map(len, captions)))}
+    if items and "scene" in items[0]:  # the built-in world: exact facts
+        correct = stated = recalled = true = 0
+        for it, caps in zip(items, captions):
+            for cap, _ in caps:
+                f = shapes.score_facts(cap, it["scene"])
+                correct += sum(c for c, _ in f["stated"].values())
+                stated += sum(n for _, n in f["stated"].values())
+                recalled, true = recalled + f["n_recalled"], true + f["n_true"]
+        res["fact_precision"] = correct / max(1, stated)
+        res["fact_recall"] = recalled / max(1, true)
+    return res
+
+
+def print_table(results):
+    """Captioners side by side, one column each."""
+    names = [r["path"] if len(r["path"]) <= 28 else "..." + r["path"][-25:] for r in results]
+    rows = [("qa_accuracy", "qa accuracy")]
+    rows += [(("qa_accuracy_by_type", t), f"  {t}{' (held out)' if t in shapes.HELDOUT_TYPES else ''}")
+             for t in results[0]["qa_accuracy_by_type"]]
+    rows += [("heldout_types_accuracy", "held-out types"), ("fact_precision", "fact precision"),
+             ("fact_recall", "fact recall"), ("mean_caption_tokens", "caption tokens")]
+    print(f"{'':24s}" + "".join(f"{n:>30s}" for n in names))
+    for key, label in rows:
+        vals = [r[key[0]].get(key[1]) if isinstance(key, tuple) else r.get(key) for r in results]
+        if all(v is None for v in vals):
+            continue
+        print(f"{label:24s}" + "".join(f"{v:30.3f}" if v is not None else f"{'-':>30s}" for v in vals))

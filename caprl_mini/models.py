@@ -1,0 +1,221 @@
+"""Build, load and save the policy (captioner) and the judge, and pick the device.
+
+One loading path for everything: `load_policy(path_or_hub_id)` and `load_judge(path_or_hub_id)` take the
+shipped tiny checkpoints, a checkpoint folder of a run, or a real hub id such as
+"Qwen/Qwen2.5-VL-3B-Instruct" / "Qwen/Qwen2.5-3B-Instruct". Per-model special cases live here and only here.
+
+The built-in world's tokenizer is a byte-level BPE trained on the world's text, with Qwen's special tokens
+and chat template, so the tiny models speak the same protocol as real Qwen checkpoints.
+"""
+import json
+import os
+
+import torch
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                          AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+SFT_CAPTIONER = os.path.join(ASSETS, "captioner")
+JUDGE = os.path.join(ASSETS, "judge")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
+# Qwen's chat template, reduced to what the project uses (text and image content parts, no tools).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+class ImageProcessorOnly(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL's processor without its video slot: the video processor needs torchvision, which a CPU-only
+    machine may lack, and captioning never uses it. Same call, same outputs (incl. mm_token_type_ids)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+
+def pick_device():
+    """cuda > mps > cpu, and bf16 where the device supports it (else fp32). Says what it picked."""
+    if torch.cuda.is_available():
+        dev = torch.device("cuda")
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        dev, dtype = torch.device("mps"), torch.float32
+    else:
+        dev, dtype = torch.device("cpu"), torch.float32
+    print(f"device: {dev}, dtype: {dtype}")
+    return dev, dtype
+
+
+# ---------------------------------------------------------------- the built-in world's tokenizer and configs
+def build_tokenizer(texts, vocab_size=512):
+    """Byte-level BPE on the world's text, with Qwen's special tokens (<|im_end|> is EOS) and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=CHAT_TEMPLATE, extra_special_tokens={
+                                       "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+                                       "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+
+
+def image_processor(min_pixels=84 * 84, max_pixels=84 * 84):
+    """Qwen2-VL's PIL image processor (no torchvision needed): patch 14, merge 2, so 84x84 -> 9 tokens."""
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+                                    temporal_patch_size=2, merge_size=2)
+
+
+def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2):
+    """A Qwen2.5-VL config at toy scale. mrope_section sums to head_dim / 2; special ids set explicitly."""
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    head_dim = hidden // heads
+    sec = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # (t, h, w), sums to head_dim/2
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                                        "mrope_section": sec},
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
+                           num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+
+
+def tiny_judge_config(tok, hidden=128, layers=4, heads=4):
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
+    return Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=512, bos_token_id=ids["<|endoftext|>"],
+                       eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
+
+
+def build_tiny_policy(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(tiny_policy_config(tok, **kw))
+    proc = ImageProcessorOnly(image_processor=image_processor(), tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    return model, proc
+
+
+def build_tiny_judge(tok, seed=0, **kw):
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(tiny_judge_config(tok, **kw)), tok
+
+
+# ---------------------------------------------------------------- one loading path
+def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None):
+    """A vision-language captioner and its processor, from a folder or a hub id."""
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    try:
+        proc = AutoProcessor.from_pretrained(path)
+    except (AttributeError, ImportError, ValueError):  # the video slot needs torchvision
+        proc = AutoTokenizer.from_pretrained(path)
+    if not hasattr(proc, "image_processor"):  # without torchvision AutoProcessor may return only the tokenizer
+        tok = getattr(proc, "tokenizer", proc)
+        proc = ImageProcessorOnly(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer=tok,
+                                  chat_template=tok.chat_template)
+    if min_pixels or max_pixels:
+        ip = proc.image_processor
+        ip.min_pixels, ip.max_pixels = min_pixels or ip.min_pixels, max_pixels or ip.max_pixels
+        ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": ip.max_pixels}
+    return model, proc
+
+
+def load_judge(path, device="cpu", dtype=torch.float32):
+    """A text-only chat LM and its tokenizer, from a folder or a hub id. Returns (model, tokenizer, meta);
+    meta is the folder's judge.json (how the judge was trained to be asked), {} for real judges."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    meta_path = os.path.join(path, "judge.json")
+    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+    return model, tok, meta
+
+
+def save_model(model, proc_or_tok, path, meta=None):
+    """save_pretrained (safetensors) of the model and its processor / tokenizer, plus optional judge.json."""
+    model.save_pretrained(path, safe_serialization=True)
+    proc_or_tok.save_pretrained(path)
+    if meta is not None:
+        json.dump(meta, open(os.path.join(path, "judge.json"), "w"), indent=1)
+
+
+def vocab_size(model):
+    return model.get_output_embeddings().weight.shape[0]
+
+
+# ---------------------------------------------------------------- the policy's forward, shared by sampler, trainer, sft
+# B rows, T tokens, D hidden. Prompts are left-padded so that every row's next token sits at column T.
+CAPTION_INSTRUCTION = "Please describe this image in detail."
+
+
+def encode_prompts(proc, images, instruction=CAPTION_INSTRUCTION):
+    """One chat prompt per image (image, then instruction), left-padded: input_ids, attention_mask,
+    pixel_values, image_grid_thw."""
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    proc.tokenizer.padding_side = "left"
+    enc = proc(text=[text] * len(images), images=images, return_tensors="pt", padding=True)
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
+
+
+def rope_positions(model, input_ids, attention_mask, image_grid_thw):
+    """Multimodal rotary positions (3, B, T) of a left-padded prompt batch, and each row's next position (B,).
+    Image tokens get (t, h, w) grid positions, so a row's next position is not its token count."""
+    mm = (input_ids == model.config.image_token_id).int()
+    pos, _ = model.model.get_rope_index(input_ids=input_ids, mm_token_type_ids=mm, image_grid_thw=image_grid_thw,
+                                        attention_mask=attention_mask)
+    return pos, pos.amax(dim=(0, 2)) + 1
+
+
+def policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values=None, image_grid_thw=None,
+                  cache=None, repeat=1, prompt_len=None):
+    """Final hidden states (B*repeat, T, D) of the policy's language model, and the image features
+    (n_image_tokens, D) of the B images when pixels are given. The vision tower runs once per image; with
+    repeat=G its features fill the image slots of the G rows of that image (rows grouped by image). Only the first
+    `prompt_len` columns hold image slots when given (teacher-forced batches of prompt + completion)."""
+    lm = model.model.language_model
+    emb = lm.embed_tokens(input_ids)
+    feats = None
+    if pixel_values is not None:
+        out = model.model.get_image_features(pixel_values.to(emb.dtype), image_grid_thw, return_dict=True)
+        feats = torch.cat(out.pooler_output)
+        per_row = [f for f in out.pooler_output for _ in range(repeat)]
+        slots = input_ids == model.config.image_token_id
+        if prompt_len is not None:  # a sampled caption may contain the image-pad id: that is text, not a slot
+            slots[:, prompt_len:] = False
+        emb = emb.masked_scatter(slots[..., None], torch.cat(per_row).to(emb.dtype))
+    out = lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+             use_cache=cache is not None)
+    return out.last_hidden_state, feats
+
+
+def with_completions(prompt, positions, next_pos, completion, completion_mask):
+    """Prompts (B, P) + right-padded completions (B, L) -> the teacher-forced batch: input_ids (B, P+L),
+    attention_mask, position_ids (3, B, P+L). The hidden state at column P-1+j predicts completion token j."""
+    L = completion.shape[1]
+    ids = torch.cat([prompt["input_ids"], completion], 1)
+    mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
+    comp_pos = (next_pos[:, None] + torch.arange(L, device=ids.device))[None].expand(3, -1, -1)  # (3, B, L)
+    return ids, mask, torch.cat([positions, comp_pos], 2)
+
+
+def pad_right(seqs, pad_id):
+    """List of token lists -> (B, L) tensor and its 0/1 mask."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids, mask

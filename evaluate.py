@@ -1,0 +1,58 @@
+"""Prism-style evaluation: each captioner captions held-out images, the judge answers every question from the
+caption alone; QA accuracy overall, per question type and on the held-out types, and on the built-in world
+exact fact precision / recall; several captioners side by side.
+
+    python evaluate.py --captioner assets/captioner --captioner runs/grpo/final --out runs/eval
+    python evaluate.py --captioner Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct --data qa.jsonl \
+        --out runs/eval_real
+
+Simplified: greedy captions by default (--captions-per-image n with --temperature 1.0 for the paper's
+4 sampled captions per image, reported as the mean over captions).
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from caprl_mini.data import QAFile, World
+from caprl_mini.evaluation import caption_items, evaluate_captions, print_table
+from caprl_mini.models import CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, load_judge, load_policy, pick_device
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--captioner", action="append", default=None, help="captioner folder or hub id (repeatable)")
+parser.add_argument("--judge", default=JUDGE, help="judge folder or hub id, or 'oracle' (built-in world)")
+parser.add_argument("--judge-format", default=None, choices=["letter", "cloze"], help="default: the judge's judge.json")
+parser.add_argument("--data", default=None, help="QA JSONL; without it, held-out images of the built-in world")
+parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
+parser.add_argument("--images", type=int, default=200, help="number of held-out images")
+parser.add_argument("--captions-per-image", type=int, default=1, help="captions per image (the paper: 4)")
+parser.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
+parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap")
+parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction")
+parser.add_argument("--seed", type=int, default=0, help="seed of option shuffling and caption sampling")
+parser.add_argument("--out", default="runs/eval", help="output folder for results.json")
+args = parser.parse_args()
+captioners = args.captioner or [SFT_CAPTIONER]
+assert args.captions_per_image == 1 or args.temperature > 0, "several captions per image need --temperature > 0"
+
+device, dtype = pick_device()
+if args.judge == "oracle":
+    judge, jtok, fmt = "oracle", None, "cloze"
+else:
+    judge, jtok, meta = load_judge(args.judge, device, dtype)
+    fmt = args.judge_format or meta.get("format", "letter")
+data = QAFile(args.data, args.image_root) if args.data else World("eval")
+items = [data[i] for i in range(min(args.images, len(data)))]
+results = []
+for path in captioners:
+    model, proc = load_policy(path, device, dtype)
+    model.eval()
+    with torch.no_grad():
+        caps = caption_items(model, proc, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             n=args.captions_per_image, seed=args.seed, instruction=args.instruction)
+    results.append({"path": path, **evaluate_captions(judge, jtok, fmt, items, caps, args.seed)})
+os.makedirs(args.out, exist_ok=True)
+json.dump({"captioners": results}, open(os.path.join(args.out, "results.json"), "w"), indent=1)
+print_table(results)
+print(f"wrote {os.path.join(args.out, 'results.json')}")

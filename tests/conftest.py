@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny models built from configs and saved to a temporary folder (no downloads)."""
+import os
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from caprl_mini import models, shapes  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tok():
+    # letters as options too, so that the letter format (" A" one token) can be tested on tiny judges
+    letters = [" ".join(f"{c}. x" for c in "ABCDE") + f" The answer is {c}" for c in "ABCDE"] * 50
+    return models.build_tokenizer(shapes.world_text(200) + letters)
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_dir(tok, tmp_path_factory):
+    """A random tiny Qwen2.5-VL, with weights scaled up so that sampling and greedy decoding are not degenerate."""
+    model, proc = models.build_tiny_policy(tok, seed=1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "visual" not in n:
+                p.mul_(4.0)
+    path = str(tmp_path_factory.mktemp("policy"))
+    models.save_model(model, proc, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_judge_dir(tok, tmp_path_factory):
+    model, t = models.build_tiny_judge(tok, seed=2)
+    path = str(tmp_path_factory.mktemp("judge"))
+    models.save_model(model, t, path, meta={"format": "cloze"})
+    return path
+
+
+def shipped(name):
+    path = os.path.join(models.ASSETS, name)
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        pytest.skip(f"shipped checkpoint {path} missing")
+    return path

@@ -1,0 +1,63 @@
+import base64
+import io
+import json
+
+import pytest
+
+from caprl_mini import shapes
+from caprl_mini.data import DataError, QAFile
+
+
+def write(tmp_path, rows, name="qa.jsonl"):
+    p = tmp_path / name
+    p.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return str(p)
+
+
+def image_file(tmp_path):
+    shapes.world_item(0, "test")["image"].save(tmp_path / "img.png")
+    return "img.png"
+
+
+def good_row(img, id_="a"):
+    return {"id": id_, "image": img, "questions": [{"question": "what?", "options": ["x", "y", "z"], "answer": "B"}]}
+
+
+def test_reads_qa_jsonl_and_caprl_rows(tmp_path):
+    img = image_file(tmp_path)
+    buf = io.BytesIO()
+    shapes.world_item(1, "test")["image"].save(buf, format="PNG")
+    caprl = {"images": [base64.b64encode(buf.getvalue()).decode()], "id": "b",
+             "reward_model": {"ground_truth": [{"question": "which?", "choices": ["A) red", "B) blue"], "answer": "B"}]}}
+    qa = QAFile(write(tmp_path, [good_row(img), caprl]))
+    assert len(qa) == 2
+    a, b = qa[0], qa[1]
+    assert a["image"].size == (84, 84) and a["questions"][0]["options"] == ["x", "y", "z"]
+    assert b["questions"][0]["options"] == ["red", "blue"] and b["questions"][0]["answer"] == "B"
+    assert b["image"].mode == "RGB"
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"id": "x", "image": "img.png", "questions": [', "qa.jsonl:2: not valid JSON"),
+    ({"id": "x", "image": "img.png", "questions": [{"question": "q", "options": ["a", "b"], "answer": "C"}]},
+     "qa.jsonl:2: answer 'C' is not one of the option letters AB"),
+    ({"id": "x", "image": "img.png", "questions": [{"question": "q", "options": ["a"], "answer": "A"}]},
+     "qa.jsonl:2: a question needs at least two options"),
+    ({"id": "a", "image": "img.png", "questions": [{"question": "q", "options": ["a", "b"], "answer": "A"}]},
+     "qa.jsonl:2: duplicate id 'a' (first on line 1)"),
+    ({"id": "x", "questions": []}, "qa.jsonl:2: needs 'image'"),
+    ("[1, 2]", "qa.jsonl:2: a line must be a JSON object"),
+])
+def test_bad_input_names_file_and_line(tmp_path, bad, message):
+    img = image_file(tmp_path)
+    path = write(tmp_path, [good_row(img), bad])
+    with pytest.raises(DataError) as e:
+        QAFile(path)
+    assert message in str(e.value)
+
+
+def test_missing_image_names_file_and_line(tmp_path):
+    path = write(tmp_path, [good_row("nope.png")])
+    qa = QAFile(path)
+    with pytest.raises(DataError, match=r"qa.jsonl:1: cannot read image 'nope.png'"):
+        qa[0]

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from caprl_mini.grpo import advantages, policy_loss
+from caprl_mini.logprobs import token_logprobs
+
+
+def test_advantages_per_group():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.2, 0.2, 0.2])
+    a = advantages(r, 4, "none")
+    assert torch.allclose(a, torch.tensor([0.5, -0.5, 0, 0, 0, 0, 0, 0]))
+    s = advantages(r, 4, "std")
+    assert torch.allclose(s[:4], (r[:4] - 0.5) / (r[:4].std(unbiased=False) + 1e-4))
+    assert torch.all(s[4:] == 0)  # zero-variance group
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+@pytest.mark.parametrize("split", [[8], [4, 4], [2, 3, 3], [1] * 8])
+def test_gradient_same_for_1_or_k_micro_batches(aggregation, split):
+    torch.manual_seed(0)
+    R, L, D, V = 8, 6, 10, 31
+    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(R, L, D, dtype=torch.float64)
+    y = torch.randint(0, V, (R, L))
+    mask = (torch.arange(L)[None] < torch.tensor([6, 2, 5, 1, 6, 3, 4, 6])[:, None]).long()
+    old = token_logprobs(h.reshape(-1, D), W.detach(), y.reshape(-1)).view(R, L) + 0.05 * torch.randn(R, L, dtype=torch.float64)
+    adv = advantages(torch.rand(R, dtype=torch.float64), 4)
+    norm = mask.sum() if aggregation == "token" else R
+
+    def grad(parts):
+        W.grad = None
+        r0 = 0
+        for n in parts:
+            rows = slice(r0, r0 + n)
+            logp = token_logprobs(h[rows].reshape(-1, D), W, y[rows].reshape(-1)).view(n, L)
+            loss, _ = policy_loss(logp, old[rows], adv[rows], mask[rows], norm, aggregation=aggregation)
+            loss.backward()
+            r0 += n
+        return W.grad.clone()
+
+    full = grad([R])
+    assert full.abs().sum() > 0
+    assert torch.allclose(grad(split), full, atol=1e-12, rtol=0)
+
+
+def test_clip_and_kl():
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0 against old = 0
+    old = torch.zeros(1, 3)
+    mask = torch.ones(1, 3)
+    loss, st = policy_loss(logp, old, torch.tensor([1.0]), mask, 3)
+    # A > 0: ratio 1.5 clipped to 1.28, 0.5 stays 0.5 (min), 1.0 stays
+    assert torch.isclose(loss, -(torch.tensor(1.28) + 0.5 + 1.0) / 3)
+    assert st["clipped"] == 1 and abs(st["ratio_sum"] - 3.0) < 1e-6
+    loss_neg, st = policy_loss(logp, old, torch.tensor([-1.0]), mask, 3)
+    assert torch.isclose(loss_neg, (torch.tensor(1.5) + 0.8 + 1.0) / 3)  # A < 0: 0.5 clipped up to 0.8
+    kl_loss, _ = policy_loss(old, old, torch.tensor([0.0]), mask, 3, ref_logp=old, beta=0.1)
+    assert kl_loss.item() == 0.0  # k3 is 0 at pi = ref
+    kl_loss, _ = policy_loss(old, old, torch.tensor([0.0]), mask, 3, ref_logp=old - 1.0, beta=1.0)
+    assert torch.isclose(kl_loss, torch.exp(torch.tensor(-1.0)) + 1 - 1)

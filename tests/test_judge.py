@@ -1,0 +1,74 @@
+import random
+
+import pytest
+import torch
+
+from caprl_mini import models, shapes
+from caprl_mini.judge import (LETTERS, answer_ids, caption_rewards, option_logits, prompt_ids, score_questions,
+                              shuffle_options)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_shuffle_remaps_gold_letter(seed):
+    rng = random.Random(seed)
+    q = {"question": "q?", "options": ["w", "x", "y", "z"][: rng.randint(2, 4)]}
+    q["answer"] = LETTERS[rng.randrange(len(q["options"]))]
+    opts, gold = shuffle_options(q, rng)
+    assert opts[-1] == shapes.ABSTAIN and len(opts) == len(q["options"]) + 1
+    assert opts[gold] == q["options"][LETTERS.index(q["answer"])]
+    assert sorted(opts[:-1]) == sorted(q["options"])
+
+
+def test_abstain_scores_zero_and_gold_scores_one():
+    item = shapes.world_item(3, "test")
+    qs = item["questions"]
+    rng = random.Random(0)
+    # the oracle abstains on an empty caption: every row scores 0 in every reading mode
+    for mode in ("argmax", "sample", "prob"):
+        assert score_questions("oracle", None, [""] * len(qs), qs, "cloze", mode, rng) == [0.0] * len(qs)
+    chosen = score_questions("oracle", None, [""] * len(qs), qs, "cloze", "argmax", rng, return_choice=True)
+    assert chosen == [shapes.ABSTAIN] * len(qs)
+    full = shapes.full_caption(item["scene"])
+    r = caption_rewards("oracle", None, [full, ""], [item, item], 8, "cloze", "prob", rng, shapes.REWARD_TYPES)
+    assert r.tolist() == [1.0, 0.0]
+
+
+def _reference_scores(model, tok, caption, q, fmt):
+    """Unshared full forward of each prompt (the thing prefix sharing must reproduce)."""
+    pre, suf = prompt_ids(tok, caption, q["question"], q["options"], fmt)
+    W = model.get_output_embeddings().weight
+    if fmt == "letter":
+        logits = model(input_ids=torch.tensor([pre + suf])).logits[0, -1]
+        return torch.stack([logits[tok.encode(" " + LETTERS[j], add_special_tokens=False)[0]]
+                            for j in range(len(q["options"]))])
+    out = []
+    for o in q["options"]:
+        a = answer_ids(tok, o)
+        lp = torch.log_softmax(model(input_ids=torch.tensor([pre + suf + a])).logits[0].double(), -1)
+        out.append(sum(lp[len(pre + suf) - 1 + j, t] for j, t in enumerate(a)))
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+def test_shared_prefix_scoring_equals_unshared_forward(fmt, tiny_judge_dir):
+    model, tok, _ = models.load_judge(tiny_judge_dir)
+    item = shapes.world_item(5, "test")
+    rng = random.Random(1)
+    caps = [shapes.full_caption(item["scene"], rng), shapes.human_caption(item["scene"], rng), ""]
+    rows_c = [caps[i % 3] for i in range(7)]
+    rows_q = [{**q, "options": shuffle_options(q, rng)[0]} for q in item["questions"][:7]]
+    with torch.no_grad():
+        got = option_logits(model, tok, rows_c, rows_q, fmt)
+        for c, q, z in zip(rows_c, rows_q, got):
+            assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
+
+
+def test_prob_mode_is_expected_argmax_accuracy_bound(tiny_judge_dir):
+    model, tok, _ = models.load_judge(tiny_judge_dir)
+    item = shapes.world_item(6, "test")
+    qs = item["questions"]
+    caps = [shapes.full_caption(item["scene"])] * len(qs)
+    p = score_questions(model, tok, caps, qs, "cloze", "prob", random.Random(0))
+    assert all(0.0 < x < 1.0 for x in p)
+    # the same shuffles (same rng seed) give the same probabilities: the reward is a pure function of its seed
+    assert p == score_questions(model, tok, caps, qs, "cloze", "prob", random.Random(0))

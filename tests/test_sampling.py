@@ -1,0 +1,92 @@
+import pytest
+import torch
+from PIL import Image
+
+from caprl_mini import models, shapes
+from caprl_mini.logprobs import token_logprobs
+from caprl_mini.sampling import decode, sample
+from conftest import shipped
+
+
+def teacher_forced_logprobs(model, prompt, out, G):
+    pos, nxt = models.rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
+    pr = {k: prompt[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask")}
+    ids, am, ps = models.with_completions(pr, pos.repeat_interleave(G, 1), nxt.repeat_interleave(G),
+                                          out["tokens"], out["mask"])
+    P, L = prompt["input_ids"].shape[1], out["tokens"].shape[1]
+    h, _ = models.policy_hidden(model, ids, am, ps, prompt["pixel_values"], prompt["image_grid_thw"], repeat=G,
+                                prompt_len=P)
+    h = h[:, P - 1:P - 1 + L]
+    return token_logprobs(h.reshape(-1, h.shape[-1]), model.get_output_embeddings().weight,
+                          out["tokens"].reshape(-1)).view(-1, L)
+
+
+def mixed_images():
+    """Different sizes -> different numbers of image tokens -> left-padded prompts of different lengths."""
+    a = shapes.world_item(0, "test")["image"]
+    return [a, a.resize((112, 84)), shapes.world_item(1, "test")["image"].resize((84, 140))]
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_sampled_logprobs_equal_teacher_forced(tiny_policy_dir, G):
+    model, proc = models.load_policy(tiny_policy_dir)
+    prompt = models.encode_prompts(proc, mixed_images())
+    assert prompt["attention_mask"].min() == 0  # really padded
+    out = sample(model, prompt, G, 16, 1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tf = teacher_forced_logprobs(model, prompt, out, G)
+    diff = ((tf - out["logprobs"]) * out["mask"]).abs().max()
+    assert diff < 1e-5, diff
+
+
+def test_sampled_logprobs_equal_teacher_forced_shipped_captioner():
+    """Rows finish at different lengths (EOS), so finished rows are dropped from the cache mid-decode."""
+    model, proc = models.load_policy(shipped("captioner"))
+    prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(3)])
+    out = sample(model, prompt, 8, 64, 1.0, generator=torch.Generator().manual_seed(0))
+    lengths = out["mask"].sum(1)
+    assert lengths.min() < lengths.max() and not out["truncated"].all()
+    with torch.no_grad():
+        tf = teacher_forced_logprobs(model, prompt, out, 8)
+    assert ((tf - out["logprobs"]) * out["mask"]).abs().max() < 1e-5
+
+
+def test_sampling_is_deterministic_under_a_seed(tiny_policy_dir):
+    model, proc = models.load_policy(tiny_policy_dir)
+    prompt = models.encode_prompts(proc, mixed_images())
+    a = sample(model, prompt, 3, 12, 1.0, generator=torch.Generator().manual_seed(5))
+    b = sample(model, prompt, 3, 12, 1.0, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a["tokens"], b["tokens"])
+
+
+def _generate(model, prompt, n):
+    mm = (prompt["input_ids"] == model.config.image_token_id).int()
+    g = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=False)
+    return g[:, prompt["input_ids"].shape[1]:]
+
+
+def test_greedy_equals_generate_random_model(tiny_policy_dir):
+    model, proc = models.load_policy(tiny_policy_dir)
+    prompt = models.encode_prompts(proc, mixed_images())
+    out = sample(model, prompt, 1, 12, temperature=0)
+    ref = _generate(model, prompt, 12)
+    assert len(set(map(tuple, ref.tolist()))) > 1  # not a degenerate all-same output
+    eos = model.config.text_config.eos_token_id
+    for row, m, r in zip(out["tokens"], out["mask"], ref):
+        n = int(m.sum())
+        assert row[:n].tolist() == r[:n].tolist()
+        assert n == len(r) or r[n - 1] == eos
+
+
+def test_greedy_equals_generate_shipped_captioner():
+    model, proc = models.load_policy(shipped("captioner"))
+    images = [shapes.world_item(i, "test")["image"] for i in range(6)]
+    prompt = models.encode_prompts(proc, images)
+    out = sample(model, prompt, 1, 64, temperature=0)
+    ref = _generate(model, prompt, 64)
+    pad = proc.tokenizer.pad_token_id
+    for row, m, r in zip(out["tokens"], out["mask"], ref):
+        n = int(m.sum())
+        assert row[:n].tolist() == r[:n].tolist() and set(r[n:].tolist()) <= {pad}
+    caps = decode(proc, out)
+    assert all(shapes.parse_caption(c)["objects"] for c in caps)  # it captions, in the world's language

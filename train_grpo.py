@@ -1,0 +1,244 @@
+"""CapRL with hand-written GRPO: a captioner learns to write captions from which a text-only judge can answer
+multiple-choice questions about the image it never sees.
+
+    python train_grpo.py                                  # CPU: shipped SFT captioner + judge, built-in world,
+                                                          # then SFT vs GRPO evaluated side by side (~10 min)
+    python train_grpo.py --policy Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct \
+        --data qa.jsonl --group-size 8 --images-per-step 16 --lr 1e-6 --max-new-tokens 512   # one GPU
+    python train_grpo.py --steps 4 --save-every 2 --out runs/x && python train_grpo.py ... --resume
+
+The exact variant (each a flag; defaults in brackets):
+  rollout   per step B images [8], G captions each [8], sampled at temperature 1 with no top-k / top-p, by the
+            KV-cached sampler (prompt prefilled once per image, cache expanded to G rows);
+  reward    per caption, N [8] questions drawn with replacement from its image's MCQs of the reward types
+            (held-out types never), options shuffled each draw, abstain option appended; the judge's reading
+            [prob: probability of the gold option; the paper samples at temperature 0.6, --judge-mode sample];
+  advantage (r - mean_group) / (std_group + 1e-4) [std]; or r - mean_group [none] (Dr. GRPO);
+  loss      clipped surrogate -min(rho A, clip(rho, 1 - 0.2, 1 + 0.28) A) per token, rho = pi / pi_old,
+            summed over all completion tokens of the step and divided by their count (DAPO token level) [token];
+            or each caption's token mean averaged over captions (original GRPO) [sequence];
+            the normaliser is the whole step's, so micro-batching does not change the gradient;
+  updates   one optimizer step per rollout [1]: then pi_old is the sampler's own log-probs (no extra forward) and
+            rho is 1 up to rounding (logged as ratio_mean); more updates reuse the rollout (PPO epochs);
+  KL        none [beta 0, no reference model in memory]; with beta > 0, k3 against the frozen initial policy;
+  extras    zero-variance groups counted (and dropped with --drop-zero-std 1); captions without EOS counted (and
+            masked with --mask-truncated 1); AdamW, linear warm-up then constant lr; grad-norm clip 1.0.
+Simplified on purpose: one process (torchrun sharding is a later issue), no LoRA, no value model, no reward server.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import time
+
+import torch
+
+from caprl_mini import shapes
+from caprl_mini.checkpoint import (latest_checkpoint, load_trainer_state, save_checkpoint, truncate_jsonl)
+from caprl_mini.data import QAFile, World
+from caprl_mini.evaluation import caption_items, evaluate_captions, print_table
+from caprl_mini.grpo import advantages, policy_loss
+from caprl_mini.judge import caption_rewards
+from caprl_mini.logprobs import token_entropy, token_logprobs
+from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, encode_prompts, load_judge,
+                               load_policy, pick_device, policy_hidden, rope_positions, save_model,
+                               with_completions)
+from caprl_mini.sampling import decode, sample
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# models and data
+parser.add_argument("--policy", default=SFT_CAPTIONER, help="captioner: folder or hub id (Qwen2/2.5-VL family)")
+parser.add_argument("--judge", default=JUDGE, help="judge: folder or hub id of a chat LM, or 'oracle' (built-in world)")
+parser.add_argument("--data", default=None, help="QA JSONL; without it the built-in shapes world supplies images")
+parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
+parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction (the paper's)")
+# rollout
+parser.add_argument("--steps", type=int, default=200, help="GRPO steps")
+parser.add_argument("--images-per-step", type=int, default=8, help="B: images per step")
+parser.add_argument("--group-size", type=int, default=8, help="G: captions sampled per image")
+parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap in tokens")
+parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+# reward
+parser.add_argument("--questions-per-caption", type=int, default=8, help="N: question draws per caption")
+parser.add_argument("--judge-format", default=None, choices=["letter", "cloze"],
+                    help="how MCQs are posed (default: the judge's judge.json, else letter)")
+parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "argmax"],
+                    help="how the judge's answer is read (the paper: sample at temperature 0.6)")
+parser.add_argument("--length-bounds", type=int, nargs=2, default=None, metavar=("L1", "L2"),
+                    help="CapRL++ length term: full reward up to L1 tokens, linearly 0 at L2 (off by default)")
+# optimisation
+parser.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (paper, 3B: 1e-6)")
+parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up steps")
+parser.add_argument("--advantage", default="std", choices=["std", "none"], help="group advantage scaling")
+parser.add_argument("--loss-aggregation", default="token", choices=["token", "sequence"], help="see docstring")
+parser.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
+parser.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above 1 (DAPO clip-higher)")
+parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (k3, frozen initial policy); 0 = off")
+parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout")
+parser.add_argument("--micro-batch-images", type=int, default=4, help="images (x G captions) per forward/backward")
+parser.add_argument("--drop-zero-std", type=int, default=0, help="1: drop groups whose rewards are all equal")
+parser.add_argument("--mask-truncated", type=int, default=0, help="1: no loss on captions cut at the length cap")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+# run
+parser.add_argument("--out", default="runs/grpo", help="run folder")
+parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (0: only final)")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+parser.add_argument("--seed", type=int, default=0, help="seed of everything random (images, rollouts, draws)")
+parser.add_argument("--eval-images", type=int, default=200, help="held-out images in the final evaluation (0: none)")
+parser.add_argument("--log-samples", type=int, default=4, help="captions per step written to samples.jsonl")
+args = parser.parse_args()
+assert args.micro_batch_images >= 1 and args.images_per_step % args.micro_batch_images == 0, \
+    "--images-per-step must be a multiple of --micro-batch-images"
+assert args.group_size >= 2, "GRPO needs at least 2 captions per image"
+
+# ---------------------------------------------------------------- setup
+device, dtype = pick_device()
+os.makedirs(args.out, exist_ok=True)
+start = 0
+ckpt = latest_checkpoint(args.out) if args.resume else None
+model, proc = load_policy(ckpt or args.policy, device, dtype)
+model.train()
+model.config.use_cache = False
+if args.judge == "oracle":
+    judge, jtok, jfmt = "oracle", None, "cloze"
+else:
+    judge, jtok, meta = load_judge(args.judge, device, dtype)
+    jfmt = args.judge_format or meta.get("format", "letter")
+ref_model = copy.deepcopy(model).eval() if args.beta > 0 else None  # frozen initial policy, only when KL is on
+opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+if ckpt:
+    state = load_trainer_state(ckpt)
+    opt.load_state_dict(state["optimizer"])
+    start = state["step"]
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        truncate_jsonl(os.path.join(args.out, name), start - 1)
+    print(f"resumed from {ckpt} at step {start}")
+else:
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        open(os.path.join(args.out, name), "w").close()
+json.dump(vars(args), open(os.path.join(args.out, "config.json"), "w"), indent=1)
+data = QAFile(args.data, args.image_root) if args.data else World("train")
+reward_types = None if args.data else shapes.REWARD_TYPES
+W = model.get_output_embeddings().weight
+B, G = args.images_per_step, args.group_size
+
+
+def step_items(step):
+    """The step's images: drawn from (seed, step) alone, so a resumed run sees the same ones."""
+    rng = random.Random(f"{args.seed}:images:{step}")
+    return [data[rng.randrange(len(data))] for _ in range(B)]
+
+
+def lr_at(step):
+    return args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+
+
+def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
+    """Teacher-forced hidden states (r, L, D) predicting the completion tokens of images b0..b1 (G rows each)."""
+    rows = slice(b0 * G, b1 * G)
+    pr = {k: prompt[k][b0:b1].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask")}
+    ids, am, ps = with_completions(pr, pos[:, b0:b1].repeat_interleave(G, 1), nxt[b0:b1].repeat_interleave(G),
+                                   tokens[rows], mask[rows])
+    n_patch = prompt["image_grid_thw"].prod(-1)
+    pv = prompt["pixel_values"][int(n_patch[:b0].sum()):int(n_patch[:b1].sum())]
+    P = prompt["input_ids"].shape[1]
+    h, _ = policy_hidden(m, ids, am, ps, pv, prompt["image_grid_thw"][b0:b1], repeat=G, prompt_len=P)
+    return h[:, P - 1:P - 1 + tokens.shape[1]]  # (r, L, D)
+
+
+# ---------------------------------------------------------------- GRPO loop
+for step in range(start, args.steps):
+    t0 = time.time()
+    items = step_items(step)
+    prompt = {k: v.to(device) for k, v in encode_prompts(proc, [it["image"] for it in items], args.instruction).items()}
+    gen = torch.Generator(device=device).manual_seed(hash((args.seed, step, "rollout")) % 2**62)
+    model.eval()
+    roll = sample(model, prompt, G, args.max_new_tokens, args.temperature, generator=gen)
+    model.train()
+    t_gen = time.time() - t0
+    tokens, mask, old_logp = roll["tokens"], roll["mask"], roll["logprobs"]
+    captions = decode(proc, roll)
+    n_tok = mask.sum(1)
+    rrng = random.Random(f"{args.seed}:reward:{step}")
+    rewards = caption_rewards(judge, jtok, captions, [it for it in items for _ in range(G)],
+                              args.questions_per_caption, jfmt, args.judge_mode, rrng, reward_types,
+                              n_tok.tolist(), args.length_bounds).to(device)
+    t_reward = time.time() - t0 - t_gen
+    adv = advantages(rewards, G, args.advantage)
+    zero_std = rewards.view(B, G).std(1) == 0  # (B,)
+    loss_mask = mask.clone()
+    if args.drop_zero_std:
+        loss_mask *= (~zero_std).repeat_interleave(G)[:, None]
+    if args.mask_truncated:
+        loss_mask *= (~roll["truncated"])[:, None]
+    norm = loss_mask.sum().clamp(min=1) if args.loss_aggregation == "token" else \
+        (loss_mask.sum(1) > 0).sum().clamp(min=1)
+    pos, nxt = rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step)
+    for update in range(args.updates_per_rollout):
+        opt.zero_grad(set_to_none=True)
+        stats = {"ratio_sum": 0.0, "clipped": 0.0, "tokens": 0.0}
+        loss_total, ent_sum = 0.0, 0.0
+        for b0 in range(0, B, args.micro_batch_images):
+            b1, rows = b0 + args.micro_batch_images, slice(b0 * G, (b0 + args.micro_batch_images) * G)
+            h = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)
+            flat = h.reshape(-1, h.shape[-1])
+            logp = token_logprobs(flat, W, tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
+            ref_logp = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    hr = completion_states(ref_model, prompt, pos, nxt, tokens, mask, b0, b1)
+                    ref_logp = token_logprobs(hr.reshape(-1, hr.shape[-1]), ref_model.get_output_embeddings().weight,
+                                              tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
+            loss, st = policy_loss(logp, old_logp[rows], adv[rows], loss_mask[rows], norm, args.eps_low,
+                                   args.eps_high, args.loss_aggregation, ref_logp, args.beta)
+            loss.backward()
+            loss_total += loss.item()
+            stats = {k: stats[k] + st[k] for k in stats}
+            m = mask[rows].reshape(-1).bool()
+            ent_sum += token_entropy(flat.detach()[m], W, args.temperature).sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        opt.step()
+    step_s = time.time() - t0
+    metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "frac_zero_std_groups": zero_std.float().mean().item(),
+               "caption_tokens_mean": n_tok.float().mean().item(),
+               "truncated_frac": roll["truncated"].float().mean().item(),
+               "entropy": ent_sum / max(1, mask.sum().item()),
+               "ratio_mean": stats["ratio_sum"] / max(1, stats["tokens"]),
+               "clip_frac": stats["clipped"] / max(1, stats["tokens"]), "loss": loss_total,
+               "grad_norm": grad_norm, "lr": lr_at(step), "gen_tokens_per_s": mask.sum().item() / t_gen,
+               "gen_seconds": t_gen, "reward_seconds": t_reward, "step_seconds": step_s}
+    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
+        for i in range(min(args.log_samples, len(captions))):
+            f.write(json.dumps({"step": step, "id": items[i // G]["id"], "caption": captions[i],
+                                "reward": rewards[i].item()}) + "\n")
+    if step % 10 == 0 or step == args.steps - 1:
+        print(f"step {step:4d} reward {metrics['reward_mean']:.3f} tokens {metrics['caption_tokens_mean']:.1f} "
+              f"ratio {metrics['ratio_mean']:.4f} entropy {metrics['entropy']:.3f} gen {t_gen:.2f}s "
+              f"reward {t_reward:.2f}s step {step_s:.2f}s | {captions[0][:90]}", flush=True)
+    if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+        save_checkpoint(args.out, step + 1, model, proc, opt)
+
+# ---------------------------------------------------------------- final save and side-by-side evaluation
+final = os.path.join(args.out, "final")
+save_model(model, proc, final)
+save_checkpoint(args.out, args.steps, model, proc, opt)
+print(f"saved {final}")
+if args.eval_images:
+    model.eval()
+    eval_data = QAFile(args.data, args.image_root) if args.data else World("eval")
+    items = [eval_data[i] for i in range(min(args.eval_images, len(eval_data)))]
+    results = []
+    for name, m in (("sft: " + args.policy, load_policy(args.policy, device, dtype)), ("grpo: " + final, (model, proc))):
+        caps = caption_items(m[0], m[1], items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
+        results.append({"path": name.split(": ", 1)[1], **evaluate_captions(judge, jtok, jfmt, items, caps)})
+    os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
+    json.dump({"captioners": results}, open(os.path.join(args.out, "eval", "results.json"), "w"), indent=1)
+    print_table(results)
+    print(f"wrote {os.path.join(args.out, 'eval', 'results.json')}")
