@@ -41,11 +41,14 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("stage", choices=["captioner", "judge", "eval"], help="what to train, or eval the pair")
 parser.add_argument("--out", required=True, help="output folder (a save_pretrained folder, or eval results)")
 # captioner
-parser.add_argument("--full-steps", type=int, default=2000, help="captioner stage 1 steps (full captions)")
-parser.add_argument("--human-steps", type=int, default=600, help="captioner stage 2 steps (human captions)")
+parser.add_argument("--full-steps", type=int, default=1800, help="captioner stage 1 steps (full captions)")
+parser.add_argument("--human-steps", type=int, default=400, help="captioner stage 2 steps (human captions)")
+parser.add_argument("--perception-out", default="runs/sft_perception", help="where stage 1's model is saved")
 parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell auxiliary loss")
 # judge
-parser.add_argument("--judge-steps", type=int, default=3000, help="judge training steps")
+parser.add_argument("--judge-steps", type=int, default=4000, help="judge training steps")
+parser.add_argument("--judge-heads", type=int, default=8, help="attention heads of the tiny judge")
+parser.add_argument("--judge-lm-weight", type=float, default=0.1, help="weight of the LM loss on caption + question")
 # shared
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
 parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW), 100 warm-up steps, cosine")
@@ -148,6 +151,8 @@ def train_captioner():
                   f"{time.time() - t0:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0 or step + 1 == total:
             print(json.dumps(caption_eval(model, proc, 100)), flush=True)
+        if step + 1 == args.full_steps and args.perception_out:  # the stage-1 model, for ablations
+            save_model(model, proc, args.perception_out)
     save_model(model, proc, args.out)
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
 
@@ -184,7 +189,7 @@ def mixed_caption(scene, rng):
 
 def train_judge():
     tok = world_tokenizer()
-    model, _ = build_tiny_judge(tok, seed=args.seed)
+    model, _ = build_tiny_judge(tok, seed=args.seed, heads=args.judge_heads)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     W = model.get_output_embeddings().weight
     D = model.config.hidden_size
@@ -201,12 +206,15 @@ def train_judge():
             starts.append(len(pre) + len(suf))
             seqs.append(pre + suf + ans)
         ids, am = pad_right(seqs, tok.pad_token_id)
-        tgt_mask = torch.zeros_like(am)
+        weight = am[:, 1:].float() * args.judge_lm_weight  # hidden at column j predicts token j + 1
         for i, s in enumerate(starts):
-            tgt_mask[i, s:len(seqs[i])] = 1  # loss on the answer tokens only
+            weight[i, s - 1:len(seqs[i]) - 1] = 1.0  # the answer tokens: the task itself
         h = model.model(input_ids=ids, attention_mask=am).last_hidden_state
-        sel = tgt_mask[:, 1:].reshape(-1).bool()  # hidden at column j predicts token j + 1
-        loss = -token_logprobs(h[:, :-1].reshape(-1, D)[sel], W, ids[:, 1:].reshape(-1)[sel]).mean()
+        sel = weight.reshape(-1) > 0
+        lp = token_logprobs(h[:, :-1].reshape(-1, D)[sel], W, ids[:, 1:].reshape(-1)[sel])
+        # answer loss (mean over answer tokens) + a small language-model loss on the caption and question, which
+        # gives every token a gradient and builds the clause structure the answer has to look up
+        loss = -(lp * weight.reshape(-1)[sel]).sum() / (weight == 1.0).sum()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.judge_steps, args.lr)
         opt.zero_grad(set_to_none=True)
@@ -218,6 +226,7 @@ def train_judge():
         if (step + 1) % args.eval_every == 0 or step + 1 == args.judge_steps:
             model.eval()
             print(json.dumps(judge_eval(model, tok, {"format": "cloze"}, 100)), flush=True)
+            save_model(model, tok, args.out, meta={"format": "cloze"})  # usable while training goes on
             model.train()
     save_model(model, tok, args.out, meta={"format": "cloze"})
     print(f"saved {args.out} after {time.time() - t0:.0f}s")

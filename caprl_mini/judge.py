@@ -96,6 +96,14 @@ def option_logits(model, tok, captions, questions, fmt):
     cloze, once more to their options."""
     if not captions:
         return []
+    if fmt == "cloze":  # option order does not matter to cloze: score each (caption, question) once
+        keys = [(c, q["question"], tuple(sorted(q["options"]))) for c, q in zip(captions, questions)]
+        uniq = list(dict.fromkeys(keys))
+        if len(uniq) < len(keys):
+            z = option_logits(model, tok, [k[0] for k in uniq], [{"question": k[1], "options": list(k[2])}
+                                                                   for k in uniq], fmt)
+            table = {k: dict(zip(k[2], zk)) for k, zk in zip(uniq, z)}
+            return [torch.stack([table[k][o] for o in q["options"]]) for k, q in zip(keys, questions)]
     dev = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     W = model.get_output_embeddings().weight

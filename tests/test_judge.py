@@ -72,3 +72,17 @@ def test_prob_mode_is_expected_argmax_accuracy_bound(tiny_judge_dir):
     assert all(0.0 < x < 1.0 for x in p)
     # the same shuffles (same rng seed) give the same probabilities: the reward is a pure function of its seed
     assert p == score_questions(model, tok, caps, qs, "cloze", "prob", random.Random(0))
+
+
+def test_cloze_dedupe_of_repeated_draws_keeps_each_rows_option_order(tiny_judge_dir):
+    model, tok, _ = models.load_judge(tiny_judge_dir)
+    item = shapes.world_item(8, "test")
+    cap = shapes.full_caption(item["scene"])
+    rng = random.Random(3)
+    q = item["questions"][0]
+    rows = [{**q, "options": shuffle_options(q, rng)[0]} for _ in range(4)]  # same question, 4 shuffles
+    with torch.no_grad():
+        together = option_logits(model, tok, [cap] * 4, rows, "cloze")
+        for r, z in zip(rows, together):
+            alone = option_logits(model, tok, [cap], [r], "cloze")[0]
+            assert torch.allclose(z, alone, atol=1e-5)
