@@ -37,11 +37,8 @@ captioners = args.captioner or [SFT_CAPTIONER]
 assert args.captions_per_image == 1 or args.temperature > 0, "several captions per image need --temperature > 0"
 
 device, dtype = pick_device()
-if args.judge == "oracle":
-    judge, jtok, fmt = "oracle", None, "cloze"
-else:
-    judge, jtok, meta = load_judge(args.judge, device, dtype)
-    fmt = args.judge_format or meta.get("format", "letter")
+judge, jtok, meta = load_judge(args.judge, device, dtype)
+fmt = args.judge_format or meta.get("format", "letter")
 data = QAFile(args.data, args.image_root) if args.data else World("eval")
 items = [data[i] for i in range(min(args.images, len(data)))]
 results = []

@@ -54,11 +54,8 @@ for n, line in enumerate(open(args.captions, encoding="utf-8"), 1):
     records.append((cid, cap, {"questions": questions}))
 
 device, dtype = pick_device()
-if args.judge == "oracle":
-    judge, jtok, fmt = "oracle", None, "cloze"
-else:
-    judge, jtok, meta = load_judge(args.judge, device, dtype)
-    fmt = args.judge_format or meta.get("format", "letter")
+judge, jtok, meta = load_judge(args.judge, device, dtype)
+fmt = args.judge_format or meta.get("format", "letter")
 types = None if (args.data or args.all_types) else shapes.REWARD_TYPES
 rewards = caption_rewards(judge, jtok, [c for _, c, _ in records], [it for _, _, it in records],
                           args.questions_per_caption, fmt, args.judge_mode, random.Random(args.seed), types)

@@ -101,11 +101,8 @@ ckpt = latest_checkpoint(args.out) if args.resume else None
 model, proc = load_policy(ckpt or args.policy, device, dtype)
 model.train()
 model.config.use_cache = False
-if args.judge == "oracle":
-    judge, jtok, jfmt = "oracle", None, "cloze"
-else:
-    judge, jtok, meta = load_judge(args.judge, device, dtype)
-    jfmt = args.judge_format or meta.get("format", "letter")
+judge, jtok, meta = load_judge(args.judge, device, dtype)
+jfmt = args.judge_format or meta.get("format", "letter")
 ref_model = copy.deepcopy(model).eval() if args.beta > 0 else None  # frozen initial policy, only when KL is on
 opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
 if ckpt:

@@ -19,7 +19,6 @@ Legend: C captions, Q questions (rows after expansion), O options, T tokens.
 import random
 
 import torch
-from transformers import DynamicCache
 
 from .logprobs import token_logprobs
 from .shapes import ABSTAIN, oracle_choice
@@ -62,24 +61,6 @@ def shuffle_options(question, rng):
 
 
 # ---------------------------------------------------------------- scoring with shared prefixes
-def _extend(model, ids, past_mask, new_mask, cache):
-    """Run `ids` (R, T) after the rows' cached prefixes; hidden states (R, T, D). Padding anywhere is masked out
-    and skipped by the positions, so each row sees exactly its unpadded sequence."""
-    pos = (past_mask.sum(1, keepdim=True) + new_mask.cumsum(1) - 1).clamp(min=0)
-    return model.base_model(input_ids=ids, attention_mask=torch.cat([past_mask, new_mask], 1), position_ids=pos,
-                            past_key_values=cache, use_cache=True).last_hidden_state
-
-
-def _pad(seqs, pad_id, left=False):
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(L - len(s), L) if left else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
-
-
 def _letter_id(tok, letter):
     ids = tok.encode(" " + letter, add_special_tokens=False)
     if len(ids) != 1:
@@ -87,13 +68,39 @@ def _letter_id(tok, letter):
     return ids[0]
 
 
+def _pack(prefix, branches):
+    """One row holding a caption prefix and all its questions (and, for cloze, their options) as a tree.
+    branches: [(suffix ids, [option ids, ...])]. Returns token ids, positions, segment ids and each segment's
+    parent (0 = the prefix), and per branch the index of its last suffix token and of its options' tokens.
+    A token attends to its own segment (causally) and to its ancestors' segments: exactly what it would see in
+    the unshared prompt, so the scores equal separate forwards while the caption is computed once."""
+    ids, pos, seg, parent = list(prefix), list(range(len(prefix))), [0] * len(prefix), [0]
+    lasts, opt_idx = [], []
+    for suffix, options in branches:
+        q = len(parent)
+        parent.append(0)
+        ids += suffix
+        pos += range(len(prefix), len(prefix) + len(suffix))
+        seg += [q] * len(suffix)
+        lasts.append(len(ids) - 1)
+        depth, idx = len(prefix) + len(suffix), []
+        for opt in options:  # the option's tokens but its last: each predicts the next one
+            parent.append(q)
+            idx.append(list(range(len(ids), len(ids) + len(opt) - 1)))
+            ids += opt[:-1]
+            pos += range(depth, depth + len(opt) - 1)
+            seg += [len(parent) - 1] * (len(opt) - 1)
+        opt_idx.append(idx)
+    return ids, pos, seg, parent, lasts, opt_idx
+
+
 @torch.no_grad()
-def option_logits(model, tok, captions, questions, fmt):
-    """Judge scores of every option of every row (row = caption i with question i; `questions[i]["options"]`
-    already shuffled and ending with the abstain option): a list of (O_i,) tensors, higher = preferred.
+def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32):
+    """Judge scores of every option of every row (row i = captions[i] asked questions[i], whose "options" are
+    already shuffled and end with the abstain option): a list of (O_i,) tensors, higher = preferred.
     letter: the logit of each option's letter after "The answer is"; cloze: the option text's log-likelihood.
-    Each distinct caption is prefilled once (C rows), its cache expanded to its questions (Q rows) and, for
-    cloze, once more to their options."""
+    Each distinct caption is one packed row (see _pack): its prefix is computed once for all its questions,
+    with no KV-cache copies (expanding a cache to every question x option row costs more than the forward)."""
     if not captions:
         return []
     if fmt == "cloze":  # option order does not matter to cloze: score each (caption, question) once
@@ -101,43 +108,61 @@ def option_logits(model, tok, captions, questions, fmt):
         uniq = list(dict.fromkeys(keys))
         if len(uniq) < len(keys):
             z = option_logits(model, tok, [k[0] for k in uniq], [{"question": k[1], "options": list(k[2])}
-                                                                   for k in uniq], fmt)
+                                                                   for k in uniq], fmt, captions_per_forward)
             table = {k: dict(zip(k[2], zk)) for k, zk in zip(uniq, z)}
             return [torch.stack([table[k][o] for o in q["options"]]) for k, q in zip(keys, questions)]
-    dev = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    dev, dtype = model.device, model.dtype
     W = model.get_output_embeddings().weight
-    uniq = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    parts = [prompt_ids(tok, c, q["question"], q["options"], fmt) for c, q in zip(captions, questions)]
-    prefix = {c: pre for c, (pre, _) in zip(captions, parts)}  # same caption, same prefix ids
-    ids, pmask = _pad([prefix[c] for c in uniq], pad, left=True)
-    cache = DynamicCache(config=model.config)
-    _extend(model, ids.to(dev), pmask[:, :0].to(dev), pmask.to(dev), cache)  # (C, P)
-    row_of = torch.tensor([uniq[c] for c in captions], device=dev)
-    cache.batch_select_indices(row_of)  # (C, ...) -> (Q, ...)
-    past = pmask.to(dev)[row_of]
-    sids, smask = _pad([s for _, s in parts], pad)
-    h = _extend(model, sids.to(dev), past, smask.to(dev), cache)  # (Q, S, D)
-    last = h[torch.arange(len(parts), device=dev), smask.sum(1).to(dev) - 1]  # predicts the answer's first token
-    if fmt == "letter":
-        out = []
-        for i, q in enumerate(questions):
-            letters = torch.tensor([_letter_id(tok, LETTERS[j]) for j in range(len(q["options"]))], device=dev)
-            out.append(last[i].float() @ W[letters].float().T)
-        return out
-    # cloze: expand each question row to its options and score each option's tokens
-    opt_row = torch.tensor([i for i, q in enumerate(questions) for _ in q["options"]], device=dev)
-    answers = [answer_ids(tok, o) for q in questions for o in q["options"]]
-    aids, amask = _pad(answers, pad)
-    aids, amask = aids.to(dev), amask.to(dev)
-    cache.batch_select_indices(opt_row)
-    past = torch.cat([past, smask.to(dev)], 1)[opt_row]
-    ha = _extend(model, aids[:, :-1], past, amask[:, :-1], cache)  # states after answer tokens 0..n-2
-    states = torch.cat([last[opt_row][:, None], ha], 1)  # (sum O, A, D): state j predicts answer token j
-    m = amask.bool()
-    lp = torch.zeros(amask.shape, device=dev, dtype=torch.float32)
-    lp[m] = token_logprobs(states[m], W, aids[m]).float()
-    return list(lp.sum(1).split([len(q["options"]) for q in questions]))
+    rows_of = {}
+    for i, c in enumerate(captions):
+        rows_of.setdefault(c, []).append(i)
+    out = [None] * len(captions)
+    groups = list(rows_of.items())
+    answers = {o: answer_ids(tok, o) for q in questions for o in q["options"]} if fmt == "cloze" else {}
+    for g0 in range(0, len(groups), captions_per_forward):
+        packs = []
+        for cap, rows in groups[g0:g0 + captions_per_forward]:
+            branches = []
+            for i in rows:
+                pre, suf = prompt_ids(tok, cap, questions[i]["question"], questions[i]["options"], fmt)
+                branches.append((suf, [answers[o] for o in questions[i]["options"]] if fmt == "cloze" else []))
+            packs.append((rows, _pack(pre, branches)))
+        L = max(len(p[0]) for _, p in packs)
+        ids = torch.full((len(packs), L), tok.pad_token_id or 0, dtype=torch.long)
+        pos = torch.zeros((len(packs), L), dtype=torch.long)
+        allowed = torch.zeros((len(packs), L, L), dtype=torch.bool)
+        for b, (_, (tids, tpos, tseg, parent, _, _)) in enumerate(packs):
+            n = len(tids)
+            ids[b, :n], pos[b, :n] = torch.tensor(tids), torch.tensor(tpos)
+            anc = torch.eye(len(parent), dtype=torch.bool)  # anc[s, a]: segment a is s or an ancestor of s
+            for sg, pa in enumerate(parent):
+                if sg:
+                    anc[sg, pa] = True
+                    anc[sg] |= anc[pa]
+            sg = torch.tensor(tseg)
+            allowed[b, :n, :n] = anc[sg][:, sg] & torch.ones(n, n, dtype=torch.bool).tril()
+            allowed[b, n:, n:] = torch.eye(L - n, dtype=torch.bool)  # padding attends to itself (no NaN)
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+        h = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                             position_ids=pos.to(dev)).last_hidden_state  # (C, L, D)
+        sel_b, sel_t, targets, owner = [], [], [], []  # cloze: every option token of the chunk, scored at once
+        for b, (rows, (_, _, _, _, lasts, opt_idx)) in enumerate(packs):
+            for i, last, idx in zip(rows, lasts, opt_idx):
+                if fmt == "letter":
+                    letters = torch.tensor([_letter_id(tok, LETTERS[j]) for j in range(len(questions[i]["options"]))])
+                    out[i] = h[b, last].float() @ W[letters.to(dev)].float().T
+                    continue
+                out[i] = torch.zeros(len(idx))
+                for k, (o, ix) in enumerate(zip(questions[i]["options"], idx)):
+                    sel_t += [last] + ix  # the state at `last` predicts the option's first token
+                    sel_b += [b] * (len(ix) + 1)
+                    targets += answers[o]
+                    owner += [(i, k)] * len(answers[o])
+        if targets:
+            lp = token_logprobs(h[sel_b, sel_t], W, torch.tensor(targets, device=dev)).float().cpu()
+            for (i, k), v in zip(owner, lp.tolist()):
+                out[i][k] += v
+    return out
 
 
 def score_questions(model, tok, captions, questions, fmt, mode, rng, temperature=0.6, return_choice=False):

@@ -135,7 +135,10 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
 
 def load_judge(path, device="cpu", dtype=torch.float32):
     """A text-only chat LM and its tokenizer, from a folder or a hub id. Returns (model, tokenizer, meta);
-    meta is the folder's judge.json (how the judge was trained to be asked), {} for real judges."""
+    meta is the folder's judge.json (how the judge was trained to be asked), {} for real judges.
+    "oracle" is the built-in world's exact reader (judge.py scores it by rule)."""
+    if path == "oracle":
+        return "oracle", None, {"format": "cloze"}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     tok = AutoTokenizer.from_pretrained(path)
     meta_path = os.path.join(path, "judge.json")
