@@ -68,7 +68,7 @@ def _letter_id(tok, letter):
     return ids[0]
 
 
-def _pack(prefix, branches):
+def pack_tree(prefix, branches):
     """One row holding a caption prefix and all its questions (and, for cloze, their options) as a tree.
     branches: [(suffix ids, [option ids, ...])]. Returns token ids, positions, segment ids and each segment's
     parent (0 = the prefix), and per branch the index of its last suffix token and of its options' tokens.
@@ -94,12 +94,35 @@ def _pack(prefix, branches):
     return ids, pos, seg, parent, lasts, opt_idx
 
 
+def packed_forward(model, packs, pad_id):
+    """Final hidden states (C, L, D) of packed rows (pack_tree outputs), under their tree attention masks."""
+    dev, dtype = model.device, model.dtype
+    L = max(len(p[0]) for p in packs)
+    ids = torch.full((len(packs), L), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(packs), L), dtype=torch.long)
+    allowed = torch.zeros((len(packs), L, L), dtype=torch.bool)
+    for b, (tids, tpos, tseg, parent, _, _) in enumerate(packs):
+        n = len(tids)
+        ids[b, :n], pos[b, :n] = torch.tensor(tids), torch.tensor(tpos)
+        anc = torch.eye(len(parent), dtype=torch.bool)  # anc[s, a]: segment a is s or an ancestor of s
+        for sg, pa in enumerate(parent):
+            if sg:
+                anc[sg, pa] = True
+                anc[sg] |= anc[pa]
+        sg = torch.tensor(tseg)
+        allowed[b, :n, :n] = anc[sg][:, sg] & torch.ones(n, n, dtype=torch.bool).tril()
+        allowed[b, n:, n:] = torch.eye(L - n, dtype=torch.bool)  # padding attends to itself (no NaN)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                            position_ids=pos.to(dev)).last_hidden_state
+
+
 @torch.no_grad()
 def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32):
     """Judge scores of every option of every row (row i = captions[i] asked questions[i], whose "options" are
     already shuffled and end with the abstain option): a list of (O_i,) tensors, higher = preferred.
     letter: the logit of each option's letter after "The answer is"; cloze: the option text's log-likelihood.
-    Each distinct caption is one packed row (see _pack): its prefix is computed once for all its questions,
+    Each distinct caption is one packed row (see pack_tree): its prefix is computed once for all its questions,
     with no KV-cache copies (expanding a cache to every question x option row costs more than the forward)."""
     if not captions:
         return []
@@ -111,7 +134,7 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32)
                                                                    for k in uniq], fmt, captions_per_forward)
             table = {k: dict(zip(k[2], zk)) for k, zk in zip(uniq, z)}
             return [torch.stack([table[k][o] for o in q["options"]]) for k, q in zip(keys, questions)]
-    dev, dtype = model.device, model.dtype
+    dev = model.device
     W = model.get_output_embeddings().weight
     rows_of = {}
     for i, c in enumerate(captions):
@@ -126,25 +149,8 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32)
             for i in rows:
                 pre, suf = prompt_ids(tok, cap, questions[i]["question"], questions[i]["options"], fmt)
                 branches.append((suf, [answers[o] for o in questions[i]["options"]] if fmt == "cloze" else []))
-            packs.append((rows, _pack(pre, branches)))
-        L = max(len(p[0]) for _, p in packs)
-        ids = torch.full((len(packs), L), tok.pad_token_id or 0, dtype=torch.long)
-        pos = torch.zeros((len(packs), L), dtype=torch.long)
-        allowed = torch.zeros((len(packs), L, L), dtype=torch.bool)
-        for b, (_, (tids, tpos, tseg, parent, _, _)) in enumerate(packs):
-            n = len(tids)
-            ids[b, :n], pos[b, :n] = torch.tensor(tids), torch.tensor(tpos)
-            anc = torch.eye(len(parent), dtype=torch.bool)  # anc[s, a]: segment a is s or an ancestor of s
-            for sg, pa in enumerate(parent):
-                if sg:
-                    anc[sg, pa] = True
-                    anc[sg] |= anc[pa]
-            sg = torch.tensor(tseg)
-            allowed[b, :n, :n] = anc[sg][:, sg] & torch.ones(n, n, dtype=torch.bool).tril()
-            allowed[b, n:, n:] = torch.eye(L - n, dtype=torch.bool)  # padding attends to itself (no NaN)
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-        h = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                             position_ids=pos.to(dev)).last_hidden_state  # (C, L, D)
+            packs.append((rows, pack_tree(pre, branches)))
+        h = packed_forward(model, [p for _, p in packs], tok.pad_token_id or 0)  # (C, L, D)
         sel_b, sel_t, targets, owner = [], [], [], []  # cloze: every option token of the chunk, scored at once
         for b, (rows, (_, _, _, _, lasts, opt_idx)) in enumerate(packs):
             for i, last, idx in zip(rows, lasts, opt_idx):

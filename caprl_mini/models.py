@@ -53,15 +53,17 @@ def pick_device():
 
 
 # ---------------------------------------------------------------- the built-in world's tokenizer and configs
-def build_tokenizer(texts, vocab_size=512):
-    """Byte-level BPE on the world's text, with Qwen's special tokens (<|im_end|> is EOS) and chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(texts, vocab_size=512, phrases=()):
+    """Byte-level BPE on the world's text, with Qwen's special tokens (<|im_end|> is EOS) and chat template.
+    `phrases` become single tokens (byte-level BPE never merges across a space, so "top left" is otherwise two)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
+    tok.add_tokens([AddedToken(p, normalized=False) for p in phrases])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE, extra_special_tokens={
                                        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",

@@ -88,15 +88,19 @@ def full_caption(scene, rng=None):
 
 
 def human_caption(scene, rng):
-    """Like a short human caption: a random subset of the objects, some attributes dropped, varied templates.
-    Clauses name the cell first ("at the top left there is a red circle"): a captioner that must choose an
-    object's attributes before its cell, from a random subset, states attributes of one object at the cell of
-    another (measured: color precision fell from 1.00 to 0.60 in 500 steps of such captions)."""
-    objs = [o for o in scene if rng.random() < 0.5] or [rng.choice(scene)]
+    """Like a short human caption: it stops early and drops attributes. The objects it mentions are the first
+    ones in reading order (each next one with probability 0.5): a captioner trained on a random subset in any
+    order named one cell and described the object of another (measured: color precision 1.00 -> 0.60 within
+    500 steps; with cell-first clauses 1.00 -> 0.83 within 400), because full captions had taught it to read
+    "the next object in reading order"."""
+    k = 1
+    while k < len(scene) and rng.random() < 0.5:
+        k += 1
+    objs = scene[:k]
     parts = [_count_sentence(len(scene), rng.choice(COUNTS))] if rng.random() < 0.25 else []
     for o in objs:
         keep = [a for a, p in (("size", 0.4), ("color", 0.6), ("shape", 0.7)) if rng.random() < p]
-        parts.append(rng.choice(CLAUSES[1:]).format(d=describe(o, keep), pos=o["pos"]))
+        parts.append(rng.choice(CLAUSES).format(d=describe(o, keep), pos=o["pos"]))
     return ". ".join(parts) + "."
 
 
