@@ -1,21 +1,25 @@
 """Warm start: supervised training of the built-in world's captioner and judge, and their evaluation.
 
-    python sft.py captioner --out assets/captioner     # the SFT baseline captioner (~15 min on 2 CPU cores)
-    python sft.py judge --out assets/judge             # the tiny judge (~25 min on 2 CPU cores)
+    python sft.py captioner --out assets/captioner     # SFT captioner; stage 1 also saved to runs/sft_perception
+    python sft.py judge --out assets/judge             # the judge, starting from runs/sft_perception's LM
     python sft.py eval --out runs/warmstart            # held-out numbers of the shipped pair -> warmstart.json
 
 Captioner. Trained from scratch, a tiny VLM never learns color from the caption loss alone (DESIGN section 3,
 "Measured"), although its image tokens carry it. So it is trained in two stages, both with an auxiliary loss:
   1. perception: full captions (every fact) + a linear head on each image token predicting its grid cell's
      content (occupied, shape, color, size). Think of it as the pretrained vision encoder a real VLM starts from.
-  2. style: short, partial "human" captions (a subset of the objects, some attributes dropped), aux loss kept.
+  2. style: short "human" captions (the first objects in reading order, some attributes dropped), aux loss kept.
 The result sees well and says little: high fact precision, low recall. That gap is what GRPO must close.
+Each stage has its own optimizer, schedule and data stream, so `--init runs/sft_perception --full-steps 0`
+redoes stage 2 alone, exactly.
 
-Judge. A tiny Qwen2 LM trained from scratch on (caption, question) -> answer text, with labels from the
-oracle reader: the fact the caption states, or "can not answer based on the caption" when it does not. It is
-trained in the cloze format (judge.py): at scoring time each option's text is scored by log-likelihood, so the
-judge never has to bind an answer to a letter, the step DESIGN measured a tiny judge failing at for 2,300 steps.
-Captions are drawn from a wide mix (full, partial, wrong) so the judge reads what a caption says, not the truth.
+Judge. A tiny Qwen2 LM trained on (caption, question) -> answer text, with labels from the oracle reader: the
+fact the caption states, or "can not answer based on the caption" when it does not. Cloze format (judge.py): at
+scoring time each option's text is scored by log-likelihood, so the judge never has to bind an answer to a
+letter, the step DESIGN measured a tiny judge failing at. Its weights start from the stage-1 captioner's language
+model (same shapes; it already reads and writes the world's language), like a real judge starts pretrained;
+from scratch (--judge-init '') it learned more slowly (README). Captions come from a wide mix (full, partial,
+wrong, empty) so that it reads what a caption says, not the truth.
 
 Simplifications: fresh scenes every step (no epochs), one process, no resume (each stage runs in minutes).
 """
@@ -47,8 +51,11 @@ parser.add_argument("--perception-out", default="runs/sft_perception", help="whe
 parser.add_argument("--init", default=None, help="start the captioner from this folder (e.g. a saved stage 1)")
 parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell auxiliary loss")
 # judge
-parser.add_argument("--judge-steps", type=int, default=4000, help="judge training steps")
-parser.add_argument("--judge-heads", type=int, default=8, help="attention heads of the tiny judge")
+parser.add_argument("--judge-steps", type=int, default=4000, help="judge training steps (length of its lr schedule)")
+parser.add_argument("--judge-stop-at", type=int, default=0, help="stop the judge early at this step (schedule kept)")
+parser.add_argument("--judge-init", default="runs/sft_perception",
+                    help="start the judge from this captioner's language model ('' = from scratch)")
+parser.add_argument("--judge-heads", type=int, default=8, help="attention heads of a judge trained from scratch")
 # shared
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
 parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW), 100 warm-up steps, cosine")
@@ -73,12 +80,8 @@ def lr_at(step, total, peak):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
 
 
-def world_tokenizer(cell_tokens=False):
-    """The world's BPE. For the judge, each cell name ("top left", " top left") is one token: answering "what
-    color is the object at the top left?" then starts with a one-token match into the caption, instead of a
-    two-token one (measured: a judge with two-token cells was at 0.60 full-caption accuracy after 1,500 steps)."""
-    return build_tokenizer(shapes.world_text(), phrases=[p for c in shapes.POSITIONS for p in (c, " " + c)]
-                           if cell_tokens else ())
+def world_tokenizer():
+    return build_tokenizer(shapes.world_text())
 
 
 # ---------------------------------------------------------------- captioner
@@ -95,7 +98,8 @@ def cell_targets(scenes):
 
 
 def caption_eval(model, proc, n_images, split="eval"):
-    """Greedy captions of held-out images -> per-attribute fact precision, recall, caption length."""
+    """Greedy captions of held-out images -> per-attribute fact precision, recall (true facts stated / all true
+    facts, pooled over images, as evaluate.py), caption length."""
     model.eval()
     totals = {a: [0, 0] for a in ["position"] + shapes.ATTRIBUTES + ["count"]}
     recall, n_tok = [], []
@@ -107,11 +111,11 @@ def caption_eval(model, proc, n_images, split="eval"):
             for a, (c, n) in f["stated"].items():
                 totals[a][0] += c
                 totals[a][1] += n
-            recall.append(f["recall"])
+            recall.append((f["n_recalled"], f["n_true"]))
             n_tok.append(int(m.sum()))
     model.train()
-    return {"precision_by_attribute": {a: c / max(n, 1) for a, (c, n) in totals.items()},
-            "recall": sum(recall) / len(recall), "mean_caption_tokens": sum(n_tok) / len(n_tok)}
+    return {"precision_by_attribute": {a: c / n if n else None for a, (c, n) in totals.items()},  # None: never stated
+            "recall": sum(r for r, _ in recall) / sum(n for _, n in recall), "mean_caption_tokens": sum(n_tok) / len(n_tok)}
 
 
 def captioner_stage(model, proc, steps, human, seed):
@@ -203,14 +207,25 @@ def mixed_caption(scene, rng):
 
 
 def train_judge():
-    tok = world_tokenizer(cell_tokens=True)
-    model, _ = build_tiny_judge(tok, seed=args.seed, heads=args.judge_heads)
+    if args.judge_init:  # start from a captioner's language model: a judge that already reads the world's language
+        assert os.path.isdir(args.judge_init), f"{args.judge_init} not found: run `python sft.py captioner` first"
+        cap, proc = load_policy(args.judge_init)
+        tok = proc.tokenizer
+        tc = cap.config.text_config
+        model, _ = build_tiny_judge(tok, seed=args.seed, heads=tc.num_attention_heads, rms_norm_eps=tc.rms_norm_eps)
+        prefix = "model.language_model."  # Qwen2.5-VL's text model has Qwen2's layout; text-only mrope == rope
+        sd = {"model." + k[len(prefix):]: v for k, v in cap.state_dict().items() if k.startswith(prefix)}
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is tied
+    else:
+        tok = world_tokenizer()
+        model, _ = build_tiny_judge(tok, seed=args.seed, heads=args.judge_heads)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     W = model.get_output_embeddings().weight
     D = model.config.hidden_size
     model.train()
     t0 = time.time()
-    for step in range(args.judge_steps):
+    for step in range(min(args.judge_steps, args.judge_stop_at or args.judge_steps)):
         seqs, starts = [], []
         for _ in range(args.batch_size):
             scene = shapes.make_scene(rng.randrange(10**9), "train")
@@ -235,7 +250,7 @@ def train_judge():
         opt.step()
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.judge_steps:
+        if (step + 1) % args.eval_every == 0:
             model.eval()
             print(json.dumps(judge_eval(model, tok, {"format": "cloze"}, 100)), flush=True)
             save_model(model, tok, args.out, meta={"format": "cloze"})  # usable while training goes on
@@ -281,7 +296,8 @@ def evaluate_pair():
     for t, v in j["by_type"].items():
         print(f"  {t:28s}  {v['full_caption_accuracy']:16.3f}   {v['abstain_when_missing']:18.3f}")
     print(f"  {'all':28s}  {j['full_caption_accuracy']:16.3f}   {j['abstain_when_missing']:18.3f}")
-    print("captioner fact precision: " + "  ".join(f"{a} {v:.3f}" for a, v in c["precision_by_attribute"].items()))
+    print("captioner fact precision: " + "  ".join(f"{a} {v:.3f}" if v is not None else f"{a} (never stated)"
+                                                   for a, v in c["precision_by_attribute"].items()))
     print(f"captioner recall {c['recall']:.3f}, mean caption tokens {c['mean_caption_tokens']:.1f}")
     print(f"wrote {os.path.join(args.out, 'warmstart.json')}")
 

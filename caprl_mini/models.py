@@ -53,17 +53,15 @@ def pick_device():
 
 
 # ---------------------------------------------------------------- the built-in world's tokenizer and configs
-def build_tokenizer(texts, vocab_size=512, phrases=()):
-    """Byte-level BPE on the world's text, with Qwen's special tokens (<|im_end|> is EOS) and chat template.
-    `phrases` become single tokens (byte-level BPE never merges across a space, so "top left" is otherwise two)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(texts, vocab_size=512):
+    """Byte-level BPE on the world's text, with Qwen's special tokens (<|im_end|> is EOS) and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    tok.add_tokens([AddedToken(p, normalized=False) for p in phrases])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE, extra_special_tokens={
                                        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
@@ -96,11 +94,13 @@ def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vis
         tie_word_embeddings=True)
 
 
-def tiny_judge_config(tok, hidden=128, layers=4, heads=4):
+def tiny_judge_config(tok, hidden=128, layers=4, heads=4, rms_norm_eps=1e-6):
+    """A Qwen2 config at toy scale. With heads=4 and the captioner's norm eps (1e-5) its weights can start from
+    the tiny captioner's language model (same shapes; text-only multimodal rope is plain rope)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     return Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
                        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                       max_position_embeddings=512, bos_token_id=ids["<|endoftext|>"],
+                       max_position_embeddings=512, rms_norm_eps=rms_norm_eps, bos_token_id=ids["<|endoftext|>"],
                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
 
 
