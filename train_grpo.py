@@ -2,7 +2,7 @@
 multiple-choice questions about the image it never sees.
 
     python train_grpo.py                                  # CPU: shipped SFT captioner + judge, built-in world,
-                                                          # then SFT vs GRPO evaluated side by side (~10 min)
+                                                          # then SFT vs GRPO evaluated side by side (~6 min)
     python train_grpo.py --policy Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct \
         --data qa.jsonl --group-size 8 --images-per-step 16 --lr 1e-6 --max-new-tokens 512   # one GPU
     python train_grpo.py --steps 4 --save-every 2 --out runs/x && python train_grpo.py ... --resume
