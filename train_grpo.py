@@ -30,7 +30,6 @@ Simplified on purpose: one process (torchrun sharding is a later issue), no LoRA
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import time

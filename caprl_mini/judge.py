@@ -12,11 +12,11 @@ Two ways to pose an MCQ (lm-evaluation-harness has both):
 Three ways to read the judge (DESIGN section 5): sample (temperature 0.6 over the options, as the paper),
 argmax, prob (probability mass on the gold option: expected accuracy, lowest variance).
 
-Cost: the caption is the shared prefix of all its questions: it is run through the judge once and its KV cache
-is expanded to the questions (and, for cloze, once more to the options), so no prompt is prefilled twice.
+Cost: the caption is the shared prefix of all its questions. Each distinct caption becomes one packed row: the
+caption once, then every question (and, for cloze, every option) as a branch under a tree-shaped attention mask
+(pack_tree), so the caption is computed once and no KV cache is copied per question or option.
 Legend: C captions, Q questions (rows after expansion), O options, T tokens.
 """
-import random
 
 import torch
 
