@@ -199,7 +199,7 @@ def mixed_caption(scene, rng):
     parts = []
     if rng.random() < 0.5:
         n = len(scene) if rng.random() > wrong else rng.randint(1, shapes.MAX_OBJECTS)
-        parts.append(shapes._count_sentence(n, rng.choice(shapes.COUNTS)))
+        parts.append(shapes.count_sentence(n, rng.choice(shapes.COUNTS)))
     for o in objs:
         keep = [a for a in ("size", "color", "shape") if rng.random() < keep_attr]
         parts.append(rng.choice(shapes.CLAUSES).format(d=shapes.describe(o, keep), pos=o["pos"]))

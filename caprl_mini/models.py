@@ -156,10 +156,6 @@ def save_model(model, proc_or_tok, path, meta=None):
         json.dump(meta, open(os.path.join(path, "judge.json"), "w"), indent=1)
 
 
-def vocab_size(model):
-    return model.get_output_embeddings().weight.shape[0]
-
-
 # ---------------------------------------------------------------- the policy's forward, shared by sampler, trainer, sft
 # B rows, T tokens, D hidden. Prompts are left-padded so that every row's next token sits at column T.
 CAPTION_INSTRUCTION = "Please describe this image in detail."

@@ -69,7 +69,7 @@ CLAUSES = ["a {d} at the {pos}", "at the {pos} there is a {d}", "{pos}: a {d}"]
 COUNTS = ["{n} objects", "there are {n} objects"]
 
 
-def _count_sentence(n, template):
+def count_sentence(n, template):
     return template.format(n=NUMBERS[n - 1]).replace("one objects", "one object").replace("are one", "is one")
 
 
@@ -82,7 +82,7 @@ def full_caption(scene, rng=None):
     """States every fact: the count, then each object in reading order."""
     rng = rng or random.Random(0)
     clause, count = rng.choice(CLAUSES), rng.choice(COUNTS)
-    parts = [_count_sentence(len(scene), count)]
+    parts = [count_sentence(len(scene), count)]
     parts += [clause.format(d=describe(o), pos=o["pos"]) for o in scene]
     return ". ".join(parts) + "."
 
@@ -97,7 +97,7 @@ def human_caption(scene, rng):
     while k < len(scene) and rng.random() < 0.5:
         k += 1
     objs = scene[:k]
-    parts = [_count_sentence(len(scene), rng.choice(COUNTS))] if rng.random() < 0.25 else []
+    parts = [count_sentence(len(scene), rng.choice(COUNTS))] if rng.random() < 0.25 else []
     for o in objs:
         keep = [a for a, p in (("size", 0.4), ("color", 0.6), ("shape", 0.7)) if rng.random() < p]
         parts.append(rng.choice(CLAUSES).format(d=describe(o, keep), pos=o["pos"]))

@@ -63,7 +63,7 @@ def test_shared_prefix_scoring_equals_unshared_forward(fmt, tiny_judge_dir):
             assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
 
 
-def test_prob_mode_is_expected_argmax_accuracy_bound(tiny_judge_dir):
+def test_prob_mode_is_a_probability_and_a_pure_function_of_its_seed(tiny_judge_dir):
     model, tok, _ = models.load_judge(tiny_judge_dir)
     item = shapes.world_item(6, "test")
     qs = item["questions"]
