@@ -1,7 +1,9 @@
 """Warm start: supervised training of the built-in world's captioner and judge, and their evaluation.
 
     python sft.py captioner --out assets/captioner     # SFT captioner; stage 1 also saved to runs/sft_perception
-    python sft.py judge --out assets/judge             # the judge, starting from runs/sft_perception's LM
+    python sft.py judge --out runs/judge_stage1 --batch-size 64 --lr 1e-3 --judge-stop-at 3000   # judge, from
+    python sft.py judge --judge-init runs/judge_stage1 --out assets/judge --restate --many-objects \
+        --full-frac 0.5 --batch-size 64 --lr 5e-4 --judge-steps 6000       # runs/sft_perception's LM, in two runs
     python sft.py eval --out runs/warmstart            # held-out numbers of the shipped pair -> warmstart.json
 
 Captioner. Trained from scratch, a tiny VLM never learns color from the caption loss alone (DESIGN section 3,
@@ -19,8 +21,11 @@ scoring time each option's text is scored by log-likelihood, so the judge never 
 letter, the step DESIGN measured a tiny judge failing at. Its weights start from the stage-1 captioner's language
 model (same shapes; it already reads and writes the world's language), like a real judge starts pretrained;
 from scratch (--judge-init '') it learned more slowly (README). Captions come from a wide mix (full, partial,
-wrong, empty) so that it reads what a caption says, not the truth.
-
+wrong, empty) so that it reads what a caption says, not the truth. The hard part is binding: finding the clause
+of the asked cell among several. Two training-only aids got it there (README): --restate adds "what is at the
+<cell>?" -> every attribute the caption gives that cell (three supervised lookups per example instead of one),
+and --many-objects draws scenes in proportion to their object count (a one-object scene needs no binding).
+The shipped judge is two runs (README, "warm-start models"): 3,000 steps of the plain mix, then 6,000 with both.
 Simplifications: fresh scenes every step (no epochs), one process, no resume (each stage runs in minutes).
 """
 import argparse
@@ -54,7 +59,13 @@ parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the
 parser.add_argument("--judge-steps", type=int, default=4000, help="judge training steps (length of its lr schedule)")
 parser.add_argument("--judge-stop-at", type=int, default=0, help="stop the judge early at this step (schedule kept)")
 parser.add_argument("--judge-init", default="runs/sft_perception",
-                    help="start the judge from this captioner's language model ('' = from scratch)")
+                    help="start the judge from this captioner's language model, or go on training this judge "
+                         "folder ('' = from scratch)")
+parser.add_argument("--restate", action="store_true",
+                    help="judge also trained on 'what is at the <cell>?' -> every attribute the caption states there")
+parser.add_argument("--many-objects", action="store_true",
+                    help="judge scenes drawn in proportion to their object count (binding is hard only with several)")
+parser.add_argument("--full-frac", type=float, default=0.25, help="fraction of judge examples with a full caption")
 parser.add_argument("--judge-heads", type=int, default=8, help="attention heads of a judge trained from scratch")
 # shared
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
@@ -180,12 +191,12 @@ def train_captioner():
 def mixed_caption(scene, rng):
     """Captions from the whole range the judge will meet: full, human, and anything between, some of it wrong
     (attributes swapped, cells moved), and sometimes empty (the leak filter asks with an empty caption)."""
-    r = rng.random()
-    if r < 0.25:
+    r, f = rng.random(), args.full_frac
+    if r < f:
         return shapes.full_caption(scene, rng)
-    if r < 0.5:
+    if r < f + 0.25:
         return shapes.human_caption(scene, rng)
-    if r < 0.53:
+    if r < f + 0.28:
         return ""
     keep_obj, keep_attr, wrong = rng.uniform(0.3, 1), rng.uniform(0.3, 1), rng.choice([0, 0, 0.1, 0.3])
     objs = [dict(o) for o in scene if rng.random() < keep_obj] or [dict(rng.choice(scene))]
@@ -207,7 +218,9 @@ def mixed_caption(scene, rng):
 
 
 def train_judge():
-    if args.judge_init:  # start from a captioner's language model: a judge that already reads the world's language
+    if args.judge_init and os.path.isfile(os.path.join(args.judge_init, "judge.json")):  # go on training a judge
+        model, tok, _ = load_judge(args.judge_init)
+    elif args.judge_init:  # start from a captioner's language model: a judge that already reads the world's language
         assert os.path.isdir(args.judge_init), f"{args.judge_init} not found: run `python sft.py captioner` first"
         cap, proc = load_policy(args.judge_init)
         tok = proc.tokenizer
@@ -226,22 +239,7 @@ def train_judge():
     model.train()
     t0 = time.time()
     for step in range(min(args.judge_steps, args.judge_stop_at or args.judge_steps)):
-        seqs, starts = [], []
-        for _ in range(args.batch_size):
-            scene = shapes.make_scene(rng.randrange(10**9), "train")
-            cap = mixed_caption(scene, rng)
-            q = rng.choice(shapes.make_questions(scene, rng))
-            pre, suf = prompt_ids(tok, cap, q["question"], None, "cloze")
-            ans = answer_ids(tok, shapes.oracle_answer(cap, q))
-            starts.append(len(pre) + len(suf))
-            seqs.append(pre + suf + ans)
-        ids, am = pad_right(seqs, tok.pad_token_id)
-        tgt = torch.zeros_like(am)
-        for i, s in enumerate(starts):
-            tgt[i, s:len(seqs[i])] = 1  # loss on the answer tokens only
-        h = model.model(input_ids=ids, attention_mask=am).last_hidden_state
-        sel = tgt[:, 1:].reshape(-1).bool()  # hidden at column j predicts token j + 1
-        loss = -token_logprobs(h[:, :-1].reshape(-1, D)[sel], W, ids[:, 1:].reshape(-1)[sel]).mean()
+        loss = judge_loss(model, tok, W, D)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.judge_steps, args.lr)
         opt.zero_grad(set_to_none=True)
@@ -257,6 +255,38 @@ def train_judge():
             model.train()
     save_model(model, tok, args.out, meta={"format": "cloze"})
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
+
+
+def judge_example(tok):
+    """One training caption and its questions, each with the oracle's answer as the target."""
+    scene = shapes.make_scene(rng.randrange(10**9), "train")
+    while args.many_objects and rng.random() > len(scene) / shapes.MAX_OBJECTS:
+        scene = shapes.make_scene(rng.randrange(10**9), "train")
+    cap = mixed_caption(scene, rng)
+    qa = [(q["question"], shapes.oracle_answer(cap, q)) for q in shapes.make_questions(scene, rng)]
+    if args.restate:  # training only: one answer binds every attribute the caption gives the cell
+        by_pos = {o["pos"]: o for o in shapes.parse_caption(cap)["objects"] if o["pos"]}
+        qa += [(f"what is at the {o['pos']}?", shapes.describe(by_pos[o["pos"]], by_pos[o["pos"]])
+                if o["pos"] in by_pos else shapes.ABSTAIN) for o in scene]
+    return cap, [(q, answer_ids(tok, a)) for q, a in qa]
+
+
+def judge_loss(model, tok, W, D):
+    """Batch of (caption, one random question) rows; loss on the answer tokens only."""
+    seqs, starts = [], []
+    for _ in range(args.batch_size):
+        cap, qa = judge_example(tok)
+        q, ans = rng.choice(qa)
+        pre, suf = prompt_ids(tok, cap, q, None, "cloze")
+        starts.append(len(pre) + len(suf))
+        seqs.append(pre + suf + ans)
+    ids, am = pad_right(seqs, tok.pad_token_id)
+    tgt = torch.zeros_like(am)
+    for i, s in enumerate(starts):
+        tgt[i, s:len(seqs[i])] = 1
+    h = model.model(input_ids=ids, attention_mask=am).last_hidden_state
+    sel = tgt[:, 1:].reshape(-1).bool()  # hidden at column j predicts token j + 1
+    return -token_logprobs(h[:, :-1].reshape(-1, D)[sel], W, ids[:, 1:].reshape(-1)[sel]).mean()
 
 
 def judge_eval(model, tok, meta, n_images, split="eval"):

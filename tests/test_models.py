@@ -43,10 +43,10 @@ def test_shipped_judge_reads_full_captions_and_abstains():
         chose = score_questions(judge, tok, [human] * len(missing), missing, "cloze", "argmax", rng, return_choice=True)
         abstained += sum(c == shapes.ABSTAIN for c in chose)
         n_missing += len(missing)
-    # The issue's target is 0.95; the shipped judge falls short of it (README, "warm-start models"). These bounds sit
-    # below its measured numbers and far above an untrained judge (0.33 full-caption accuracy, 0.0 abstention).
-    assert sum(right) / len(right) >= 0.6
-    assert abstained / n_missing >= 0.85
+    # Measured on 300 held-out images: 0.956 and 0.980 (README, "warm-start models"). These bounds leave room for
+    # 30 images' noise and sit far above an untrained judge (0.33 full-caption accuracy, 0.0 abstention).
+    assert sum(right) / len(right) >= 0.9
+    assert abstained / n_missing >= 0.9
 
 
 def test_shipped_captioner_captions_truthfully_and_briefly():
