@@ -63,16 +63,16 @@ class _FusedLogProbs(torch.autograd.Function):
             hr, yr, gr = h[r].to(acc), y[r], g[r].to(acc)
             for v0 in range(0, V, vocab_chunk):
                 v1 = min(v0 + vocab_chunk, V)
-                p = torch.exp(_chunk_logits(hr, W, v0, v1, temperature) - lse[r, None])  # softmax chunk (n, v)
-                dz = -p * gr[:, None]  # d L / d logits for the chunk
+                p = _chunk_logits(hr, W, v0, v1, temperature).sub_(lse[r, None]).exp_()  # softmax chunk (n, v)
+                dz = p.mul_(-gr[:, None])  # d L / d logits for the chunk (in place: one (n, v) buffer)
                 inside = (yr >= v0) & (yr < v1)
                 rows = inside.nonzero().squeeze(-1)
                 dz[rows, yr[rows] - v0] += gr[rows]
                 dz /= temperature
-                if gh is not None:
-                    gh[r] += dz @ W[v0:v1].to(acc)
+                if gh is not None:  # addmm_ accumulates in place: no (V, D)-chunk temporary
+                    gh[r].addmm_(dz, W[v0:v1].to(acc))
                 if gW is not None:
-                    gW[v0:v1] += dz.T @ hr
+                    gW[v0:v1].addmm_(dz.T, hr)
         return (gh.to(h.dtype) if gh is not None else None, gW.to(W.dtype) if gW is not None else None,
                 None, None, None, None)
 

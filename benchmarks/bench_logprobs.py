@@ -1,0 +1,112 @@
+"""Fused, chunked log-probs (caprl_mini/logprobs.py) against the naive log_softmax(h @ W.T).gather(y).
+
+    python benchmarks/bench_logprobs.py                   # CPU: 1,024 tokens; GPU: 16,384 tokens
+    python benchmarks/bench_logprobs.py --tokens 4096
+
+Same inputs for both (N tokens x hidden D, Qwen's vocabulary V = 151,936), forward + backward (gradients w.r.t. the
+hidden states and the unembedding W), fp32. Reported: seconds (median of --repeats, the two interleaved), peak
+memory above the inputs, and the max |error| of the log-probs against a float64 reference.
+Peak memory: on CUDA max_memory_allocated; on a CPU each variant runs once more in a fresh child process and reports
+how far its peak resident memory grew over the inputs, gradients included (they are the same size for
+both; VmHWM, Linux). The last line is one JSON object with the figures.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from caprl_mini.logprobs import token_logprobs  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--tokens", type=int, default=0, help="N (0: 1,024 on CPU, 16,384 on GPU)")
+parser.add_argument("--hidden", type=int, default=2048)
+parser.add_argument("--vocab", type=int, default=151936)
+parser.add_argument("--repeats", type=int, default=1)
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--child", choices=["naive", "fused"], help=argparse.SUPPRESS)  # CPU memory probe
+args = parser.parse_args()
+dev = torch.device(args.device)
+N = args.tokens or (16384 if dev.type == "cuda" else 1024)
+
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, args.hidden, generator=g).to(dev).requires_grad_()
+    W = torch.randn(args.vocab, args.hidden, generator=g).mul_(0.02).to(dev).requires_grad_()  # in place: no temporary
+    y = torch.randint(0, args.vocab, (N,), generator=g).to(dev)
+    return h, W, y
+
+
+def naive(h, W, y):
+    return torch.log_softmax(h @ W.T, -1).gather(-1, y[:, None])[:, 0]
+
+
+def run(fn, h, W, y):
+    h.grad = W.grad = None
+    lp = fn(h, W, y)
+    lp.sum().backward()
+    return lp.detach()
+
+
+def sync():
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_bytes(name):
+    """Peak memory of one forward + backward above the inputs."""
+    if dev.type == "cuda":
+        h, W, y = inputs()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run({"naive": naive, "fused": token_logprobs}[name], h, W, y)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    cmd = [sys.executable, __file__, "--child", name, "--tokens", str(N), "--hidden", str(args.hidden),
+           "--vocab", str(args.vocab), "--device", "cpu"]
+    return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+
+
+if args.child:  # CPU memory probe: print how far peak RSS grew over the inputs
+    h, W, y = inputs()
+    before = peak_rss()
+    run({"naive": naive, "fused": token_logprobs}[args.child], h, W, y)
+    print(peak_rss() - before)
+    sys.exit()
+
+h, W, y = inputs()
+times = {"naive": [], "fused": []}
+out = {}
+for _ in range(args.repeats):
+    for name, fn in (("naive", naive), ("fused", token_logprobs)):
+        sync()
+        t = time.perf_counter()
+        out[name] = run(fn, h, W, y)
+        sync()
+        times[name].append(time.perf_counter() - t)
+with torch.no_grad():  # float64 reference, in row chunks to bound its memory
+    ref = torch.cat([torch.log_softmax(h[i:i + 256].double() @ W.double().T, -1).gather(-1, y[i:i + 256, None])[:, 0]
+                     for i in range(0, N, 256)])
+err = {k: (v.double() - ref).abs().max().item() for k, v in out.items()}
+t = {k: statistics.median(v) for k, v in times.items()}
+mem = {k: peak_bytes(k) for k in ("naive", "fused")}
+name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+print(f"log-probs, forward + backward, N={N} D={args.hidden} V={args.vocab}, fp32, {name}")
+print(f"{'':8s} {'seconds':>9s} {'peak MB':>9s} {'max |err| vs fp64':>18s}")
+for k in ("naive", "fused"):
+    print(f"{k:8s} {t[k]:9.3f} {mem[k] / 2**20:9.0f} {err[k]:18.2e}")
+print(f"fused: {t['naive'] / t['fused']:.2f}x the speed, {mem['naive'] / mem['fused']:.1f}x less peak memory")
+print(json.dumps({"bench": "logprobs", "device": name, "tokens": N, "hidden": args.hidden, "vocab": args.vocab,
+                  "seconds": t, "peak_bytes": mem, "speedup": t["naive"] / t["fused"],
+                  "memory_reduction": mem["naive"] / mem["fused"], "max_error": err["fused"]}))
