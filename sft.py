@@ -26,6 +26,7 @@ of the asked cell among several. Two training-only aids got it there (README): -
 <cell>?" -> every attribute the caption gives that cell (three supervised lookups per example instead of one),
 and --many-objects draws scenes in proportion to their object count (a one-object scene needs no binding).
 The shipped judge is two runs (README, "warm-start models"): 3,000 steps of the plain mix, then 6,000 with both.
+
 Simplifications: fresh scenes every step (no epochs), one process, no resume (each stage runs in minutes).
 """
 import argparse
@@ -258,17 +259,15 @@ def train_judge():
 
 
 def judge_example(tok):
-    """One training caption and its questions, each with the oracle's answer as the target."""
+    """One training caption and its questions, each with the oracle's answer text as the target."""
     scene = shapes.make_scene(rng.randrange(10**9), "train")
     while args.many_objects and rng.random() > len(scene) / shapes.MAX_OBJECTS:
         scene = shapes.make_scene(rng.randrange(10**9), "train")
     cap = mixed_caption(scene, rng)
     qa = [(q["question"], shapes.oracle_answer(cap, q)) for q in shapes.make_questions(scene, rng)]
     if args.restate:  # training only: one answer binds every attribute the caption gives the cell
-        by_pos = {o["pos"]: o for o in shapes.parse_caption(cap)["objects"] if o["pos"]}
-        qa += [(f"what is at the {o['pos']}?", shapes.describe(by_pos[o["pos"]], by_pos[o["pos"]])
-                if o["pos"] in by_pos else shapes.ABSTAIN) for o in scene]
-    return cap, [(q, answer_ids(tok, a)) for q, a in qa]
+        qa += shapes.restate_questions(cap, scene)
+    return cap, qa
 
 
 def judge_loss(model, tok, W, D):
@@ -276,8 +275,9 @@ def judge_loss(model, tok, W, D):
     seqs, starts = [], []
     for _ in range(args.batch_size):
         cap, qa = judge_example(tok)
-        q, ans = rng.choice(qa)
+        q, a = rng.choice(qa)
         pre, suf = prompt_ids(tok, cap, q, None, "cloze")
+        ans = answer_ids(tok, a)
         starts.append(len(pre) + len(suf))
         seqs.append(pre + suf + ans)
     ids, am = pad_right(seqs, tok.pad_token_id)

@@ -208,6 +208,14 @@ def oracle_answer(caption, question):
     raise ValueError(f"unknown question type {t!r}")
 
 
+def restate_questions(caption, scene):
+    """Training-only questions for a judge (sft.py --restate): "what is at the <cell>?" for every object, answered
+    with every attribute the caption gives that cell ("large red circle", "small shape"), or ABSTAIN."""
+    by_pos = {o["pos"]: o for o in parse_caption(caption)["objects"] if o["pos"]}
+    return [(f"what is at the {o['pos']}?", describe(by_pos[o["pos"]], keep=by_pos[o["pos"]].keys())
+             if o["pos"] in by_pos else ABSTAIN) for o in scene]
+
+
 def oracle_choice(caption, question):
     """The oracle's answer as an option text among the question's options, or ABSTAIN."""
     ans = oracle_answer(caption, question)

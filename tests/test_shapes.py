@@ -65,6 +65,22 @@ def test_options_hold_the_answer_once_and_valid_distractors(index):
         assert shapes.oracle_answer(full, q) == gold
 
 
+@pytest.mark.parametrize("index", range(20))
+def test_restate_answers_agree_with_the_oracle(index):
+    scene, rng = shapes.make_scene(index, "test"), random.Random(index)
+    for cap in (shapes.full_caption(scene, rng), shapes.human_caption(scene, rng), ""):
+        qs = {(q["type"], q["question"].rsplit(" at the ", 1)[-1]): q for q in shapes.make_questions(scene, rng)}
+        for (question, answer), o in zip(shapes.restate_questions(cap, scene), scene):
+            oracle = {a: shapes.oracle_answer(cap, qs[(a, o["pos"] + "?")]) for a in ("size", "color", "shape")}
+            if all(v == shapes.ABSTAIN for v in oracle.values()) and o["pos"] not in cap:
+                assert answer == shapes.ABSTAIN
+                continue
+            stated = [v for a, v in oracle.items() if v != shapes.ABSTAIN]
+            if oracle["shape"] == shapes.ABSTAIN:
+                stated.append("shape")
+            assert answer == " ".join(stated), (cap, question)
+
+
 def test_same_seed_same_scenes_and_pixels():
     a, b = shapes.world_item(7, "train"), shapes.world_item(7, "train")
     assert a["scene"] == b["scene"] and a["questions"] == b["questions"]
