@@ -22,7 +22,8 @@ from caprl_mini.models import CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, load_ju
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--captioner", action="append", default=None, help="captioner folder or hub id (repeatable)")
 parser.add_argument("--judge", default=JUDGE, help="judge folder or hub id, or 'oracle' (built-in world)")
-parser.add_argument("--judge-format", default=None, choices=["letter", "cloze"], help="default: the judge's judge.json")
+parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
+                    help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
 parser.add_argument("--data", default=None, help="QA JSONL; without it, held-out images of the built-in world")
 parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
 parser.add_argument("--images", type=int, default=200, help="number of held-out images")
@@ -30,6 +31,8 @@ parser.add_argument("--captions-per-image", type=int, default=1, help="captions 
 parser.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
 parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap")
 parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction")
+parser.add_argument("--min-pixels", type=int, default=None, help="images are resized to at least this many pixels")
+parser.add_argument("--max-pixels", type=int, default=None, help="... and at most this many")
 parser.add_argument("--seed", type=int, default=0, help="seed of option shuffling and caption sampling")
 parser.add_argument("--out", default="runs/eval", help="output folder for results.json")
 args = parser.parse_args()
@@ -38,12 +41,12 @@ assert args.captions_per_image == 1 or args.temperature > 0, "several captions p
 
 device, dtype = pick_device()
 judge, jtok, meta = load_judge(args.judge, device, dtype)
-fmt = args.judge_format or meta.get("format", "letter")
+fmt = args.judge_format or meta["format"]
 data = QAFile(args.data, args.image_root) if args.data else World("eval")
 items = [data[i] for i in range(min(args.images, len(data)))]
 results = []
 for path in captioners:
-    model, proc = load_policy(path, device, dtype)
+    model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
     model.eval()
     with torch.no_grad():
         caps = caption_items(model, proc, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -22,7 +22,8 @@ parser.add_argument("command", choices=["score"], help="score: reward each capti
 parser.add_argument("--captions", required=True, help="JSONL of {id, caption}")
 parser.add_argument("--data", default=None, help="QA JSONL the ids refer to (default: the built-in world)")
 parser.add_argument("--judge", default=JUDGE, help="judge folder or hub id, or 'oracle'")
-parser.add_argument("--judge-format", default=None, choices=["letter", "cloze"], help="default: the judge's judge.json")
+parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
+                    help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
 parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "argmax"], help="how the answer is read")
 parser.add_argument("--questions-per-caption", type=int, default=8, help="N question draws per caption")
 parser.add_argument("--all-types", action="store_true", help="built-in world: draw held-out question types too")
@@ -55,7 +56,7 @@ for n, line in enumerate(open(args.captions, encoding="utf-8"), 1):
 
 device, dtype = pick_device()
 judge, jtok, meta = load_judge(args.judge, device, dtype)
-fmt = args.judge_format or meta.get("format", "letter")
+fmt = args.judge_format or meta["format"]
 types = None if (args.data or args.all_types) else shapes.REWARD_TYPES
 rewards = caption_rewards(judge, jtok, [c for _, c, _ in records], [it for _, _, it in records],
                           args.questions_per_caption, fmt, args.judge_mode, random.Random(args.seed), types)

@@ -298,9 +298,9 @@ def judge_eval(model, tok, meta, n_images, split="eval"):
         it = shapes.world_item(i, split)
         full, human = shapes.full_caption(it["scene"], rng), shapes.human_caption(it["scene"], rng)
         qs = it["questions"]
-        right = score_questions(model, tok, [full] * len(qs), qs, meta.get("format", "letter"), "argmax", rng)
+        right = score_questions(model, tok, [full] * len(qs), qs, meta["format"], "argmax", rng)
         missing = [q for q in qs if shapes.oracle_answer(human, q) == shapes.ABSTAIN]
-        chose = score_questions(model, tok, [human] * len(missing), missing, meta.get("format", "letter"),
+        chose = score_questions(model, tok, [human] * len(missing), missing, meta["format"],
                                 "argmax", rng, return_choice=True)
         for q, r in zip(qs, right):
             acc.setdefault(q["type"], []).append(float(r))

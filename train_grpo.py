@@ -3,8 +3,9 @@ multiple-choice questions about the image it never sees.
 
     python train_grpo.py                                  # CPU: shipped SFT captioner + judge, built-in world,
                                                           # then SFT vs GRPO evaluated side by side (~6 min)
-    python train_grpo.py --policy Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct \
-        --data qa.jsonl --group-size 8 --images-per-step 16 --lr 1e-6 --max-new-tokens 512   # one GPU
+    python train_grpo.py --policy Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct --data qa.jsonl \
+        --lr 1e-6 --warmup-steps 20 --lr-schedule cosine --judge-mode sample --max-new-tokens 1024 \
+        --max-pixels 1003520 --micro-batch-images 1 --gradient-checkpointing 1 --steps 500   # one 80 GB GPU (README)
     python train_grpo.py --steps 4 --save-every 2 --out runs/x && python train_grpo.py ... --resume
 
 The exact variant (each a flag; defaults in brackets):
@@ -25,11 +26,15 @@ The exact variant (each a flag; defaults in brackets):
             greedy captions ran on, repeating and inventing objects) and can be masked out instead
             (--mask-truncated 1); zero-variance groups counted (and dropped with --drop-zero-std 1);
             AdamW, linear warm-up then constant lr; grad-norm clip 1.0.
+Memory (README, "Train a real captioner"): fp32 weights and AdamW state with bf16 autocast on a GPU, the judge in
+bf16 inference mode, fused log-probs (no [tokens, vocabulary] logits), --micro-batch-images, and optionally
+--gradient-checkpointing 1 and --freeze-vision 1.
 Simplified on purpose: one process (torchrun sharding is a later issue), no LoRA, no value model, no reward server.
 """
 import argparse
 import copy
 import json
+import math
 import os
 import random
 import time
@@ -44,8 +49,8 @@ from caprl_mini.grpo import advantages, policy_loss
 from caprl_mini.judge import caption_rewards
 from caprl_mini.logprobs import token_entropy, token_logprobs
 from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, encode_prompts, load_judge,
-                               load_policy, pick_device, policy_hidden, rope_positions, save_model,
-                               with_completions)
+                               load_policy, pick_device, policy_hidden, prepare_for_training, rope_positions,
+                               save_model, with_completions)
 from caprl_mini.sampling import decode, sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,6 +60,10 @@ parser.add_argument("--judge", default=JUDGE, help="judge: folder or hub id of a
 parser.add_argument("--data", default=None, help="QA JSONL; without it the built-in shapes world supplies images")
 parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
 parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction (the paper's)")
+parser.add_argument("--min-pixels", type=int, default=None,
+                    help="images are resized to at least this many pixels (default: the processor's)")
+parser.add_argument("--max-pixels", type=int, default=None,
+                    help="... and at most this many (a Qwen-VL image costs pixels / 784 tokens)")
 # rollout
 parser.add_argument("--steps", type=int, default=150, help="GRPO steps")
 parser.add_argument("--images-per-step", type=int, default=8, help="B: images per step")
@@ -63,15 +72,17 @@ parser.add_argument("--max-new-tokens", type=int, default=64, help="caption leng
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
 # reward
 parser.add_argument("--questions-per-caption", type=int, default=8, help="N: question draws per caption")
-parser.add_argument("--judge-format", default=None, choices=["letter", "cloze"],
-                    help="how MCQs are posed (default: the judge's judge.json, else letter)")
+parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
+                    help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
 parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "argmax"],
                     help="how the judge's answer is read (the paper: sample at temperature 0.6)")
 parser.add_argument("--length-bounds", type=int, nargs=2, default=None, metavar=("L1", "L2"),
                     help="CapRL++ length term: full reward up to L1 tokens, linearly 0 at L2 (off by default)")
 # optimisation
 parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper, 3B: 1e-6)")
-parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up steps")
+parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up steps (paper: 20)")
+parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
+                    help="after warm-up: constant, or cosine down to 0 at the last step (paper)")
 parser.add_argument("--advantage", default="std", choices=["std", "none"], help="group advantage scaling")
 parser.add_argument("--loss-aggregation", default="token", choices=["token", "sequence"], help="see docstring")
 parser.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
@@ -84,6 +95,12 @@ parser.add_argument("--mask-truncated", type=int, default=0, help="1: no loss on
 parser.add_argument("--zero-truncated", type=int, default=1,
                     help="1: captions cut at the length cap (no EOS) get reward 0 (DAPO's overlong penalty, hard)")
 parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+# memory (README, "Train a real captioner")
+parser.add_argument("--policy-dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="the policy's weights and optimizer state; compute runs in the device's dtype (bf16 autocast "
+                    "on a GPU). bf16 halves their memory, but AdamW steps below bf16's resolution are lost")
+parser.add_argument("--gradient-checkpointing", type=int, default=0, help="1: recompute layer activations in backward")
+parser.add_argument("--freeze-vision", type=int, default=0, help="1: train only the language model")
 # run
 parser.add_argument("--out", default="runs/grpo", help="run folder")
 parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (0: only final)")
@@ -98,16 +115,18 @@ assert args.group_size >= 2, "GRPO needs at least 2 captions per image"
 
 # ---------------------------------------------------------------- setup
 device, dtype = pick_device()
+pdtype = torch.float32 if args.policy_dtype == "fp32" else torch.bfloat16
+amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != pdtype)  # mixed precision: fp32 weights, bf16 math
 os.makedirs(args.out, exist_ok=True)
 start = 0
 ckpt = latest_checkpoint(args.out) if args.resume else None
-model, proc = load_policy(ckpt or args.policy, device, dtype)
-model.train()
-model.config.use_cache = False
-judge, jtok, meta = load_judge(args.judge, device, dtype)
-jfmt = args.judge_format or meta.get("format", "letter")
+pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+model, proc = load_policy(ckpt or args.policy, device, pdtype, **pixels)
+params = prepare_for_training(model, args.gradient_checkpointing, args.freeze_vision)
+judge, jtok, meta = load_judge(args.judge, device, dtype)  # inference only, in the device's dtype
+jfmt = args.judge_format or meta["format"]
 ref_model = copy.deepcopy(model).eval() if args.beta > 0 else None  # frozen initial policy, only when KL is on
-opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 if ckpt:
     state = load_trainer_state(ckpt)
     opt.load_state_dict(state["optimizer"])
@@ -132,7 +151,11 @@ def step_items(step):
 
 
 def lr_at(step):
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup_steps))
+    warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
+    if args.lr_schedule == "cosine":  # half a cosine from lr after warm-up to 0 at the last step
+        t = max(0, step + 1 - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+        return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return args.lr * warm
 
 
 def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
@@ -155,7 +178,8 @@ for step in range(start, args.steps):
     prompt = {k: v.to(device) for k, v in encode_prompts(proc, [it["image"] for it in items], args.instruction).items()}
     gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # (seed, step) only
     model.eval()
-    roll = sample(model, prompt, G, args.max_new_tokens, args.temperature, generator=gen)
+    with amp:
+        roll = sample(model, prompt, G, args.max_new_tokens, args.temperature, generator=gen)
     model.train()
     t_gen = time.time() - t0
     tokens, mask, old_logp = roll["tokens"], roll["mask"], roll["logprobs"]
@@ -186,23 +210,24 @@ for step in range(start, args.steps):
         loss_total, ent_sum = 0.0, 0.0
         for b0 in range(0, B, args.micro_batch_images):
             b1, rows = b0 + args.micro_batch_images, slice(b0 * G, (b0 + args.micro_batch_images) * G)
-            h = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)
-            flat = h.reshape(-1, h.shape[-1])
-            logp = token_logprobs(flat, W, tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
-            ref_logp = None
-            if ref_model is not None:
-                with torch.no_grad():
-                    hr = completion_states(ref_model, prompt, pos, nxt, tokens, mask, b0, b1)
-                    ref_logp = token_logprobs(hr.reshape(-1, hr.shape[-1]), ref_model.get_output_embeddings().weight,
-                                              tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
-            loss, st = policy_loss(logp, old_logp[rows], adv[rows], loss_mask[rows], norm, args.eps_low,
-                                   args.eps_high, args.loss_aggregation, ref_logp, args.beta)
+            with amp:  # the forward in bf16 on a GPU; log-probs themselves are fp32 (logprobs.py)
+                h = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)
+                flat = h.reshape(-1, h.shape[-1])
+                logp = token_logprobs(flat, W, tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
+                ref_logp = None
+                if ref_model is not None:
+                    with torch.no_grad():
+                        hr = completion_states(ref_model, prompt, pos, nxt, tokens, mask, b0, b1)
+                        ref_logp = token_logprobs(hr.reshape(-1, hr.shape[-1]), ref_model.get_output_embeddings()
+                                                  .weight, tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
+                loss, st = policy_loss(logp, old_logp[rows], adv[rows], loss_mask[rows], norm, args.eps_low,
+                                       args.eps_high, args.loss_aggregation, ref_logp, args.beta)
             loss.backward()
             loss_total += loss.item()
             stats = {k: stats[k] + st[k] for k in stats}
             m = mask[rows].reshape(-1).bool()
             ent_sum += token_entropy(flat.detach()[m], W, args.temperature).sum().item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
         opt.step()
     step_s = time.time() - t0
     metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
@@ -237,8 +262,10 @@ if args.eval_images:
     eval_data = QAFile(args.data, args.image_root) if args.data else World("eval")
     items = [eval_data[i] for i in range(min(args.eval_images, len(eval_data)))]
     results = []
-    for name, m in (("sft: " + args.policy, load_policy(args.policy, device, dtype)), ("grpo: " + final, (model, proc))):
-        caps = caption_items(m[0], m[1], items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
+    for name, m in (("sft: " + args.policy, load_policy(args.policy, device, dtype, **pixels)),
+                    ("grpo: " + final, (model, proc))):
+        with amp:
+            caps = caption_items(m[0], m[1], items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
         results.append({"path": name.split(": ", 1)[1], **evaluate_captions(judge, jtok, jfmt, items, caps)})
     os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
     json.dump({"captioners": results}, open(os.path.join(args.out, "eval", "results.json"), "w"), indent=1)

@@ -93,6 +93,11 @@ class QAFile:
         qs = row.get("questions")
         if qs is None and isinstance(row.get("reward_model"), dict):
             qs = row["reward_model"].get("ground_truth")
+            if isinstance(qs, str):  # table exports often keep it as JSON text
+                try:
+                    qs = json.loads(qs)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: reward_model.ground_truth is text but not JSON ({e.msg})") from None
         image = row.get("image", row.get("images"))
         if isinstance(image, list):
             image = image[0] if image else None

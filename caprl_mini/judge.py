@@ -5,8 +5,11 @@ relabel them A, B, C, ..., append the abstain option ("can not answer based on t
 ask the judge with a prompt that shows only the caption and the question, the assistant turn pre-filled with
 "The answer is"; 1 if it picks the gold option. Reward = mean over the N draws.
 
-Two ways to pose an MCQ (lm-evaluation-harness has both):
-  letter  the options are listed with letters, the judge names a letter (the paper's way, for instruct judges);
+Ways to pose an MCQ (lm-evaluation-harness has both letter and cloze):
+  caprl   the paper's reward-server prompt: an instruction to answer strictly from the caption, two worked
+          examples, the caption between <Caption Start> / <Caption End>, the question with lettered options
+          ("- A) ..."), the judge names a letter. The default for real instruct judges (no judge.json);
+  letter  the same letter scoring with the built-in world's short prompt ("caption: ...\nquestion: ...");
   cloze   the judge's log-likelihood of each option's text as the answer (no letter binding; the built-in
           tiny judge is trained this way, see README).
 Three ways to read the judge (DESIGN section 5): sample (temperature 0.6 over the options, as the paper),
@@ -29,8 +32,49 @@ _SPLIT = "\x00SPLIT\x00"  # marks where the caption ends in the rendered chat, s
 
 
 # ---------------------------------------------------------------- prompts: one place for what the judge sees
+# The paper's judge prompt (CapRL's reward server, image branch), up to where the caption goes. The server wrote the
+# chat turns by hand; here they come from the judge's own chat template (Qwen2.5-Instruct adds its default system
+# prompt, the server had none). Trailing double spaces of the server's lines are dropped; the words are the same.
+CAPRL_PROMPT = """You will be given an image caption describing the visual content.
+Your task is to answer the multiple-choice question **strictly based on the caption**, even if the answer may seem \
+obvious from prior knowledge or question wording.
+
+Ignore any external knowledge. Do not make assumptions beyond what the caption explicitly or implicitly states.
+
+Example 1:
+Caption: <Caption Start> A woman in a red coat is walking a black dog across a snowy park. <Caption End>
+Question: What color is the dog?
+- A) Brown
+- B) White
+- C) Black
+- D) Gray
+- E) Can not answer based on the caption
+
+The answer is C.
+
+Example 2:
+Caption: <Caption Start> A child is waving a British flag during a parade. <Caption End>
+Question: What color is the flag?
+- A) Red
+- B) Blue
+- C) Red, white, and blue
+- D) White
+- E) Can not answer based on the caption
+
+The answer is E.
+
+Now, answer the question based on the following caption:
+
+Caption: <Caption Start> """
+
+
 def user_message(caption, question, options, fmt):
-    """The judge's user turn. `options` already includes the abstain option (letter format lists them)."""
+    """The judge's user turn. `options` already includes the abstain option (letter formats list them).
+    _SPLIT marks the end of the part shared by every question of a caption."""
+    if fmt == "caprl":
+        lines = [f"- {LETTERS[i]}) {'Can not answer based on the caption' if o == ABSTAIN else o}"
+                 for i, o in enumerate(options)]
+        return CAPRL_PROMPT + caption + " <Caption End>\n" + _SPLIT + f"Question: {question}\n" + "\n".join(lines)
     text = f"caption: {caption}\n{_SPLIT}question: {question}"
     if fmt == "letter":
         text += "\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
@@ -121,7 +165,7 @@ def packed_forward(model, packs, pad_id):
 def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32):
     """Judge scores of every option of every row (row i = captions[i] asked questions[i], whose "options" are
     already shuffled and end with the abstain option): a list of (O_i,) tensors, higher = preferred.
-    letter: the logit of each option's letter after "The answer is"; cloze: the option text's log-likelihood.
+    letter, caprl: the logit of each option's letter after "The answer is"; cloze: the option text's log-likelihood.
     Each distinct caption is one packed row (see pack_tree): its prefix is computed once for all its questions,
     with no KV-cache copies (expanding a cache to every question x option row costs more than the forward)."""
     if not captions:
@@ -154,7 +198,7 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32)
         sel_b, sel_t, targets, owner = [], [], [], []  # cloze: every option token of the chunk, scored at once
         for b, (rows, (_, _, _, _, lasts, opt_idx)) in enumerate(packs):
             for i, last, idx in zip(rows, lasts, opt_idx):
-                if fmt == "letter":
+                if fmt != "cloze":  # letter, caprl: the logit of each option's letter
                     letters = torch.tensor([_letter_id(tok, LETTERS[j]) for j in range(len(questions[i]["options"]))])
                     out[i] = h[b, last].float() @ W[letters.to(dev)].float().T
                     continue

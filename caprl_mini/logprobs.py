@@ -19,7 +19,8 @@ def _acc(t):
 
 
 def _chunk_logits(h, W, v0, v1, temperature):
-    return (h.to(_acc(h)) @ W[v0:v1].to(_acc(h)).T) / temperature  # (n, v)
+    with torch.autocast(h.device.type, enabled=False):  # fp32 logits even inside a bf16 autocast region
+        return (h.to(_acc(h)) @ W[v0:v1].to(_acc(h)).T) / temperature  # (n, v)
 
 
 def _lse_and_target(h, W, y, temperature, vocab_chunk):
@@ -69,10 +70,11 @@ class _FusedLogProbs(torch.autograd.Function):
                 rows = inside.nonzero().squeeze(-1)
                 dz[rows, yr[rows] - v0] += gr[rows]
                 dz /= temperature
-                if gh is not None:  # addmm_ accumulates in place: no (V, D)-chunk temporary
-                    gh[r].addmm_(dz, W[v0:v1].to(acc))
-                if gW is not None:
-                    gW[v0:v1].addmm_(dz.T, hr)
+                with torch.autocast(h.device.type, enabled=False):
+                    if gh is not None:  # addmm_ accumulates in place: no (V, D)-chunk temporary
+                        gh[r].addmm_(dz, W[v0:v1].to(acc))
+                    if gW is not None:
+                        gW[v0:v1].addmm_(dz.T, hr)
         return (gh.to(h.dtype) if gh is not None else None, gW.to(W.dtype) if gW is not None else None,
                 None, None, None, None)
 

@@ -13,7 +13,7 @@ import os
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                           AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor)
+                          Qwen2VLConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -74,24 +74,28 @@ def image_processor(min_pixels=84 * 84, max_pixels=84 * 84):
                                     temporal_patch_size=2, merge_size=2)
 
 
-def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2):
-    """A Qwen2.5-VL config at toy scale. mrope_section sums to head_dim / 2; special ids set explicitly."""
+def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2, arch="qwen2_5_vl"):
+    """A Qwen2.5-VL (or Qwen2-VL) config at toy scale. mrope_section sums to head_dim / 2; special ids set
+    explicitly. The two architectures differ only in the vision tower (2.5: window attention, SwiGLU, RMSNorm)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     head_dim = hidden // heads
     sec = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # (t, h, w), sums to head_dim/2
-    return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-                         max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                                        "mrope_section": sec},
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True),
-        vision_config=dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2,
-                           num_heads=2, out_hidden_size=hidden, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+    text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sec},
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=True)
+    common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=True)
+    patches = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    if arch == "qwen2_vl":
+        return Qwen2VLConfig(text_config=text, vision_config=dict(depth=vision_depth, embed_dim=vision_hidden,
+                             hidden_size=hidden, num_heads=2, mlp_ratio=2, **patches), **common)
+    assert arch == "qwen2_5_vl", f"unknown tiny policy architecture {arch!r}"
+    return Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+        depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
+        out_hidden_size=hidden, window_size=56, fullatt_block_indexes=[vision_depth - 1], **patches), **common)
 
 
 def tiny_judge_config(tok, hidden=128, layers=4, heads=4, rms_norm_eps=1e-6):
@@ -106,7 +110,7 @@ def tiny_judge_config(tok, hidden=128, layers=4, heads=4, rms_norm_eps=1e-6):
 
 def build_tiny_policy(tok, seed=0, **kw):
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_policy_config(tok, **kw))
+    model = AutoModelForImageTextToText.from_config(tiny_policy_config(tok, **kw))
     proc = ImageProcessorOnly(image_processor=image_processor(), tokenizer=tok, chat_template=CHAT_TEMPLATE)
     return model, proc
 
@@ -135,16 +139,31 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
     return model, proc
 
 
+def prepare_for_training(model, gradient_checkpointing=False, freeze_vision=False):
+    """Training mode, no KV cache; optionally recompute each layer in the backward (activation memory of one
+    layer instead of all) and freeze the vision tower (no gradient or optimizer state for it, and its forward
+    keeps no activations). Returns the parameters to optimise."""
+    model.train()
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def load_judge(path, device="cpu", dtype=torch.float32):
     """A text-only chat LM and its tokenizer, from a folder or a hub id. Returns (model, tokenizer, meta);
-    meta is the folder's judge.json (how the judge was trained to be asked), {} for real judges.
-    "oracle" is the built-in world's exact reader (judge.py scores it by rule)."""
+    meta is the folder's judge.json (how the judge was trained to be asked: {"format": "cloze"} for the built-in
+    world's); without one (real chat judges) the paper's prompt and letter scoring, {"format": "caprl"}.
+    "oracle" is the built-in world's exact reader (judge.py scores it by rule). The judge only runs inference:
+    eval mode, no gradients, in the device's dtype (bf16 on a GPU)."""
     if path == "oracle":
         return "oracle", None, {"format": "cloze"}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
     meta_path = os.path.join(path, "judge.json")
-    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {}
+    meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {"format": "caprl"}
     return model, tok, meta
 
 

@@ -20,13 +20,15 @@ from .models import policy_hidden, rope_positions
 
 
 @torch.no_grad()
-def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, generator=None):
+def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, generator=None, stop_at_eos=True):
     """prompt: encode_prompts() output for B images. Returns dict of tokens (R, L), mask (R, L),
-    logprobs (R, L) (0 where masked), truncated (R,) bool (no EOS within max_new_tokens)."""
+    logprobs (R, L) (0 where masked), truncated (R,) bool (no EOS within max_new_tokens).
+    stop_at_eos=False decodes exactly max_new_tokens per row, EOS included as ordinary text (benchmarks: fixed work)."""
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
     eos = model.config.text_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=dev)
+    eos = eos if stop_at_eos else eos[:0]  # no stop token: no row ever finishes early
     W = model.get_output_embeddings().weight
     pos, next_pos = rope_positions(model, ids, am, prompt["image_grid_thw"])
     cache = DynamicCache(config=model.config.get_text_config())

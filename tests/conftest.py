@@ -19,15 +19,16 @@ def tok():
     return models.build_tokenizer(shapes.world_text(200) + letters)
 
 
-@pytest.fixture(scope="session")
-def tiny_policy_dir(tok, tmp_path_factory):
-    """A random tiny Qwen2.5-VL, with weights scaled up so that sampling and greedy decoding are not degenerate."""
-    model, proc = models.build_tiny_policy(tok, seed=1)
+@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl"])
+def tiny_policy_dir(tok, tmp_path_factory, request):
+    """A random tiny Qwen2.5-VL (and Qwen2-VL: every test using this runs on both), with weights scaled up so
+    that sampling and greedy decoding are not degenerate."""
+    model, proc = models.build_tiny_policy(tok, seed=1, arch=request.param)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() == 2 and "visual" not in n:
                 p.mul_(4.0)
-    path = str(tmp_path_factory.mktemp("policy"))
+    path = str(tmp_path_factory.mktemp(request.param))
     models.save_model(model, proc, path)
     return path
 
@@ -44,4 +45,13 @@ def shipped(name):
     path = os.path.join(models.ASSETS, name)
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
         pytest.skip(f"shipped checkpoint {path} missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_judge_dir(tok, tmp_path_factory):
+    """A random tiny Qwen2 saved like a real chat judge: no judge.json, so it is asked with the paper's prompt."""
+    model, t = models.build_tiny_judge(tok, seed=3)
+    path = str(tmp_path_factory.mktemp("chat_judge"))
+    models.save_model(model, t, path)
     return path

@@ -61,3 +61,19 @@ def test_missing_image_names_file_and_line(tmp_path):
     qa = QAFile(path)
     with pytest.raises(DataError, match=r"qa.jsonl:1: cannot read image 'nope.png'"):
         qa[0]
+
+
+def test_caprl_qa_rows_with_paths_text_ground_truth_and_a_bad_row(tmp_path):
+    """CapRL-QA rows exported to JSONL: image as a path (under --image-root), ground truth as a list or as JSON
+    text; a row whose answer is not among its choices is rejected naming the file and line."""
+    (tmp_path / "imgs").mkdir()
+    shapes.world_item(2, "test")["image"].save(tmp_path / "imgs" / "x.png")
+    gt = [{"question": "how many?", "choices": ["A) 1", "B) 2", "C) 3", "D) 4"], "answer": "C"}]
+    rows = [{"id": "r1", "image": "x.png", "reward_model": {"ground_truth": gt}},
+            {"id": "r2", "images": ["x.png"], "reward_model": {"ground_truth": json.dumps(gt)}}]
+    qa = QAFile(write(tmp_path, rows), image_root=str(tmp_path / "imgs"))
+    assert [qa[i]["questions"][0]["options"] for i in range(2)] == [["1", "2", "3", "4"]] * 2
+    assert qa[1]["questions"][0]["answer"] == "C" and qa[1]["image"].size == (84, 84)
+    bad = {"id": "r3", "image": "x.png", "reward_model": {"ground_truth": [{**gt[0], "answer": "E"}]}}
+    with pytest.raises(DataError, match=r"qa.jsonl:3: answer 'E' is not one of the option letters ABCD"):
+        QAFile(write(tmp_path, rows + [bad]), image_root=str(tmp_path / "imgs"))

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from caprl_mini import models, shapes
+from caprl_mini.shapes import ABSTAIN
 from caprl_mini.judge import (LETTERS, answer_ids, caption_rewards, option_logits, prompt_ids, score_questions,
                               shuffle_options)
 
@@ -37,7 +38,7 @@ def _reference_scores(model, tok, caption, q, fmt):
     """Unshared full forward of each prompt (the thing prefix sharing must reproduce)."""
     pre, suf = prompt_ids(tok, caption, q["question"], q["options"], fmt)
     W = model.get_output_embeddings().weight
-    if fmt == "letter":
+    if fmt != "cloze":
         logits = model(input_ids=torch.tensor([pre + suf])).logits[0, -1]
         return torch.stack([logits[tok.encode(" " + LETTERS[j], add_special_tokens=False)[0]]
                             for j in range(len(q["options"]))])
@@ -49,7 +50,7 @@ def _reference_scores(model, tok, caption, q, fmt):
     return torch.stack(out).float()
 
 
-@pytest.mark.parametrize("fmt", ["cloze", "letter"])
+@pytest.mark.parametrize("fmt", ["cloze", "letter", "caprl"])
 def test_shared_prefix_scoring_equals_unshared_forward(fmt, tiny_judge_dir):
     model, tok, _ = models.load_judge(tiny_judge_dir)
     item = shapes.world_item(5, "test")
@@ -86,3 +87,21 @@ def test_cloze_dedupe_of_repeated_draws_keeps_each_rows_option_order(tiny_judge_
         for r, z in zip(rows, together):
             alone = option_logits(model, tok, [cap], [r], "cloze")[0]
             assert torch.allclose(z, alone, atol=1e-5)
+
+
+def test_caprl_prompt_is_the_papers_through_the_chat_template(tok, chat_judge_dir):
+    """Instruction, both worked examples, the caption between markers, lettered options with abstain last, the
+    assistant turn pre-filled; everything up to the caption is shared by all questions of that caption."""
+    _, jtok, meta = models.load_judge(chat_judge_dir)
+    assert meta == {"format": "caprl"}  # a judge folder without judge.json is asked the paper's way
+    q = {"question": "What color is the circle?", "options": ["red", "blue", "green", "gray"], "answer": "B"}
+    opts, gold = shuffle_options(q, random.Random(0))
+    pre, suf = prompt_ids(jtok, "a blue circle.", q["question"], opts, "caprl")
+    text = jtok.decode(pre + suf)
+    assert text.startswith("<|im_start|>user\nYou will be given an image caption")
+    assert "**strictly based on the caption**" in text and "Example 1:" in text and "The answer is E.\n\nNow" in text
+    assert "Caption: <Caption Start> a blue circle. <Caption End>\nQuestion: What color is the circle?\n" in text
+    assert text.endswith("- E) Can not answer based on the caption<|im_end|>\n<|im_start|>assistant\nThe answer is")
+    assert f"- {LETTERS[gold]}) blue\n" in text
+    pre2, _ = prompt_ids(jtok, "a blue circle.", "How many?", ["1", "2", ABSTAIN], "caprl")
+    assert pre2 == pre and jtok.decode(pre).endswith("<Caption End>\n")

@@ -4,6 +4,7 @@ import torch
 
 from caprl_mini import models, shapes
 from caprl_mini.judge import score_questions
+from caprl_mini.logprobs import token_logprobs
 from caprl_mini.sampling import decode, sample
 from conftest import shipped
 
@@ -61,3 +62,34 @@ def test_shipped_captioner_captions_truthfully_and_briefly():
         recall += f["recall"]
     assert correct / stated >= 0.9
     assert recall / len(items) < 0.6  # the SFT baseline says little: the gap GRPO closes
+
+
+def _policy_grads(path, **prep):
+    """Gradients of the teacher-forced log-likelihood of a fixed completion, after prepare_for_training(**prep)."""
+    model, proc = models.load_policy(path)
+    params = models.prepare_for_training(model, **prep)
+    prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(2)])
+    pos, nxt = models.rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
+    comp = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    ids, am, ps = models.with_completions(prompt, pos, nxt, comp, torch.ones_like(comp))
+    P = prompt["input_ids"].shape[1]
+    h, _ = models.policy_hidden(model, ids, am, ps, prompt["pixel_values"], prompt["image_grid_thw"], prompt_len=P)
+    h = h[:, P - 1:-1]
+    token_logprobs(h.reshape(-1, h.shape[-1]), model.get_output_embeddings().weight, comp.reshape(-1)).sum().backward()
+    return {n: p.grad for n, p in model.named_parameters()}, {id(p) for p in params}, model
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_policy_dir):
+    plain, _, _ = _policy_grads(tiny_policy_dir)
+    ckpt, _, model = _policy_grads(tiny_policy_dir, gradient_checkpointing=True)
+    assert model.model.language_model.gradient_checkpointing  # really on (else the test compares a thing to itself)
+    assert all(plain[n] is not None for n in plain)
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], atol=1e-6, rtol=1e-5), n
+
+
+def test_frozen_vision_tower_gets_no_gradient_and_no_optimizer_slot(tiny_policy_dir):
+    grads, trained, model = _policy_grads(tiny_policy_dir, freeze_vision=True)
+    for n, p in model.named_parameters():
+        frozen = n.startswith("model.visual.")
+        assert (grads[n] is None) == frozen and (id(p) in trained) != frozen, n
