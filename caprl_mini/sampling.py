@@ -42,7 +42,8 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, gene
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
     alive = torch.arange(R, device=dev)  # original row index of each row still decoding
     for t in range(max_new_tokens):
-        logits = h.float() @ W.float().T  # (r, V)
+        with torch.autocast(dev.type, enabled=False):  # fp32 logits, as the trainer's log-probs, under bf16 autocast
+            logits = h.float() @ W.float().T  # (r, V)
         if temperature > 0:
             lp = torch.log_softmax(logits / temperature, -1)
             tok = torch.multinomial(lp.exp(), 1, generator=generator)[:, 0]

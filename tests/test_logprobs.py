@@ -37,3 +37,22 @@ def test_entropy_equals_reference():
     p = torch.softmax(h @ W.T / 0.9, -1)
     ref = -(p * p.log()).sum(-1)
     assert torch.allclose(token_entropy(h, W, 0.9, 4, 10), ref, atol=1e-12)
+
+
+def test_logits_stay_fp32_inside_bf16_autocast():
+    """The trainer runs the policy under bf16 autocast on a GPU; the log-probs must still be computed in fp32
+    (a bf16 matmul errs by ~1e-2 here)."""
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(64, 32, generator=g, requires_grad=True), torch.randn(100, 32, generator=g, requires_grad=True)
+    y = torch.randint(0, 100, (64,), generator=g)
+    ref = torch.log_softmax(h.double() @ W.double().T, -1).gather(1, y[:, None])[:, 0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = token_logprobs(h, W, y, vocab_chunk=48)
+        ent = token_entropy(h, W, vocab_chunk=48)
+    lp.sum().backward()
+    assert lp.dtype == torch.float32 and (lp.double() - ref).abs().max() < 1e-4
+    hd, Wd = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    torch.log_softmax(hd @ Wd.T, -1).gather(1, y[:, None]).sum().backward()
+    assert (h.grad - hd.grad).abs().max() < 1e-4 and (W.grad - Wd.grad).abs().max() < 1e-4
+    p = torch.softmax(hd.detach() @ Wd.detach().T, -1)
+    assert (ent.double() + (p * p.log()).sum(-1)).abs().max() < 1e-4
