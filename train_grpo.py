@@ -48,8 +48,8 @@ from caprl_mini.evaluation import caption_items, evaluate_captions, print_table
 from caprl_mini.grpo import advantages, policy_loss
 from caprl_mini.judge import caption_rewards
 from caprl_mini.logprobs import token_entropy, token_logprobs
-from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, encode_prompts, load_judge,
-                               load_policy, pick_device, policy_hidden, prepare_for_training, rope_positions,
+from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, encode_prompts, load_judge, load_policy,
+                               peak_memory_gib, pick_device, policy_hidden, prepare_for_training, rope_positions,
                                save_model, with_completions)
 from caprl_mini.sampling import decode, sample
 
@@ -105,6 +105,7 @@ parser.add_argument("--freeze-vision", type=int, default=0, help="1: train only 
 parser.add_argument("--out", default="runs/grpo", help="run folder")
 parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (0: only final)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+parser.add_argument("--save-final", type=int, default=1, help="0: no final save (benchmarks of a step)")
 parser.add_argument("--seed", type=int, default=0, help="seed of everything random (images, rollouts, draws)")
 parser.add_argument("--eval-images", type=int, default=200, help="held-out images in the final evaluation (0: none)")
 parser.add_argument("--log-samples", type=int, default=4, help="captions per step written to samples.jsonl")
@@ -126,7 +127,8 @@ params = prepare_for_training(model, args.gradient_checkpointing, args.freeze_vi
 judge, jtok, meta = load_judge(args.judge, device, dtype)  # inference only, in the device's dtype
 jfmt = args.judge_format or meta["format"]
 ref_model = copy.deepcopy(model).eval() if args.beta > 0 else None  # frozen initial policy, only when KL is on
-opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+# fused on accelerators: no parameter-sized temporaries in the update (foreach's are GBs at 3B)
+opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type != "cpu")
 if ckpt:
     state = load_trainer_state(ckpt)
     opt.load_state_dict(state["optimizer"])
@@ -229,6 +231,7 @@ for step in range(start, args.steps):
             ent_sum += token_entropy(flat.detach()[m], W, args.temperature).sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout needs the memory
     step_s = time.time() - t0
     metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                "frac_zero_std_groups": zero_std.float().mean().item(),
@@ -239,6 +242,8 @@ for step in range(start, args.steps):
                "clip_frac": stats["clipped"] / max(1, stats["tokens"]), "loss": loss_total,
                "grad_norm": grad_norm, "lr": lr_at(step), "gen_tokens_per_s": mask.sum().item() / t_gen,
                "gen_seconds": t_gen, "reward_seconds": t_reward, "step_seconds": step_s}
+    if peak_memory_gib(device) is not None:
+        metrics["peak_memory_gib"] = peak_memory_gib(device)
     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(metrics) + "\n")
     with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
@@ -254,9 +259,10 @@ for step in range(start, args.steps):
 
 # ---------------------------------------------------------------- final save and side-by-side evaluation
 final = os.path.join(args.out, "final")
-save_model(model, proc, final)
-save_checkpoint(args.out, args.steps, model, proc, opt)
-print(f"saved {final}")
+if args.save_final:
+    save_model(model, proc, final)
+    save_checkpoint(args.out, args.steps, model, proc, opt)
+    print(f"saved {final}")
 if args.eval_images:
     model.eval()
     eval_data = QAFile(args.data, args.image_root) if args.data else World("eval")

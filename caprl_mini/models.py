@@ -52,6 +52,11 @@ def pick_device():
     return dev, dtype
 
 
+def peak_memory_gib(device):
+    """Peak accelerator memory allocated so far (GiB), or None on a CPU."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
 # ---------------------------------------------------------------- the built-in world's tokenizer and configs
 def build_tokenizer(texts, vocab_size=512):
     """Byte-level BPE on the world's text, with Qwen's special tokens (<|im_end|> is EOS) and chat template."""
