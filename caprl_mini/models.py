@@ -13,7 +13,8 @@ import os
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                           AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen2VLConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor)
+                          Qwen2VLConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
+                          Qwen3VLConfig)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
@@ -73,15 +74,16 @@ def build_tokenizer(texts, vocab_size=512):
                                        "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
 
 
-def image_processor(min_pixels=84 * 84, max_pixels=84 * 84):
+def image_processor(min_pixels=84 * 84, max_pixels=84 * 84, patch_size=14):
     """Qwen2-VL's PIL image processor (no torchvision needed): patch 14, merge 2, so 84x84 -> 9 tokens."""
-    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14,
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=patch_size,
                                     temporal_patch_size=2, merge_size=2)
 
 
 def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2, arch="qwen2_5_vl"):
-    """A Qwen2.5-VL (or Qwen2-VL) config at toy scale. mrope_section sums to head_dim / 2; special ids set
-    explicitly. The two architectures differ only in the vision tower (2.5: window attention, SwiGLU, RMSNorm)."""
+    """A Qwen2.5-VL (or Qwen2-VL, Qwen3-VL) config at toy scale. mrope_section sums to head_dim / 2; special ids
+    set explicitly. Qwen2 and 2.5 differ only in the vision tower (2.5: window attention, SwiGLU, RMSNorm); Qwen3-VL
+    has patch 16 (96x96 -> 9 tokens), QK-norm and DeepStack (inner vision features added to early decoder layers)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     head_dim = hidden // heads
     sec = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # (t, h, w), sums to head_dim/2
@@ -97,6 +99,12 @@ def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vis
     if arch == "qwen2_vl":
         return Qwen2VLConfig(text_config=text, vision_config=dict(depth=vision_depth, embed_dim=vision_hidden,
                              hidden_size=hidden, num_heads=2, mlp_ratio=2, **patches), **common)
+    if arch == "qwen3_vl":
+        text["rope_parameters"]["mrope_interleaved"] = True
+        return Qwen3VLConfig(text_config={**text, "head_dim": head_dim}, vision_config=dict(
+            depth=vision_depth + 1, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
+            out_hidden_size=hidden, num_position_embeddings=64, deepstack_visual_indexes=list(range(vision_depth)),
+            **{**patches, "patch_size": 16}), **common)
     assert arch == "qwen2_5_vl", f"unknown tiny policy architecture {arch!r}"
     return Qwen2_5_VLConfig(text_config=text, vision_config=dict(
         depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=2,
@@ -116,7 +124,9 @@ def tiny_judge_config(tok, hidden=128, layers=4, heads=4, rms_norm_eps=1e-6):
 def build_tiny_policy(tok, seed=0, **kw):
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(tiny_policy_config(tok, **kw))
-    proc = ImageProcessorOnly(image_processor=image_processor(), tokenizer=tok, chat_template=CHAT_TEMPLATE)
+    side = 96 if kw.get("arch") == "qwen3_vl" else 84  # 3x3 merged patches
+    proc = ImageProcessorOnly(image_processor=image_processor(side * side, side * side, model.config.vision_config
+                                                              .patch_size), tokenizer=tok, chat_template=CHAT_TEMPLATE)
     return model, proc
 
 
@@ -212,7 +222,7 @@ def policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values=N
     `prompt_len` columns hold image slots when given (teacher-forced batches of prompt + completion)."""
     lm = model.model.language_model
     emb = lm.embed_tokens(input_ids)
-    feats = None
+    feats, extra = None, {}
     if pixel_values is not None:
         out = model.model.get_image_features(pixel_values.to(emb.dtype), image_grid_thw, return_dict=True)
         feats = torch.cat(out.pooler_output)
@@ -221,8 +231,12 @@ def policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values=N
         if prompt_len is not None:  # a sampled caption may contain the image-pad id: that is text, not a slot
             slots[:, prompt_len:] = False
         emb = emb.masked_scatter(slots[..., None], torch.cat(per_row).to(emb.dtype))
+        if getattr(out, "deepstack_features", None):  # Qwen3-VL's DeepStack: inner vision layers' features are
+            # added to the image slots of the first decoder layers, one list entry per layer, rows as above
+            extra = {"visual_pos_masks": slots, "deepstack_visual_embeds": [
+                torch.cat([f for f in level for _ in range(repeat)]).to(emb.dtype) for level in out.deepstack_features]}
     out = lm(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
-             use_cache=cache is not None)
+             use_cache=cache is not None, **extra)
     return out.last_hidden_state, feats
 
 

@@ -19,9 +19,9 @@ def tok():
     return models.build_tokenizer(shapes.world_text(200) + letters)
 
 
-@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl"])
+@pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
 def tiny_policy_dir(tok, tmp_path_factory, request):
-    """A random tiny Qwen2.5-VL (and Qwen2-VL: every test using this runs on both), with weights scaled up so
+    """A random tiny Qwen2.5-VL (and Qwen2-VL, Qwen3-VL: every test using this runs on all three), scaled up so
     that sampling and greedy decoding are not degenerate."""
     model, proc = models.build_tiny_policy(tok, seed=1, arch=request.param)
     with torch.no_grad():

@@ -91,6 +91,6 @@ def test_two_grpo_steps_with_saved_checkpoints_and_a_chat_judge(tiny_policy_dir,
     w0 = load_file(os.path.join(tiny_policy_dir, "model.safetensors"))
     w1 = load_file(os.path.join(out, "final", "model.safetensors"))
     changed = {k for k in w0 if not torch.equal(w0[k], w1[k])}
-    visual = {k for k in w0 if k.startswith("visual.")}  # saved under the original checkpoints' key names
+    visual = {k for k in w0 if k.startswith(("visual.", "model.visual."))}  # Qwen2/2.5-VL save the original names
     assert visual and changed - visual  # the language model trained
     assert bool(changed & visual) == (not memory_flags)  # the vision tower too, unless frozen
