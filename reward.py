@@ -1,25 +1,39 @@
-"""The CapRL reward as a standalone tool: captions + MCQs -> per-caption reward (the same function the trainer
-optimises, caprl_mini.judge.caption_rewards).
+"""The CapRL reward as a standalone tool, and the curation of its questions.
 
     python reward.py score --captions caps.jsonl --data qa.jsonl --judge assets/judge --out rewards.jsonl
     python reward.py score --captions caps.jsonl --judge oracle        # built-in world ids (shapes-eval-12)
+    python reward.py filter --data qa.jsonl --judge Qwen/Qwen2.5-3B-Instruct --out qa_filtered.jsonl
+    python reward.py world --images 300 --leaky --out runs/world/qa.jsonl   # the built-in world as QA JSONL + PNGs
 
---captions: JSONL of {"id", "caption"}; each id must be an id of --data (or of the built-in world:
-shapes-<split>-<index>). Writes {"id", "caption", "reward"} per line and prints the mean.
+score   --captions: JSONL of {"id", "caption"}; each id must be an id of --data (or of the built-in world:
+        shapes-<split>-<index>). Writes {"id", "caption", "reward"} per line and prints the mean. The reward is
+        the function the trainer optimises (caprl_mini.judge.caption_rewards).
+filter  the paper's leak filter: every question is asked --filter-asks times with an EMPTY caption, options
+        shuffled each time; a question the judge still gets right in --max-blind-accuracy of the asks or more
+        is answerable without the image (from priors or its own wording) and is dropped (paper: kept only when
+        right in fewer than 0.25 of 4 asks, i.e. never). Prints the drops per
+        question type; images left without questions are dropped and counted. (The paper also keeps only
+        questions a VLM answers right with the image, > 0.75; that needs a VLM judge and is not done here.)
+world   writes the built-in world as a QA JSONL with PNG files, optionally with a deliberately leaky question type
+        (shapes.LEAKY_TYPE: "the object at the X is red. what color is the object at the X?").
 """
 import argparse
 import json
 import random
 import re
+import sys
+
+import torch
+from tqdm import tqdm
 
 from caprl_mini import shapes
-from caprl_mini.data import DataError, QAFile
-from caprl_mini.judge import caption_rewards
+from caprl_mini.data import DataError, QAFile, write_qa, write_world_qa
+from caprl_mini.judge import caption_rewards, score_questions
 from caprl_mini.models import JUDGE, load_judge, pick_device
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("command", choices=["score"], help="score: reward each caption")
-parser.add_argument("--captions", required=True, help="JSONL of {id, caption}")
+parser.add_argument("command", choices=["score", "filter", "world"], help="see above")
+parser.add_argument("--captions", default=None, help="score: JSONL of {id, caption}")
 parser.add_argument("--data", default=None, help="QA JSONL the ids refer to (default: the built-in world)")
 parser.add_argument("--judge", default=JUDGE, help="judge folder or hub id, or 'oracle'")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
@@ -28,11 +42,56 @@ parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "
 parser.add_argument("--questions-per-caption", type=int, default=8, help="N question draws per caption")
 parser.add_argument("--all-types", action="store_true", help="built-in world: draw held-out question types too")
 parser.add_argument("--seed", type=int, default=0, help="seed of question draws and option shuffling")
-parser.add_argument("--out", default=None, help="output JSONL (default: print only the mean)")
+parser.add_argument("--out", default=None, help="output JSONL (score: default prints only the mean)")
+# filter and world
+parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
+parser.add_argument("--filter-asks", type=int, default=4, help="filter: asks per question with an empty caption")
+parser.add_argument("--max-blind-accuracy", type=float, default=0.25,
+                    help="filter: keep a question only if answered right blind in less than this fraction of the "
+                    "asks (paper: 0.25, i.e. never in 4)")
+parser.add_argument("--images", type=int, default=300, help="world: number of images")
+parser.add_argument("--split", default="eval", help="world: split of the built-in world")
+parser.add_argument("--leaky", action="store_true", help="world: add the leaky question type")
 args = parser.parse_args()
+if args.command == "world":
+    assert args.out, "world needs --out (the QA JSONL to write; images go next to it)"
+    write_world_qa(args.out, args.images, args.split, args.leaky)
+    print(f"wrote {args.images} images and {args.out}")
+    sys.exit(0)
+device, dtype = pick_device()
+judge, jtok, meta = load_judge(args.judge, device, dtype)
+fmt = args.judge_format or meta["format"]
+if args.command == "filter":
+    assert args.data and args.out, "filter needs --data and --out"
+    qa = QAFile(args.data, args.image_root)
+    rows_q = [q for row in qa.rows for q in row["questions"]]
+    rng = random.Random(args.seed)
+    right = torch.zeros(len(rows_q))
+    for _ in tqdm(range(args.filter_asks), desc="blind asks"):  # each ask reshuffles the options
+        right += torch.tensor(score_questions(judge, jtok, [""] * len(rows_q), rows_q, fmt, "argmax", rng))
+    leaks = iter((right / args.filter_asks >= args.max_blind_accuracy).tolist())
+    kept, dropped = [], {}
+    for row in qa.rows:
+        qs = []
+        for q in row["questions"]:
+            stats = dropped.setdefault(q["type"], [0, 0])
+            stats[1] += 1
+            if next(leaks):
+                stats[0] += 1
+            else:
+                qs.append(q)
+        if qs:
+            kept.append({**row, "questions": qs})
+    write_qa(args.out, kept, qa.root)
+    for t, (d, n) in sorted(dropped.items()):
+        print(f"{t:16s} dropped {d:5d} of {n:5d} ({d / n:.0%})")
+    print(f"kept {sum(len(r['questions']) for r in kept)} of {len(rows_q)} questions, {len(kept)} of {len(qa)} "
+          f"images (dropped {len(qa) - len(kept)} left without questions); wrote {args.out}")
+    sys.exit(0)
+assert args.captions, "score needs --captions"
 
 if args.data:
-    qa = QAFile(args.data)
+    qa = QAFile(args.data, args.image_root)
     by_id = {row["id"]: i for i, row in enumerate(qa.rows)}
 records = []
 for n, line in enumerate(open(args.captions, encoding="utf-8"), 1):
@@ -54,9 +113,6 @@ for n, line in enumerate(open(args.captions, encoding="utf-8"), 1):
         questions = shapes.world_item(int(m.group(2)), m.group(1))["questions"]
     records.append((cid, cap, {"questions": questions}))
 
-device, dtype = pick_device()
-judge, jtok, meta = load_judge(args.judge, device, dtype)
-fmt = args.judge_format or meta["format"]
 types = None if (args.data or args.all_types) else shapes.REWARD_TYPES
 rewards = caption_rewards(judge, jtok, [c for _, c, _ in records], [it for _, _, it in records],
                           args.questions_per_caption, fmt, args.judge_mode, random.Random(args.seed), types)

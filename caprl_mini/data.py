@@ -104,8 +104,11 @@ class QAFile:
         if image is None or not isinstance(qs, list) or not qs:
             raise DataError(f"{where}: needs 'image' (or 'images') and a non-empty 'questions' list "
                             "(or reward_model.ground_truth)")
-        return {"id": str(row.get("id", where)), "image": image, "where": where,
-                "questions": [_question(q, where) for q in qs]}
+        out = {"id": str(row.get("id", where)), "image": image, "where": where,
+               "questions": [_question(q, where) for q in qs]}
+        if "scene" in row:  # the built-in world written out by write_world_qa: facts stay checkable
+            out["scene"] = row["scene"]
+        return out
 
     def __len__(self):
         return len(self.rows)
@@ -116,4 +119,33 @@ class QAFile:
             image = load_image(row["image"], self.root)
         except (OSError, ValueError) as e:
             raise DataError(f"{row['where']}: cannot read image {str(row['image'])[:80]!r}: {e}") from None
-        return {"id": row["id"], "image": image, "questions": row["questions"]}
+        return {"id": row["id"], "image": image, "questions": row["questions"],
+                **({"scene": row["scene"]} if "scene" in row else {})}
+
+
+def write_qa(path, rows, root):
+    """QA JSONL from rows as QAFile holds them (CapRL-QA rows come out in the project's form). Relative image paths
+    are rewritten relative to the new file's folder, so the file can live anywhere."""
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        for row in rows:
+            image = row["image"]
+            if isinstance(image, str) and os.path.exists(os.path.join(root, image)):
+                image = os.path.relpath(os.path.join(root, image), folder)
+            out = {"id": row["id"], "image": image, "questions": row["questions"]}
+            f.write(json.dumps({**out, **({"scene": row["scene"]} if "scene" in row else {})}) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def write_world_qa(path, n, split="eval", leaky=False):
+    """The built-in world on disk: n PNG images next to a QA JSONL at `path` (with each scene, so that fact
+    precision / recall still work). leaky=True adds shapes.LEAKY_TYPE questions (see reward.py filter)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    for i in range(n):
+        item = shapes.world_item(i, split, leaky)
+        item["image"].save(os.path.join(folder, item["id"] + ".png"))
+        rows.append({"id": item["id"], "image": item["id"] + ".png", "questions": item["questions"],
+                     "scene": item["scene"]})
+    write_qa(path, rows, folder)

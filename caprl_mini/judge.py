@@ -162,12 +162,14 @@ def packed_forward(model, packs, pad_id):
 
 
 @torch.no_grad()
-def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32):
+def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32, questions_per_row=16):
     """Judge scores of every option of every row (row i = captions[i] asked questions[i], whose "options" are
     already shuffled and end with the abstain option): a list of (O_i,) tensors, higher = preferred.
     letter, caprl: the logit of each option's letter after "The answer is"; cloze: the option text's log-likelihood.
     Each distinct caption is one packed row (see pack_tree): its prefix is computed once for all its questions,
-    with no KV-cache copies (expanding a cache to every question x option row costs more than the forward)."""
+    with no KV-cache copies (expanding a cache to every question x option row costs more than the forward).
+    A caption asked more than `questions_per_row` questions gets several rows (the row's attention mask is
+    quadratic in its length: thousands of questions of one caption, as the leak filter asks, must not share one)."""
     if not captions:
         return []
     if fmt == "cloze":  # option order does not matter to cloze: score each (caption, question) once
@@ -175,7 +177,8 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32)
         uniq = list(dict.fromkeys(keys))
         if len(uniq) < len(keys):
             z = option_logits(model, tok, [k[0] for k in uniq], [{"question": k[1], "options": list(k[2])}
-                                                                   for k in uniq], fmt, captions_per_forward)
+                                                                   for k in uniq], fmt, captions_per_forward,
+                              questions_per_row)
             table = {k: dict(zip(k[2], zk)) for k, zk in zip(uniq, z)}
             return [torch.stack([table[k][o] for o in q["options"]]) for k, q in zip(keys, questions)]
     dev = model.device
@@ -184,7 +187,8 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32)
     for i, c in enumerate(captions):
         rows_of.setdefault(c, []).append(i)
     out = [None] * len(captions)
-    groups = list(rows_of.items())
+    groups = [(c, rows[k:k + questions_per_row]) for c, rows in rows_of.items()
+              for k in range(0, len(rows), questions_per_row)]
     answers = {o: answer_ids(tok, o) for q in questions for o in q["options"]} if fmt == "cloze" else {}
     for g0 in range(0, len(groups), captions_per_forward):
         packs = []

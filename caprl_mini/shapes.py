@@ -26,6 +26,7 @@ MAX_OBJECTS = 4
 QUESTION_TYPES = ["color", "shape", "size", "count", "position", "existence"]
 HELDOUT_TYPES = ["position", "existence"]  # never in the reward; evaluation only (generalisation)
 REWARD_TYPES = [t for t in QUESTION_TYPES if t not in HELDOUT_TYPES]
+LEAKY_TYPE = "leaky_color"  # opt-in: "the object at the X is red. what color is the object at the X?"
 ABSTAIN = "can not answer based on the caption"
 
 
@@ -163,8 +164,9 @@ def score_facts(caption, scene):
 
 
 # ---------------------------------------------------------------- MCQs
-def make_questions(scene, rng):
-    """All MCQs of a scene: dicts {type, question, options, answer (letter)}. Options hold the answer once."""
+def make_questions(scene, rng, leaky=False):
+    """All MCQs of a scene: dicts {type, question, options, answer (letter)}. Options hold the answer once.
+    leaky=True adds LEAKY_TYPE, questions whose wording gives the answer away (to show the leak filter at work)."""
     qs = []
 
     def add(qtype, text, gold, pool, k=4):
@@ -186,6 +188,9 @@ def make_questions(scene, rng):
     absent = rng.choice([(c, s) for c in COLORS for s in SHAPES if (c, s) not in combos])
     for (c, s), gold in ((present, "yes"), (absent, "no")):
         add("existence", f"is there a {c} {s}?", gold, ["yes", "no"])
+    for o in scene if leaky else []:  # last, so that the other questions' random draws do not change
+        add(LEAKY_TYPE, f"the object at the {o['pos']} is {o['color']}. what color is the object at the {o['pos']}?",
+            o["color"], list(COLORS))
     return qs
 
 
@@ -194,8 +199,8 @@ def oracle_answer(caption, question):
     parsed = parse_caption(caption)
     by_pos = {o["pos"]: o for o in parsed["objects"] if o["pos"]}
     q, t = question["question"], question["type"]
-    if t in ("color", "shape", "size"):
-        return by_pos.get(_POS_RE.search(q).group(0), {}).get(t, ABSTAIN)
+    if t in ("color", "shape", "size", LEAKY_TYPE):
+        return by_pos.get(_POS_RE.search(q).group(0), {}).get(t if t != LEAKY_TYPE else "color", ABSTAIN)
     if t == "count":
         return NUMBERS[parsed["count"] - 1] if parsed["count"] else ABSTAIN
     color, shape = re.search(r"(?:where is the|is there a) (\w+) (\w+)\?", q).groups()
@@ -222,12 +227,12 @@ def oracle_choice(caption, question):
     return ans if ans in question["options"] else ABSTAIN
 
 
-def world_item(index, split="train"):
+def world_item(index, split="train", leaky=False):
     """One built-in example in the QA-data format, plus its scene (for exact fact scoring)."""
     scene = make_scene(index, split)
     rng = random.Random(f"q:{split}:{index}")
     return {"id": f"shapes-{split}-{index}", "image": render(scene, seed=f"{split}:{index}"),
-            "questions": make_questions(scene, rng), "scene": scene}
+            "questions": make_questions(scene, rng, leaky), "scene": scene}
 
 
 def world_text(n=2000):

@@ -1,0 +1,36 @@
+"""reward.py as users run it: the leak filter on the built-in world with a deliberately leaky question type."""
+import json
+import os
+import subprocess
+import sys
+
+from caprl_mini import shapes
+from caprl_mini.data import QAFile
+from conftest import shipped
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def reward(*args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_leak_filter_drops_the_leaky_type_and_keeps_the_others(tmp_path):
+    """The shipped judge answers "the object at the X is red. what color is ...?" with no caption at all; it
+    abstains on every honest question. The filter must drop the first and keep the second."""
+    shipped("judge")
+    qa, out = str(tmp_path / "w" / "qa.jsonl"), str(tmp_path / "filtered.jsonl")
+    reward("world", "--images", "20", "--leaky", "--out", qa)
+    printed = reward("filter", "--data", qa, "--out", out)
+    before, after = QAFile(qa), QAFile(out)
+    count = lambda f, t: sum(q["type"] == t for r in f.rows for q in r["questions"])  # noqa: E731
+    leaky = count(before, shapes.LEAKY_TYPE)
+    assert leaky >= 20 and count(after, shapes.LEAKY_TYPE) <= 0.1 * leaky
+    for t in shapes.QUESTION_TYPES:
+        assert count(after, t) >= 0.95 * count(before, t) > 0, t
+    assert f"{shapes.LEAKY_TYPE:16s} dropped" in printed
+    # the written file is a valid QA file wherever it lives: images resolve, scenes survive
+    assert after[0]["image"].size == (84, 84) and after[0]["scene"] == json.loads(json.dumps(before[0]["scene"]))
