@@ -6,8 +6,13 @@ CapRL-QA rows (the released CapRL-QA-75K exported to JSONL) are accepted too:
     {"id"?, "image" | "images", "reward_model": {"ground_truth": [{"question", "choices": ["A) ...", ...], "answer": "C"}]}}
 Images: a path (relative paths resolve against --image-root, else the JSONL's folder), or bytes / base64.
 Every line is validated on load; a bad line raises DataError naming the file and line and what to fix.
+
+Captions on disk (annotate.py writes them, evaluate.py --captions and sft.py --captions read them): JSONL of
+{"id", "image", "caption", ...}, appended and flushed one record at a time (CaptionFile).
 """
 import base64
+import contextlib
+import fcntl
 import io
 import json
 import os
@@ -59,6 +64,8 @@ def load_image(ref, root):
         ref = os.path.join(root, ref)
     if isinstance(ref, str) and os.path.exists(ref):
         img = Image.open(ref)
+    elif isinstance(ref, str) and len(ref) < 1024:  # a path, not base64 (which a real image never is this short)
+        raise FileNotFoundError(f"no such file {os.path.join(root, ref)!r}")
     else:
         raw = ref if isinstance(ref, (bytes, bytearray)) else base64.b64decode(ref, validate=True)
         img = Image.open(io.BytesIO(raw))
@@ -149,3 +156,80 @@ def write_world_qa(path, n, split="eval", leaky=False):
         rows.append({"id": item["id"], "image": item["id"] + ".png", "questions": item["questions"],
                      "scene": item["scene"]})
     write_qa(path, rows, folder)
+
+
+# ---------------------------------------------------------------- images to caption, and caption JSONL
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_images(source, image_root=None):
+    """What annotate.py captions: [(id, image reference, root)] from a folder (every file with an image extension,
+    recursively, id = path inside the folder), a QA JSONL (its rows) or a list file (one path per line, relative
+    to the list's folder). Sorted by id in folders; file order otherwise."""
+    if os.path.isdir(source):
+        found = [os.path.relpath(os.path.join(d, f), source) for d, _, fs in os.walk(source) for f in fs
+                 if f.lower().endswith(IMAGE_EXTENSIONS)]
+        return [(f, f, source) for f in sorted(found)]
+    if source.endswith(".jsonl"):
+        qa = QAFile(source, image_root)
+        return [(r["id"], r["image"], qa.root) for r in qa.rows]
+    root = image_root or os.path.dirname(os.path.abspath(source))
+    with open(source, encoding="utf-8") as f:
+        paths = [line.strip() for line in f if line.strip()]
+    if not paths:
+        raise DataError(f"{source}: no image paths")
+    return [(p, p, root) for p in paths]
+
+
+class CaptionFile:
+    """An append-only caption JSONL that survives kills and shares: records are appended with one write each under
+    an exclusive lock (several processes, e.g. torchrun ranks, can append to one file), and reopening it drops a
+    line cut short by a kill, so a rerun knows exactly which ids are done."""
+
+    def __init__(self, path):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        with self._locked():
+            raw = open(path, "rb").read()
+            good = raw[:raw.rfind(b"\n") + 1]  # everything up to the last complete line
+            if len(good) < len(raw):
+                os.truncate(path, len(good))
+        self.done = set()
+        for n, line in enumerate(good.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                self.done.add(str(json.loads(line)["id"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{n}: not a record with an 'id' (fix or delete the line to resume)") from None
+
+    @contextlib.contextmanager
+    def _locked(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def append(self, record):
+        with self._locked():
+            os.write(self.fd, (json.dumps(record) + "\n").encode("utf-8"))
+        self.done.add(record["id"])
+
+
+def read_captions(path):
+    """Caption JSONL -> {id: [caption, ...]} in file order (several captions per id are kept), validated."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                out.setdefault(str(rec["id"]), []).append(str(rec["caption"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{path}:{n}: expected a JSON object with 'id' and 'caption'") from None
+    if not out:
+        raise DataError(f"{path}: no captions")
+    return out

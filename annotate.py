@@ -1,0 +1,82 @@
+"""Caption many images with a trained captioner (the paper's CapRL-5M stage): batched, resumable, sharded.
+
+    python annotate.py --model runs/grpo/final --images runs/world/qa.jsonl --out runs/annotations.jsonl
+    python annotate.py --model Qwen/Qwen2.5-VL-3B-Instruct --images photos/ --out caps.jsonl --max-new-tokens 1024
+    torchrun --nproc_per_node 8 annotate.py --model runs/caprl3b/final --images list.txt --out caps.jsonl
+
+--images: a folder (every image file in it, recursively), a QA JSONL (its images and ids), or a text file with
+one image path per line. Each captioned image is appended and flushed as one JSON record
+{"id", "image", "caption", "tokens", "model", "temperature", "max_new_tokens"}; a rerun skips the ids already in
+--out, so a killed run loses at most the batch in flight and never writes an id twice. Under torchrun, rank r of W
+takes the images whose position in the list is r mod W; all ranks append to the same file (one locked write per
+record). An image that cannot be read is skipped and recorded, with the reason, in OUT.errors.jsonl; reruns do not
+retry it (delete that file to retry).
+Simplified: captions are greedy by default (--temperature > 0 samples; the draws then depend on the batching).
+"""
+import argparse
+import os
+import time
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from caprl_mini.data import CaptionFile, list_images, load_image
+from caprl_mini.evaluation import caption_items
+from caprl_mini.models import CAPTION_INSTRUCTION, load_policy, pick_device
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", required=True, help="captioner: folder or hub id")
+parser.add_argument("--images", required=True, help="folder, QA JSONL or list file of images")
+parser.add_argument("--image-root", default=None, help="folder that relative paths in a QA JSONL / list resolve to")
+parser.add_argument("--out", required=True, help="caption JSONL to append to")
+parser.add_argument("--batch-size", type=int, default=32, help="images per sampler call")
+parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap in tokens")
+parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction")
+parser.add_argument("--min-pixels", type=int, default=None, help="images are resized to at least this many pixels")
+parser.add_argument("--max-pixels", type=int, default=None, help="... and at most this many")
+parser.add_argument("--seed", type=int, default=0, help="seed of sampling (with --temperature > 0)")
+args = parser.parse_args()
+assert args.batch_size >= 1
+
+rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+device, dtype = pick_device()
+if device.type != "cpu" and world > 1:
+    device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", 0)))
+out, errors = CaptionFile(args.out), CaptionFile(args.out + ".errors.jsonl")
+todo = [im for k, im in enumerate(list_images(args.images, args.image_root)) if k % world == rank]
+before = len(todo)
+todo = [im for im in todo if im[0] not in out.done and im[0] not in errors.done]
+print(f"rank {rank}/{world}: {before} images in this shard, {before - len(todo)} already done or failed, "
+      f"{len(todo)} to caption")
+model, proc = load_policy(args.model, device, dtype, args.min_pixels, args.max_pixels)
+model.eval()
+settings = {"model": args.model, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
+n_ok = n_bad = 0
+t0 = time.time()
+bar = tqdm(total=len(todo), unit="img", disable=rank != 0 and world > 1)
+for b0 in range(0, len(todo), args.batch_size):
+    batch, items = todo[b0:b0 + args.batch_size], []
+    for image_id, ref, root in batch:
+        try:
+            items.append((image_id, ref, {"image": load_image(ref, root)}))
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # unreadable: record it, go on
+            errors.append({"id": image_id, "image": ref if isinstance(ref, str) and len(ref) < 1024 else None,
+                           "error": f"{type(e).__name__}: {e}"})
+            n_bad += 1
+    if items:
+        with torch.no_grad():
+            caps = caption_items(model, proc, [it for _, _, it in items], batch_size=len(items),
+                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 seed=args.seed * 1_000_003 + b0, instruction=args.instruction)
+        for (image_id, ref, _), [(cap, n_tok)] in zip(items, caps):
+            out.append({"id": image_id, "image": ref if isinstance(ref, str) and len(ref) < 1024 else None,
+                        "caption": cap, "tokens": n_tok, **settings})
+        n_ok += len(items)
+    bar.update(len(batch))
+    bar.set_postfix(errors=n_bad)
+bar.close()
+rate = (n_ok + n_bad) / max(1e-9, time.time() - t0)
+print(f"rank {rank}/{world}: captioned {n_ok}, unreadable {n_bad} (listed in {args.out}.errors.jsonl), "
+      f"{rate:.1f} images/s; {args.out} now holds {len(CaptionFile(args.out).done)} ids")

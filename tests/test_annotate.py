@@ -1,0 +1,80 @@
+"""annotate.py as users run it: killed and rerun, sharded over torchrun ranks, fed broken files."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from caprl_mini import shapes
+from conftest import shipped
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def annotate(*args, launcher=(sys.executable,)):
+    r = subprocess.run([*launcher, os.path.join(ROOT, "annotate.py"), "--model", shipped("captioner"), *args],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def world_folder(path, n):
+    os.makedirs(path, exist_ok=True)
+    for i in range(n):
+        shapes.world_item(i, "test")["image"].save(os.path.join(path, f"{i:03d}.png"))
+    return sorted(f"{i:03d}.png" for i in range(n))
+
+
+def ids(path):
+    return [json.loads(line)["id"] for line in open(path)]
+
+
+def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
+    names = world_folder(str(tmp_path / "imgs"), 48)
+    out = str(tmp_path / "caps.jsonl")
+    cmd = [sys.executable, os.path.join(ROOT, "annotate.py"), "--model", shipped("captioner"), "--images",
+           str(tmp_path / "imgs"), "--out", out, "--batch-size", "4"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None and (not os.path.exists(out) or len(open(out).readlines()) < 8):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    first = len(ids(out))
+    assert 8 <= first < 48  # really killed part-way
+    printed = annotate("--images", str(tmp_path / "imgs"), "--out", out, "--batch-size", "4")
+    assert f"{first} already done" in printed
+    got = ids(out)
+    assert sorted(got) == names and len(got) == len(set(got))
+
+
+def test_two_torchrun_ranks_cover_every_image_once(tmp_path):
+    names = world_folder(str(tmp_path / "imgs"), 13)
+    out = str(tmp_path / "caps.jsonl")
+    annotate("--images", str(tmp_path / "imgs"), "--out", out, "--batch-size", "3",
+             launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))
+    got = ids(out)
+    assert sorted(got) == names and len(got) == len(set(got))
+    single = str(tmp_path / "single.jsonl")  # the same captions as one process (greedy)
+    annotate("--images", str(tmp_path / "imgs"), "--out", single, "--batch-size", "5")
+    caps = lambda p: {json.loads(x)["id"]: json.loads(x)["caption"] for x in open(p)}  # noqa: E731
+    assert caps(out) == caps(single)
+
+
+def test_unreadable_files_are_listed_with_a_reason_and_skipped(tmp_path):
+    folder = str(tmp_path / "imgs")
+    good = world_folder(folder, 3)
+    raw = open(os.path.join(folder, good[0]), "rb").read()
+    open(os.path.join(folder, "truncated.png"), "wb").write(raw[: len(raw) // 2])
+    open(os.path.join(folder, "text.jpg"), "w").write("not an image\n")
+    open(os.path.join(folder, "notes.txt"), "w").write("ignored: not an image extension\n")
+    out = str(tmp_path / "caps.jsonl")
+    printed = annotate("--images", folder, "--out", out)
+    assert sorted(ids(out)) == good
+    errors = {json.loads(x)["id"]: json.loads(x)["error"] for x in open(out + ".errors.jsonl")}
+    assert set(errors) == {"truncated.png", "text.jpg"} and all(errors.values())
+    assert "unreadable 2" in printed
+    printed = annotate("--images", folder, "--out", out)  # a rerun neither retries nor duplicates them
+    assert "0 to caption" in printed and len(open(out + ".errors.jsonl").readlines()) == 2
