@@ -1,13 +1,15 @@
 """Prism-style evaluation: each captioner captions held-out images, the judge answers every question from the
 caption alone; QA accuracy overall, per question type and on the held-out types, and on the built-in world
-exact fact precision / recall; several captioners side by side.
+exact fact precision / recall; several captioners side by side, optionally as one HTML page.
 
-    python evaluate.py --captioner assets/captioner --captioner runs/grpo/final --out runs/eval
+    python evaluate.py --captioner assets/captioner --captioner runs/grpo/final --out runs/eval --report report.html
     python evaluate.py --captioner Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct --data qa.jsonl \
-        --out runs/eval_real
+        --captions-per-image 4 --temperature 1.0 --out runs/eval_real          # the paper's Prism protocol
+    python evaluate.py --captions runs/annotations.jsonl --data runs/world/qa.jsonl   # captions made elsewhere
 
-Simplified: greedy captions by default (--captions-per-image n with --temperature 1.0 for the paper's
-4 sampled captions per image, reported as the mean over captions).
+--captions-per-image n reports the mean over all captions (Prism's number) and best-of-n (per image, the best
+caption's accuracy). --captions JSONL ({"id", "caption"} per line, e.g. annotate.py's output, several lines per
+id allowed) evaluates captions without loading a captioner; every evaluated image's id must be in it.
 """
 import argparse
 import json
@@ -15,12 +17,14 @@ import os
 
 import torch
 
-from caprl_mini.data import QAFile, World
+from caprl_mini.data import DataError, QAFile, World, read_captions
 from caprl_mini.evaluation import caption_items, evaluate_captions, print_table
+from caprl_mini.report import write_report
 from caprl_mini.models import CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, load_judge, load_policy, pick_device
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--captioner", action="append", default=None, help="captioner folder or hub id (repeatable)")
+parser.add_argument("--captioner", action="append", default=[], help="captioner folder or hub id (repeatable)")
+parser.add_argument("--captions", action="append", default=[], help="caption JSONL to evaluate as is (repeatable)")
 parser.add_argument("--judge", default=JUDGE, help="judge folder or hub id, or 'oracle' (built-in world)")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
                     help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
@@ -35,8 +39,9 @@ parser.add_argument("--min-pixels", type=int, default=None, help="images are res
 parser.add_argument("--max-pixels", type=int, default=None, help="... and at most this many")
 parser.add_argument("--seed", type=int, default=0, help="seed of option shuffling and caption sampling")
 parser.add_argument("--out", default="runs/eval", help="output folder for results.json")
+parser.add_argument("--report", default=None, help="also write this self-contained HTML page (in --out if relative)")
 args = parser.parse_args()
-captioners = args.captioner or [SFT_CAPTIONER]
+captioners = args.captioner or ([] if args.captions else [SFT_CAPTIONER])
 assert args.captions_per_image == 1 or args.temperature > 0, "several captions per image need --temperature > 0"
 
 device, dtype = pick_device()
@@ -44,15 +49,31 @@ judge, jtok, meta = load_judge(args.judge, device, dtype)
 fmt = args.judge_format or meta["format"]
 data = QAFile(args.data, args.image_root) if args.data else World("eval")
 items = [data[i] for i in range(min(args.images, len(data)))]
-results = []
-for path in captioners:
-    model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
-    model.eval()
-    with torch.no_grad():
-        caps = caption_items(model, proc, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             n=args.captions_per_image, seed=args.seed, instruction=args.instruction)
-    results.append({"path": path, **evaluate_captions(judge, jtok, fmt, items, caps, args.seed)})
+results, details = [], []  # details: per captioner, per image, the captions and the judge's answers
+for path in captioners + args.captions:
+    if path in captioners:
+        model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
+        model.eval()
+        with torch.no_grad():
+            caps = caption_items(model, proc, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 n=args.captions_per_image, seed=args.seed, instruction=args.instruction)
+    else:
+        by_id = read_captions(path)
+        missing = [it["id"] for it in items if it["id"] not in by_id]
+        if missing:
+            raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. {missing[0]!r}")
+        count = (lambda c: len(jtok.encode(c))) if jtok else (lambda c: len(c.split()))  # when not recorded
+        caps = [[(c, n if n is not None else count(c)) for c, n in by_id[it["id"]]] for it in items]
+    details.append([])
+    results.append({"path": path, **evaluate_captions(judge, jtok, fmt, items, caps, args.seed, details[-1])})
 os.makedirs(args.out, exist_ok=True)
 json.dump({"captioners": results}, open(os.path.join(args.out, "results.json"), "w"), indent=1)
 print_table(results)
 print(f"wrote {os.path.join(args.out, 'results.json')}")
+if args.report:
+    records = [{"id": it["id"], "image": it["image"], "scene": it.get("scene"),
+                "captioners": [{"name": r["path"], **d[i]} for r, d in zip(results, details)]}
+               for i, it in enumerate(items)]
+    path = os.path.join(args.out, args.report)
+    write_report(path, results, records)
+    print(f"wrote {path}")

@@ -219,7 +219,8 @@ class CaptionFile:
 
 
 def read_captions(path):
-    """Caption JSONL -> {id: [caption, ...]} in file order (several captions per id are kept), validated."""
+    """Caption JSONL -> {id: [(caption, tokens or None), ...]} in file order (several captions per id are kept),
+    validated."""
     out = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -227,7 +228,7 @@ def read_captions(path):
                 continue
             try:
                 rec = json.loads(line)
-                out.setdefault(str(rec["id"]), []).append(str(rec["caption"]))
+                out.setdefault(str(rec["id"]), []).append((str(rec["caption"]), rec.get("tokens")))
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise DataError(f"{path}:{n}: expected a JSON object with 'id' and 'caption'") from None
     if not out:

@@ -10,7 +10,7 @@ import random
 import torch
 
 from . import shapes
-from .judge import score_questions
+from .judge import LETTERS, score_questions
 from .models import encode_prompts
 from .sampling import decode, sample
 
@@ -31,21 +31,39 @@ def caption_items(model, proc, items, batch_size=50, max_new_tokens=64, temperat
     return out
 
 
-def evaluate_captions(judge, jtok, fmt, items, captions, seed=0):
-    """captions: per item a list of (caption, tokens). Returns the results.json record (without "path")."""
+def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
+    """captions: per item a list of (caption, tokens). Returns the results.json record (without "path"): QA
+    accuracy as the mean over all captions (Prism), and best-of-n, the mean over images of the best caption's
+    accuracy. With a list as `details`, appends per item {"captions": [{"caption", "answers": [...]}]} (the HTML
+    report's material)."""
     rng = random.Random(seed)
     rows_c, rows_q = [], []
     for it, caps in zip(items, captions):
         for cap, _ in caps:
             rows_c += [cap] * len(it["questions"])
             rows_q += it["questions"]
-    right = score_questions(judge, jtok, rows_c, rows_q, fmt, "argmax", rng)
-    by_type = {}
+    chosen = score_questions(judge, jtok, rows_c, rows_q, fmt, "argmax", rng, return_choice=True)
+    right = [float(c == q["options"][LETTERS.index(q["answer"])]) for c, q in zip(chosen, rows_q)]
+    by_type, best, k = {}, [], 0
     for q, r in zip(rows_q, right):
         by_type.setdefault(q.get("type", "qa"), []).append(r)
+    for it, caps in zip(items, captions):  # rows are grouped by item, then caption
+        per_caption = []
+        for cap, _ in caps:
+            n = len(it["questions"])
+            per_caption.append(sum(right[k:k + n]) / max(1, n))
+            if details is not None:
+                answers = [{"question": q["question"], "options": q["options"] + [shapes.ABSTAIN], "type": q.get(
+                    "type", "qa"), "gold": q["options"][LETTERS.index(q["answer"])], "chosen": c, "right": bool(r)}
+                    for q, c, r in zip(it["questions"], chosen[k:k + n], right[k:k + n])]
+                if len(per_caption) == 1:
+                    details.append({"captions": []})
+                details[-1]["captions"].append({"caption": cap, "answers": answers})
+            k += n
+        best.append(max(per_caption, default=0.0))
     held = [r for q, r in zip(rows_q, right) if q.get("type") in shapes.HELDOUT_TYPES]
     res = {"n_images": len(items), "captions_per_image": len(captions[0]) if captions else 0,
-           "qa_accuracy": sum(right) / max(1, len(right)),
+           "qa_accuracy": sum(right) / max(1, len(right)), "best_of_n_accuracy": sum(best) / max(1, len(best)),
            "qa_accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
            "heldout_types_accuracy": sum(held) / len(held) if held else None,
            "mean_caption_tokens": sum(n for caps in captions for _, n in caps) / max(1, sum(map(len, captions)))}
@@ -68,7 +86,8 @@ def print_table(results):
     rows = [("qa_accuracy", "qa accuracy")]
     rows += [(("qa_accuracy_by_type", t), f"  {t}{' (held out)' if t in shapes.HELDOUT_TYPES else ''}")
              for t in results[0]["qa_accuracy_by_type"]]
-    rows += [("heldout_types_accuracy", "held-out types"), ("fact_precision", "fact precision"),
+    rows += [("heldout_types_accuracy", "held-out types"), ("best_of_n_accuracy", "best of n captions"),
+             ("fact_precision", "fact precision"),
              ("fact_recall", "fact recall"), ("mean_caption_tokens", "caption tokens")]
     print(f"{'':24s}" + "".join(f"{n:>30s}" for n in names))
     for key, label in rows:

@@ -1,0 +1,45 @@
+"""evaluate.py as users run it: captions from a JSONL (annotate.py's) against the captioner that wrote them."""
+import json
+import os
+import subprocess
+import sys
+from html.parser import HTMLParser
+
+from conftest import shipped
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script(name, *args):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, name), *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+def test_captions_from_jsonl_score_as_the_captioner_that_wrote_them(tmp_path):
+    captioner, _ = shipped("captioner"), shipped("judge")
+    qa, ann, out = str(tmp_path / "w" / "qa.jsonl"), str(tmp_path / "ann.jsonl"), str(tmp_path / "eval")
+    script("reward.py", "world", "--images", "12", "--out", qa)
+    script("annotate.py", "--model", captioner, "--images", qa, "--out", ann, "--batch-size", "50")
+    script("evaluate.py", "--data", qa, "--captioner", captioner, "--captions", ann, "--out", out,
+           "--report", "report.html")
+    a, b = json.load(open(os.path.join(out, "results.json")))["captioners"]
+    assert (a["path"], b["path"]) == (captioner, ann)
+    assert {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"}
+    assert "fact_precision" in a  # the world's scenes travel through the QA JSONL
+    imgs = []
+    parser = HTMLParser()
+    parser.handle_starttag = lambda tag, attrs: imgs.append(dict(attrs)) if tag == "img" else None
+    parser.feed(open(os.path.join(out, "report.html"), encoding="utf-8").read())
+    assert len(imgs) == 12 and all(i["src"].startswith("data:image/png;base64,") for i in imgs)
+
+
+def test_missing_caption_ids_are_named(tmp_path):
+    shipped("judge")
+    qa, ann = str(tmp_path / "w" / "qa.jsonl"), str(tmp_path / "ann.jsonl")
+    script("reward.py", "world", "--images", "3", "--out", qa)
+    open(ann, "w").write(json.dumps({"id": "shapes-eval-0", "caption": "one object"}) + "\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--data", qa, "--captions", ann,
+                        "--out", str(tmp_path / "e")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "ann.jsonl: no caption for 2 of the 3 images, e.g. 'shapes-eval-1'" in r.stderr

@@ -1,0 +1,163 @@
+import base64
+import io
+import random
+import re
+from html.parser import HTMLParser
+
+from PIL import Image
+
+from caprl_mini import shapes
+from caprl_mini.report import write_report
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+NAMES = ["sft <baseline>", "caprl"]
+
+
+class Page(HTMLParser):
+    """Records tag nesting errors, <img> sources, heading texts, the text inside <mark class="wrong"> (one string
+    per mark) and the whole text."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.errors, self.srcs, self.tags = [], [], [], []
+        self.h3, self.th, self.marks, self.text = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.srcs.append(attrs["src"])
+        if tag == "mark" and attrs.get("class") == "wrong":
+            self.marks.append("")
+        if tag in ("h3", "th"):
+            getattr(self, tag).append("")
+        if tag not in VOID:
+            self.stack.append((tag, attrs))
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1][0] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1][0] if self.stack else 'nothing'}")
+        else:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+        open_tags = [t for t, _ in self.stack]
+        for t in ("h3", "th"):
+            if t in open_tags:
+                getattr(self, t)[-1] += data
+        if any(t == "mark" and a.get("class") == "wrong" for t, a in self.stack):
+            self.marks[-1] += data
+
+
+def sentences(caption):
+    return [c.strip() for c in caption.split(".") if c.strip()]
+
+
+def swap_color(caption, scene):
+    """The full caption with the first object's color swapped for another: one false clause."""
+    old = scene[0]["color"]
+    new = next(c for c in shapes.COLORS if c != old)
+    cap = caption.replace(f" {old} ", f" {new} ", 1)
+    assert cap != caption
+    return cap
+
+
+def answers(caption, item):
+    out = []
+    for q in item["questions"]:
+        gold = q["options"]["ABCD".index(q["answer"])]
+        chosen = shapes.oracle_choice(caption, q)
+        out.append({"question": q["question"], "options": q["options"] + [shapes.ABSTAIN], "gold": gold,
+                    "chosen": chosen, "right": chosen == gold, "type": q["type"]})
+    return out
+
+
+def build(tmp_path, n=4):
+    records, goods, bads = [], [], []
+    for i in range(n):
+        item = shapes.world_item(i, "test")
+        good = shapes.full_caption(item["scene"], random.Random(i))
+        bad = swap_color(good, item["scene"])
+        swapped = next(c for c in sentences(bad) if c not in sentences(good))
+        human = shapes.human_caption(item["scene"], random.Random(i))
+        short = f"<script>alert(1)</script> {swapped}. {human} <script>alert(2)</script>"  # marked, then not
+        goods.append(good)
+        bads.append(bad)
+        caps = [[good], [bad, bad.replace(". ", ", "), short]]  # one clause per comma: only one marked
+        records.append({"id": item["id"], "image": item["image"], "scene": item["scene"], "captioners": [
+            {"name": name, "captions": [{"caption": c, "answers": answers(c, item)} for c in cs]}
+            for name, cs in zip(NAMES, caps)]})
+    by_type = {t: 0.5 for t in shapes.QUESTION_TYPES}
+    results = [{"path": name, "qa_accuracy": 0.5 + k / 10, "qa_accuracy_by_type": by_type, "fact_precision": 0.9,
+                "heldout_types_accuracy": 0.4, "fact_recall": 0.8, "mean_caption_tokens": 20.0,
+                "captions_per_image": k + 1}
+               for k, name in enumerate(NAMES)]
+    path = tmp_path / "report.html"
+    write_report(path, results, records)
+    page = Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    page.close()
+    return page, records, goods, bads
+
+
+def test_page_is_well_formed_and_has_no_script(tmp_path):
+    page, *_ = build(tmp_path)
+    assert page.errors == [] and page.stack == []
+    assert "script" not in page.tags  # the caption's <script> came through as text
+    assert "<script>alert(1)</script>" in "".join(page.text) and "<script>alert(2)</script>" in "".join(page.text)
+    assert any(m.startswith("<script>") for m in page.marks)  # escaped inside a highlight too
+
+
+def test_every_image_inline_as_png_of_the_right_size(tmp_path):
+    page, records, *_ = build(tmp_path)
+    assert len(page.srcs) == len(records)
+    for src, rec in zip(page.srcs, records):
+        prefix = "data:image/png;base64,"
+        assert src.startswith(prefix)
+        img = Image.open(io.BytesIO(base64.b64decode(src[len(prefix):])))
+        assert img.format == "PNG" and img.size == rec["image"].size
+        assert list(img.convert("RGB").getdata()) == list(rec["image"].getdata())
+
+
+def test_captioner_names_head_every_column_and_the_summary(tmp_path):
+    page, records, *_ = build(tmp_path)
+    assert page.h3 == NAMES * len(records)  # escaped "<" read back as text
+    assert all(name in page.th for name in NAMES)
+    assert any("held out" in th for th in page.th)  # held-out question types are marked
+
+
+def test_only_the_false_clause_is_marked(tmp_path):
+    page, records, goods, bads = build(tmp_path)
+    wrong = [c for g, b in zip(goods, bads) for c in sentences(b) if c not in sentences(g)]
+    assert len(wrong) == len(records)  # one swapped clause per image
+    assert set(wrong) <= set(page.marks)
+    assert not {c for g in goods for c in sentences(g)} & set(page.marks)
+    # in page order, the marks are exactly the clauses where score_facts counts a false fact
+    false = [clause.strip() for rec in records for c in rec["captioners"] for k in c["captions"]
+             for clause in re.split("[.;,]", k["caption"])
+             if any(r < n for r, n in shapes.score_facts(clause, rec["scene"])["stated"].values())]
+    assert page.marks == false and not any("," in m for m in page.marks)
+
+
+def test_right_and_wrong_counts_match_the_answers(tmp_path):
+    page, records, *_ = build(tmp_path)
+    flags = [a["right"] for rec in records for c in rec["captioners"] for k in c["captions"] for a in k["answers"]]
+    text = "".join(page.text)
+    assert text.count("✓") == sum(flags) and text.count("✗") == len(flags) - sum(flags)
+    assert 0 < sum(flags) < len(flags)  # the test exercises both
+
+
+def test_real_data_has_no_marks_and_missing_metrics_are_left_out(tmp_path):
+    item = shapes.world_item(0, "test")
+    bad = swap_color(shapes.full_caption(item["scene"]), item["scene"])
+    rec = {"id": "real-0", "image": Image.new("RGB", (400, 300), "white"), "scene": None,
+           "captioners": [{"name": "a", "captions": [{"caption": bad, "answers": answers(bad, item)}]}]}
+    res = [{"path": "a", "qa_accuracy": 0.5, "qa_accuracy_by_type": {"qa": 0.5}, "heldout_types_accuracy": None,
+            "mean_caption_tokens": 9.0, "captions_per_image": 1}]
+    rec["captioners"][0]["captions"].append({"caption": "<script>x</script>", "answers": []})
+    write_report(tmp_path / "r.html", res, [rec])
+    page = Page()
+    page.feed((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert page.errors == [] and page.marks == [] and "script" not in page.tags
+    assert not {"fact precision", "held-out types", "best of n"} & {th.strip() for th in page.th}
