@@ -5,6 +5,8 @@
     python sft.py judge --judge-init runs/judge_stage1 --out assets/judge --restate --many-objects \
         --full-frac 0.5 --batch-size 64 --lr 5e-4 --judge-steps 6000       # runs/sft_perception's LM, in two runs
     python sft.py eval --out runs/warmstart            # held-out numbers of the shipped pair -> warmstart.json
+    python sft.py captioner --captions caps.jsonl --data qa.jsonl --out runs/student   # a fresh captioner trained
+                                                       # on caption JSONL (annotate.py's): "pretrain on CapRL data"
 
 Captioner. Trained from scratch, a tiny VLM never learns color from the caption loss alone (DESIGN section 3,
 "Measured"), although its image tokens carry it. So it is trained in two stages, both with an auxiliary loss:
@@ -27,6 +29,11 @@ of the asked cell among several. Two training-only aids got it there (README): -
 and --many-objects draws scenes in proportion to their object count (a one-object scene needs no binding).
 The shipped judge is two runs (README, "warm-start models"): 3,000 steps of the plain mix, then 6,000 with both.
 
+Caption JSONL (--captions): instead of the two stages, one stage on the given (image, caption) pairs, drawn at
+random with replacement. Images come from --data (a QA JSONL, by id) or from each record's "image" path (relative
+to --image-root, else the caption file's folder). The per-cell auxiliary loss needs the built-in world's scenes
+(a QA JSONL written by `reward.py world` has them); without scenes it is off.
+
 Simplifications: fresh scenes every step (no epochs), one process, no resume (each stage runs in minutes).
 """
 import argparse
@@ -40,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from caprl_mini import shapes
+from caprl_mini.data import DataError, QAFile, load_image, read_captions
 from caprl_mini.judge import answer_ids, prompt_ids, score_questions
 from caprl_mini.logprobs import token_logprobs
 from caprl_mini.models import (JUDGE, SFT_CAPTIONER, build_tiny_judge, build_tiny_policy, build_tokenizer,
@@ -56,6 +64,10 @@ parser.add_argument("--human-steps", type=int, default=400, help="captioner stag
 parser.add_argument("--perception-out", default="runs/sft_perception", help="where stage 1's model is saved")
 parser.add_argument("--init", default=None, help="start the captioner from this folder (e.g. a saved stage 1)")
 parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell auxiliary loss")
+parser.add_argument("--captions", default=None, help="captioner: train on this caption JSONL instead (see above)")
+parser.add_argument("--data", default=None, help="--captions: QA JSONL holding the images (and scenes) by id")
+parser.add_argument("--image-root", default=None, help="--captions without --data: folder image paths resolve to")
+parser.add_argument("--caption-steps", type=int, default=1000, help="--captions: training steps")
 # judge
 parser.add_argument("--judge-steps", type=int, default=4000, help="judge training steps (length of its lr schedule)")
 parser.add_argument("--judge-stop-at", type=int, default=0, help="stop the judge early at this step (schedule kept)")
@@ -127,12 +139,47 @@ def caption_eval(model, proc, n_images, split="eval"):
             n_tok.append(int(m.sum()))
     model.train()
     return {"precision_by_attribute": {a: c / n if n else None for a, (c, n) in totals.items()},  # None: never stated
-            "recall": sum(r for r, _ in recall) / sum(n for _, n in recall), "mean_caption_tokens": sum(n_tok) / len(n_tok)}
+            "recall": sum(r for r, _ in recall) / sum(n for _, n in recall),
+            "mean_caption_tokens": sum(n_tok) / len(n_tok)}
 
 
-def captioner_stage(model, proc, steps, human, seed):
-    """One stage: fresh AdamW, warm-up + cosine over the stage, its own data stream and aux head, so a stage is
-    a function of (initial weights, seed) alone and `--init` can restart from any saved stage."""
+def world_batch(human):
+    """A fresh batch of the built-in world: images, full or human captions, scenes."""
+    def draw(rng):
+        scenes = [shapes.make_scene(rng.randrange(10**9), "train") for _ in range(args.batch_size)]
+        images = [shapes.render(sc, seed=rng.randrange(10**9)) for sc in scenes]
+        caps = [shapes.human_caption(sc, rng) if human else shapes.full_caption(sc, rng) for sc in scenes]
+        return images, caps, scenes
+    return draw
+
+
+def caption_file_batch():
+    """Batches drawn with replacement from a caption JSONL (+ its images, and scenes when --data has them)."""
+    by_id = read_captions(args.captions)
+    if args.data:
+        qa = QAFile(args.data, args.image_root)
+        index = {r["id"]: k for k, r in enumerate(qa.rows)}
+        missing = [i for i in by_id if i not in index]
+        if missing:
+            raise DataError(f"{args.captions}: {len(missing)} ids are not in {args.data}, e.g. {missing[0]!r}")
+        pairs = [(qa[index[i]], c) for i, caps in by_id.items() for c, _ in caps]
+    else:
+        root = args.image_root or os.path.dirname(os.path.abspath(args.captions))
+        recs = [json.loads(line) for line in open(args.captions, encoding="utf-8") if line.strip()]
+        pairs = [({"image": load_image(r["image"], root)}, r["caption"]) for r in recs]
+    print(f"{len(pairs)} (image, caption) pairs from {args.captions}")
+
+    def draw(rng):
+        batch = [rng.choice(pairs) for _ in range(args.batch_size)]
+        scenes = [it.get("scene") for it, _ in batch]
+        return [it["image"] for it, _ in batch], [c for _, c in batch], None if None in scenes else scenes
+    return draw
+
+
+def captioner_stage(model, proc, steps, human, seed, draw):
+    """One stage: fresh AdamW, warm-up + cosine over the stage, its own data stream (draw(rng) -> images, captions,
+    scenes or None) and aux head, so a stage is a function of (initial weights, seed) alone and `--init` can
+    restart from any saved stage."""
     tok = proc.tokenizer
     rng = random.Random(f"{seed}:{'human' if human else 'full'}")
     torch.manual_seed(seed + human)
@@ -145,9 +192,7 @@ def captioner_stage(model, proc, steps, human, seed):
     model.train()
     t0 = time.time()
     for step in range(steps):
-        scenes = [shapes.make_scene(rng.randrange(10**9), "train") for _ in range(args.batch_size)]
-        images = [shapes.render(s, seed=rng.randrange(10**9)) for s in scenes]
-        caps = [shapes.human_caption(s, rng) if human else shapes.full_caption(s, rng) for s in scenes]
+        images, caps, scenes = draw(rng)
         prompt = encode_prompts(proc, images)
         pos, nxt = rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
         comp, cmask = pad_right([tok.encode(c, add_special_tokens=False) + [eos] for c in caps], pad)
@@ -157,9 +202,10 @@ def captioner_stage(model, proc, steps, human, seed):
         hc = h[:, P - 1:P - 1 + comp.shape[1]].reshape(-1, D)  # (B*L, D): states that predict the caption
         m = cmask.reshape(-1).bool()
         lm_loss = -token_logprobs(hc[m], W, comp.reshape(-1)[m]).mean()
-        logits = aux(feats).split(splits, -1)  # per image token: occupied / shape / color / size
-        tgt = cell_targets(scenes)
-        aux_loss = sum(F.cross_entropy(lg, tgt[:, k], ignore_index=-100) for k, lg in enumerate(logits))
+        aux_loss = torch.zeros(())
+        if scenes is not None:  # per image token: occupied / shape / color / size
+            logits, tgt = aux(feats).split(splits, -1), cell_targets(scenes)
+            aux_loss = sum(F.cross_entropy(lg, tgt[:, k], ignore_index=-100) for k, lg in enumerate(logits))
         loss = lm_loss + args.aux_weight * aux_loss
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, args.lr)
@@ -180,10 +226,13 @@ def train_captioner():
     else:
         model, proc = build_tiny_policy(world_tokenizer(), seed=args.seed)
     t0 = time.time()
-    if args.full_steps:
-        captioner_stage(model, proc, args.full_steps, human=False, seed=args.seed)
-        save_model(model, proc, args.perception_out)  # the stage-1 model: stage 2 can restart from it (--init)
-    captioner_stage(model, proc, args.human_steps, human=True, seed=args.seed)
+    if args.captions:
+        captioner_stage(model, proc, args.caption_steps, human=True, seed=args.seed, draw=caption_file_batch())
+    else:
+        if args.full_steps:
+            captioner_stage(model, proc, args.full_steps, human=False, seed=args.seed, draw=world_batch(False))
+            save_model(model, proc, args.perception_out)  # the stage-1 model: stage 2 can restart from it (--init)
+        captioner_stage(model, proc, args.human_steps, human=True, seed=args.seed, draw=world_batch(True))
     save_model(model, proc, args.out)
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
 

@@ -94,3 +94,23 @@ def test_two_grpo_steps_with_saved_checkpoints_and_a_chat_judge(tiny_policy_dir,
     visual = {k for k in w0 if k.startswith(("visual.", "model.visual."))}  # Qwen2/2.5-VL save the original names
     assert visual and changed - visual  # the language model trained
     assert bool(changed & visual) == (not memory_flags)  # the vision tower too, unless frozen
+
+
+def test_sft_on_caption_jsonl_learns_its_captions(tmp_path):
+    """sft.py captioner --captions: a fresh captioner trained on caption JSONL (annotate.py's format) writes what
+    the file taught it (here one fixed caption for every image, so the check is exact)."""
+    qa = _qa_file(tmp_path, 6)
+    caps = str(tmp_path / "caps.jsonl")
+    with open(caps, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"id": f"img{i}", "caption": "a large red star at the center."}) + "\n")
+    out = str(tmp_path / "student")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "captioner", "--captions", caps, "--data", qa,
+                        "--out", out, "--caption-steps", "60", "--batch-size", "8", "--eval-every", "1000"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from caprl_mini.evaluation import caption_items
+    from caprl_mini.models import load_policy
+    model, proc = load_policy(out)
+    got = caption_items(model.eval(), proc, [shapes.world_item(50, "test")])
+    assert got[0][0][0] == "a large red star at the center."
