@@ -29,7 +29,8 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, gene
     eos = model.config.text_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=dev)
     eos = eos if stop_at_eos else eos[:0]  # no stop token: no row ever finishes early
-    W = model.get_output_embeddings().weight
+    # (V, D) in fp32 once: with bf16 weights a per-step .float() writes and re-reads an fp32 copy every token
+    W = model.get_output_embeddings().weight.float()
     pos, next_pos = rope_positions(model, ids, am, prompt["image_grid_thw"])
     cache = DynamicCache(config=model.config.get_text_config())
     h, _ = policy_hidden(model, ids, am, pos, prompt["pixel_values"], prompt["image_grid_thw"], cache=cache)
@@ -43,7 +44,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, gene
     alive = torch.arange(R, device=dev)  # original row index of each row still decoding
     for t in range(max_new_tokens):
         with torch.autocast(dev.type, enabled=False):  # fp32 logits, as the trainer's log-probs, under bf16 autocast
-            logits = h.float() @ W.float().T  # (r, V)
+            logits = h.float() @ W.T  # (r, V)
         if temperature > 0:
             lp = torch.log_softmax(logits / temperature, -1)
             tok = torch.multinomial(lp.exp(), 1, generator=generator)[:, 0]

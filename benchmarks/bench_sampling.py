@@ -1,0 +1,174 @@
+"""GRPO rollouts: the project's sampler (caprl_mini/sampling.py) against `model.generate` on the same model.
+
+    python benchmarks/bench_sampling.py                   # CPU: shipped captioner + random 512-wide, 8-layer policy
+    python benchmarks/bench_sampling.py --device cuda     # GPU: random Qwen2.5-VL-3B-shaped policy, bf16
+    python benchmarks/bench_sampling.py --models random --new-tokens 32 --repeats 3
+
+    python benchmarks/bench_sampling.py --models shipped --stop-at-eos 1   # the real workload: captions end at EOS
+
+Workload: B images x G captions each, temperature 1, exactly --new-tokens new tokens per caption (EOS ignored by
+both: `stop_at_eos=False` / `min_new_tokens`), so both do the same decode work. generate gets
+`num_return_sequences=G, do_sample=True, top_k=0, top_p=1` (plain sampling, as the sampler). The sampler runs
+the vision tower and the prompt once per image and expands its cache G times; generate expands the prompt G times
+before its prefill. With --stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads
+them until the last row ends (the two sample different captions: compare tokens/s, caption tokens only).
+Reported: seconds (median of --repeats, all runs interleaved), new tokens per second, the prefill (time with 1
+new token), the decode step (time(L) - time(1)) / (L - 1), and the memory floor of a step: bytes of language-model
+weights + KV cache read per step over a measured copy bandwidth. Models other than the shipped captioner are
+random-init (no download; speed does not depend on weight values). The last line is one JSON object with the
+figures ("speedup": sampler tokens/s over generate's, the smallest over the models).
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from caprl_mini import models, shapes  # noqa: E402
+from caprl_mini.sampling import sample  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--models", default="", help="comma list of shipped, random, 3b (default: shipped,random on "
+                                                 "CPU, 3b on GPU)")
+parser.add_argument("--images", type=int, default=8, help="B images per rollout batch")
+parser.add_argument("--group-size", type=int, default=8, help="G captions per image")
+parser.add_argument("--new-tokens", type=int, default=0, help="L new tokens per caption (0: 64 on CPU, 256 on GPU)")
+parser.add_argument("--image-size", type=int, default=0, help="square image side in pixels (0: 84 on CPU, "
+                                                              "448 on GPU = 256 image tokens)")
+parser.add_argument("--stop-at-eos", type=int, default=0, help="1: both stop a caption at EOS (the real workload; "
+                                                                 "tokens/s counts caption tokens), 0: fixed length")
+parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
+parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+args = parser.parse_args()
+dev = torch.device(args.device)
+torch.set_num_threads(args.threads)
+gpu = dev.type == "cuda"
+names = (args.models or ("3b" if gpu else "shipped,random")).split(",")
+B, G = args.images, args.group_size
+L = args.new_tokens or (256 if gpu else 64)
+side = args.image_size or (448 if gpu else 84)
+assert L >= 2, "the decode step is measured as (time(L) - time(1)) / (L - 1)"
+dtype = torch.bfloat16 if gpu else torch.float32
+
+
+def qwen25_vl_3b_config(tok):
+    """Qwen2.5-VL-3B-Instruct's published shapes (config.json on the hub), with the tiny tokenizer's special ids."""
+    cfg = models.tiny_policy_config(tok)  # special token ids of the tokenizer used here
+    cfg.text_config.update(dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                                num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000,
+                                rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                    "mrope_section": [16, 24, 24]}))
+    cfg.text_config.layer_types = ["full_attention"] * 36
+    cfg.vision_config.update(dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                  out_hidden_size=2048, window_size=112, fullatt_block_indexes=[7, 15, 23, 31]))
+    return cfg
+
+
+def build(name):
+    """(model, processor) on dev in dtype."""
+    model, proc = models.load_policy(models.SFT_CAPTIONER)  # the shipped captioner and its tokenizer
+    ip = models.image_processor(min_pixels=side * side, max_pixels=side * side)
+    proc = models.ImageProcessorOnly(image_processor=ip, tokenizer=proc.tokenizer, chat_template=proc.chat_template)
+    if name == "random":
+        model, _ = models.build_tiny_policy(proc.tokenizer, hidden=512, layers=8, heads=8)
+    elif name == "3b":
+        torch.manual_seed(0)
+        with torch.device(dev):  # initialise on the device: 3.8B fp32 parameters on the host would be 15 GB
+            model = Qwen2_5_VLForConditionalGeneration._from_config(qwen25_vl_3b_config(proc.tokenizer), dtype=dtype)
+    return model.to(dev, dtype).eval(), proc
+
+
+def sync():
+    if gpu:
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth():
+    """Bytes per second of a large on-device copy (each byte read once and written once)."""
+    x = torch.empty(2**28 if gpu else 2**26, device=dev)  # 1 GiB on GPU, 256 MiB on CPU
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = float("inf")
+    for _ in range(5):
+        sync()
+        t = time.perf_counter()
+        y.copy_(x)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.numel() * x.element_size() / best
+
+
+def rollout(model, prompt, mm, gen, method, n):
+    """(R, n) new tokens and how many of them are caption tokens (up to and including EOS)."""
+    if method == "sampler":
+        out = sample(model, prompt, G, n, 1.0, gen, stop_at_eos=bool(args.stop_at_eos))
+        return out["tokens"], int(out["mask"].sum())
+    fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
+    seq = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
+                         top_p=1.0, num_return_sequences=G, **fixed)[:, prompt["input_ids"].shape[1]:]
+    hit = seq == model.config.text_config.eos_token_id  # generate pads the rows that ended: count up to EOS
+    return seq, int(torch.where(hit.any(1), hit.int().argmax(1) + 1, n).sum())
+
+
+bandwidth = copy_bandwidth()
+results = {}
+for name in names:
+    model, proc = build(name)
+    images = [shapes.world_item(i, "test")["image"].resize((side, side)) for i in range(B)]
+    prompt = {k: v.to(dev) for k, v in models.encode_prompts(proc, images).items()}
+    prompt["pixel_values"] = prompt["pixel_values"].to(dtype)
+    mm = (prompt["input_ids"] == model.config.image_token_id).int()
+    gen = torch.Generator(dev).manual_seed(0)
+    runs = [(m, n) for m in ("generate", "sampler") for n in (L, 1)]  # 1 token: the prefill (and one lm head)
+    times, rates = {r: [] for r in runs}, {r: [] for r in runs}
+    for r in range(args.repeats + 1):  # the first round warms up (allocator, kernels) and is not counted
+        for m, n in runs:
+            sync()
+            t = time.perf_counter()
+            with torch.no_grad():
+                out, n_tokens = rollout(model, prompt, mm, gen, m, n)
+            sync()
+            t = time.perf_counter() - t
+            assert out.shape[0] == B * G and (args.stop_at_eos or n_tokens == B * G * n), (m, out.shape, n_tokens)
+            if r:
+                times[m, n].append(t)
+                rates[m, n].append(n_tokens / t)
+    t = {k: statistics.median(v) for k, v in times.items()}
+    rate = {m: statistics.median(rates[m, L]) for m in ("generate", "sampler")}
+    # decode-step floor: every language-model weight is read once per step (the tied unembedding is the
+    # embedding matrix, counted once), plus the KV cache, which grows from P to P + L - 1 tokens (mean below)
+    tc = model.config.text_config
+    weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+    P = prompt["input_ids"].shape[1]
+    kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) \
+        * (P + L / 2) * B * G * torch.finfo(dtype).bits // 8
+    results[name] = {"seconds": {f"{m}, L={n}": v for (m, n), v in t.items()}, "tokens_per_s": rate,
+                     "speedup": rate["sampler"] / rate["generate"], "prompt_tokens": P,
+                     "prefill_s": {m: t[m, 1] for m in ("generate", "sampler")},
+                     "step_s": {m: (t[m, L] - t[m, 1]) / (L - 1) for m in ("generate", "sampler")}
+                     if not args.stop_at_eos else None,  # captions of different lengths: no per-step time
+                     "step_floor_s": (weights + kv) / bandwidth, "weight_bytes": weights, "kv_bytes": kv}
+    del model
+
+name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+print(f"sampling, B={B} images x G={G} captions x L={L} new tokens{' (EOS ends a caption)' if args.stop_at_eos else ''}"
+      f", temperature 1, {str(dtype)[6:]}, {name}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+print(f"{'model':8s} {'prompt':>6s} {'method':9s} {'seconds':>8s} {'tokens/s':>9s} {'prefill s':>9s} "
+      f"{'step ms':>8s} {'floor ms':>8s}")
+for k, v in results.items():
+    for m in ("generate", "sampler"):
+        step = f"{v['step_s'][m] * 1e3:8.2f}" if v["step_s"] else f"{'-':>8s}"
+        print(f"{k:8s} {v['prompt_tokens']:6d} {m:9s} {v['seconds'][f'{m}, L={L}']:8.3f} {v['tokens_per_s'][m]:9.0f} "
+              f"{v['prefill_s'][m]:9.3f} {step} {v['step_floor_s'] * 1e3:8.2f}")
+    print(f"{k:8s} sampler: {v['speedup']:.2f}x generate's tokens/s")
+print("prefill: time with 1 new token; step: (time(L) - time(1)) / (L - 1); floor: (LM weights + mean KV cache) "
+      "bytes / copy bandwidth")
+print(json.dumps({"bench": "sampling", "device": name, "images": B, "group_size": G, "new_tokens": L,
+                  "stop_at_eos": args.stop_at_eos, "image_size": side, "dtype": str(dtype)[6:],
+                  "copy_bandwidth": bandwidth, "models": results,
+                  "speedup": min(v["speedup"] for v in results.values())}))
