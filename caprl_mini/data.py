@@ -11,6 +11,7 @@ Captions on disk (annotate.py writes them, evaluate.py --captions and sft.py --c
 {"id", "image", "caption", ...}, appended and flushed one record at a time (CaptionFile).
 """
 import base64
+import binascii
 import contextlib
 import fcntl
 import io
@@ -64,10 +65,11 @@ def load_image(ref, root):
         ref = os.path.join(root, ref)
     if isinstance(ref, str) and os.path.exists(ref):
         img = Image.open(ref)
-    elif isinstance(ref, str) and len(ref) < 1024:  # a path, not base64 (which a real image never is this short)
-        raise FileNotFoundError(f"no such file {os.path.join(root, ref)!r}")
     else:
-        raw = ref if isinstance(ref, (bytes, bytearray)) else base64.b64decode(ref, validate=True)
+        try:
+            raw = ref if isinstance(ref, (bytes, bytearray)) else base64.b64decode(ref, validate=True)
+        except (binascii.Error, ValueError):  # neither an existing file nor base64: a missing file
+            raise FileNotFoundError(f"no such file {os.path.join(root, ref)!r}") from None
         img = Image.open(io.BytesIO(raw))
     img.load()
     return img.convert("RGB")

@@ -81,9 +81,12 @@ def test_two_grpo_steps_with_saved_checkpoints_and_a_chat_judge(tiny_policy_dir,
     """Qwen2-VL and Qwen2.5-VL policies and a Qwen2 chat judge, saved by the test, go through the same loading
     path as hub ids; the judge (no judge.json) is asked with the paper's prompt. Two steps change the weights
     (all but a frozen vision tower)."""
+    if memory_flags and not tiny_policy_dir.rstrip("/").split("/")[-1].startswith("qwen2_5_vl"):
+        pytest.skip("memory flags: checked on Qwen2.5-VL only (CI time)")
     out = str(tmp_path / "run")
     run("--policy", tiny_policy_dir, "--judge", chat_judge_dir, "--data", _qa_file(tmp_path), "--steps", "2",
-        "--images-per-step", "2", "--group-size", "4", "--max-new-tokens", "12", "--micro-batch-images", "1",
+        "--images-per-step", "2", "--group-size", "4", "--max-new-tokens", "8", "--micro-batch-images", "1",
+        "--questions-per-caption", "2",
         "--lr", "1e-2", "--zero-truncated", "0", "--eval-images", "2", "--save-every", "0", "--out", out,
         *memory_flags)  # random weights never stop: keep the reward of captions cut at the cap
     assert json.load(open(os.path.join(out, "config.json")))["policy"] == tiny_policy_dir
