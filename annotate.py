@@ -59,20 +59,19 @@ bar = tqdm(total=len(todo), unit="img", disable=rank != 0 and world > 1)
 for b0 in range(0, len(todo), args.batch_size):
     batch, items = todo[b0:b0 + args.batch_size], []
     for image_id, ref, root in batch:
+        shown = ref if isinstance(ref, str) and len(ref) < 1024 else None  # a path, not inline bytes / base64
         try:
-            items.append((image_id, ref, {"image": load_image(ref, root)}))
+            items.append((image_id, shown, {"image": load_image(ref, root)}))
         except (OSError, ValueError, Image.DecompressionBombError) as e:  # unreadable: record it, go on
-            errors.append({"id": image_id, "image": ref if isinstance(ref, str) and len(ref) < 1024 else None,
-                           "error": f"{type(e).__name__}: {e}"})
+            errors.append({"id": image_id, "image": shown, "error": f"{type(e).__name__}: {e}"})
             n_bad += 1
     if items:
         with torch.no_grad():
             caps = caption_items(model, proc, [it for _, _, it in items], batch_size=len(items),
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  seed=args.seed * 1_000_003 + b0, instruction=args.instruction)
-        for (image_id, ref, _), [(cap, n_tok)] in zip(items, caps):
-            out.append({"id": image_id, "image": ref if isinstance(ref, str) and len(ref) < 1024 else None,
-                        "caption": cap, "tokens": n_tok, **settings})
+        for (image_id, shown, _), [(cap, n_tok)] in zip(items, caps):
+            out.append({"id": image_id, "image": shown, "caption": cap, "tokens": n_tok, **settings})
         n_ok += len(items)
     bar.update(len(batch))
     bar.set_postfix(errors=n_bad)

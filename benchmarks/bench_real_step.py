@@ -36,8 +36,7 @@ parser.add_argument("--image-side", type=int, default=896, help="images are S x 
 parser.add_argument("--extra", default="--gradient-checkpointing 1 --micro-batch-images 1",
                     help="memory flags passed to train_grpo.py")
 args = parser.parse_args()
-letters = [" ".join(f"{c}) x" for c in "ABCDEF") + f" The answer is {c}" for c in "ABCDEF"] * 50
-tok = models.build_tokenizer(shapes.world_text(200) + letters)
+tok = models.letter_tokenizer()
 ids = {t: tok.convert_tokens_to_ids(t) for t in models.SPECIAL}
 special = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
 text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,

@@ -17,6 +17,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, Aut
                           Qwen3VLConfig)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from . import shapes
+
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SFT_CAPTIONER = os.path.join(ASSETS, "captioner")
 JUDGE = os.path.join(ASSETS, "judge")
@@ -72,6 +74,13 @@ def build_tokenizer(texts, vocab_size=512):
                                    chat_template=CHAT_TEMPLATE, extra_special_tokens={
                                        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
                                        "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
+
+
+def letter_tokenizer():
+    """The world's tokenizer trained on lettered options too, so that " A" ... " F" are single tokens, which the
+    letter formats need (the shipped judge's tokenizer splits them). For tests and benchmarks of letter scoring."""
+    letters = [" ".join(f"{c}) x" for c in "ABCDEF") + f" The answer is {c}" for c in "ABCDEF"] * 50
+    return build_tokenizer(shapes.world_text(200) + letters)
 
 
 def image_processor(min_pixels=84 * 84, max_pixels=84 * 84, patch_size=14):

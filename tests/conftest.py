@@ -9,14 +9,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from caprl_mini import models, shapes  # noqa: E402
+from caprl_mini import models  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tok():
-    # letters as options too, so that the letter format (" A" one token) can be tested on tiny judges
-    letters = [" ".join(f"{c}. x" for c in "ABCDE") + f" The answer is {c}" for c in "ABCDE"] * 50
-    return models.build_tokenizer(shapes.world_text(200) + letters)
+    return models.letter_tokenizer()  # " A" one token: letter formats testable on tiny judges
 
 
 @pytest.fixture(scope="session", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
