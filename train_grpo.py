@@ -70,6 +70,9 @@ parser.add_argument("--images-per-step", type=int, default=8, help="B: images pe
 parser.add_argument("--group-size", type=int, default=8, help="G: captions sampled per image")
 parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap in tokens")
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+parser.add_argument("--decode", default="auto", choices=["auto", "static", "dynamic"],
+                    help="rollout decoding: static cache + CUDA-graph step, or growing cache dropping finished rows "
+                         "(auto: static on CUDA)")
 # reward
 parser.add_argument("--questions-per-caption", type=int, default=8, help="N: question draws per caption")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
@@ -181,7 +184,8 @@ for step in range(start, args.steps):
     gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # (seed, step) only
     model.eval()
     with amp:
-        roll = sample(model, prompt, G, args.max_new_tokens, args.temperature, generator=gen)
+        roll = sample(model, prompt, G, args.max_new_tokens, args.temperature, generator=gen,
+                      static={"auto": None, "static": True, "dynamic": False}[args.decode])
     model.train()
     t_gen = time.time() - t0
     tokens, mask, old_logp = roll["tokens"], roll["mask"], roll["logprobs"]

@@ -10,13 +10,15 @@ Workload: B images x G captions each, temperature 1, exactly --new-tokens new to
 both: `stop_at_eos=False` / `min_new_tokens`), so both do the same decode work. generate gets
 `num_return_sequences=G, do_sample=True, top_k=0, top_p=1` (plain sampling, as the sampler). The sampler runs
 the vision tower and the prompt once per image and expands its cache G times; generate expands the prompt G times
-before its prefill. With --stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads
+before its prefill. On a GPU the sampler decodes over a static cache with a CUDA-graph step (StaticDecoder; its first
+call compiles, in the warm-up round); "sampler-dynamic" is the CPU path (growing cache, eager) on the GPU, to show
+what the graph buys. With --stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads
 them until the last row ends (the two sample different captions: compare tokens/s, caption tokens only).
 Reported: seconds (median of --repeats, all runs interleaved), new tokens per second, the prefill (time with 1
 new token), the decode step (time(L) - time(1)) / (L - 1), and the memory floor of a step: bytes of language-model
 weights + KV cache read per step over a measured copy bandwidth. Models other than the shipped captioner are
 random-init (no download; speed does not depend on weight values). The last line is one JSON object with the
-figures ("speedup": sampler tokens/s over generate's, the smallest over the models).
+figures ("speedup": the default sampler's tokens/s over generate's, the smallest over the models).
 """
 import argparse
 import json
@@ -41,6 +43,8 @@ parser.add_argument("--image-size", type=int, default=0, help="square image side
                                                               "448 on GPU = 256 image tokens)")
 parser.add_argument("--stop-at-eos", type=int, default=0, help="1: both stop a caption at EOS (the real workload; "
                                                                  "tokens/s counts caption tokens), 0: fixed length")
+parser.add_argument("--methods", default="", help="comma list of generate, sampler, sampler-dynamic (default: all on "
+                                                  "GPU, the first two on CPU)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
 parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -105,8 +109,9 @@ def copy_bandwidth():
 
 def rollout(model, prompt, mm, gen, method, n):
     """(R, n) new tokens and how many of them are caption tokens (up to and including EOS)."""
-    if method == "sampler":
-        out = sample(model, prompt, G, n, 1.0, gen, stop_at_eos=bool(args.stop_at_eos))
+    if method.startswith("sampler"):  # "sampler": the default decode of the device, "sampler-dynamic": CPU's on GPU
+        out = sample(model, prompt, G, n, 1.0, gen, stop_at_eos=bool(args.stop_at_eos),
+                     static=False if method == "sampler-dynamic" else None)
         return out["tokens"], int(out["mask"].sum())
     fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
     seq = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
@@ -117,6 +122,7 @@ def rollout(model, prompt, mm, gen, method, n):
 
 bandwidth = copy_bandwidth()
 results = {}
+methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-dynamic"] * gpu
 for name in names:
     model, proc = build(name)
     images = [shapes.world_item(i, "test")["image"].resize((side, side)) for i in range(B)]
@@ -124,7 +130,7 @@ for name in names:
     prompt["pixel_values"] = prompt["pixel_values"].to(dtype)
     mm = (prompt["input_ids"] == model.config.image_token_id).int()
     gen = torch.Generator(dev).manual_seed(0)
-    runs = [(m, n) for m in ("generate", "sampler") for n in (L, 1)]  # 1 token: the prefill (and one lm head)
+    runs = [(m, n) for m in methods for n in (L, 1)]  # 1 token: the prefill (and one lm head)
     times, rates = {r: [] for r in runs}, {r: [] for r in runs}
     for r in range(args.repeats + 1):  # the first round warms up (allocator, kernels) and is not counted
         for m, n in runs:
@@ -139,7 +145,7 @@ for name in names:
                 times[m, n].append(t)
                 rates[m, n].append(n_tokens / t)
     t = {k: statistics.median(v) for k, v in times.items()}
-    rate = {m: statistics.median(rates[m, L]) for m in ("generate", "sampler")}
+    rate = {m: statistics.median(rates[m, L]) for m in methods}
     # decode-step floor: every language-model weight is read once per step (the tied unembedding is the
     # embedding matrix, counted once), plus the KV cache, which grows from P to P + L - 1 tokens (mean below)
     tc = model.config.text_config
@@ -148,9 +154,9 @@ for name in names:
     kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) \
         * (P + L / 2) * B * G * torch.finfo(dtype).bits // 8
     results[name] = {"seconds": {f"{m}, L={n}": v for (m, n), v in t.items()}, "tokens_per_s": rate,
-                     "speedup": rate["sampler"] / rate["generate"], "prompt_tokens": P,
-                     "prefill_s": {m: t[m, 1] for m in ("generate", "sampler")},
-                     "step_s": {m: (t[m, L] - t[m, 1]) / (L - 1) for m in ("generate", "sampler")}
+                     "speedup": rate.get("sampler", rate.get("sampler-dynamic")) / rate["generate"], "prompt_tokens": P,
+                     "prefill_s": {m: t[m, 1] for m in methods},
+                     "step_s": {m: (t[m, L] - t[m, 1]) / (L - 1) for m in methods}
                      if not args.stop_at_eos else None,  # captions of different lengths: no per-step time
                      "step_floor_s": (weights + kv) / bandwidth, "weight_bytes": weights, "kv_bytes": kv}
     del model
@@ -158,14 +164,15 @@ for name in names:
 name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
 print(f"sampling, B={B} images x G={G} captions x L={L} new tokens{' (EOS ends a caption)' if args.stop_at_eos else ''}"
       f", temperature 1, {str(dtype)[6:]}, {name}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
-print(f"{'model':8s} {'prompt':>6s} {'method':9s} {'seconds':>8s} {'tokens/s':>9s} {'prefill s':>9s} "
+print(f"{'model':8s} {'prompt':>6s} {'method':15s} {'seconds':>8s} {'tokens/s':>9s} {'prefill s':>9s} "
       f"{'step ms':>8s} {'floor ms':>8s}")
 for k, v in results.items():
-    for m in ("generate", "sampler"):
+    for m in methods:
         step = f"{v['step_s'][m] * 1e3:8.2f}" if v["step_s"] else f"{'-':>8s}"
-        print(f"{k:8s} {v['prompt_tokens']:6d} {m:9s} {v['seconds'][f'{m}, L={L}']:8.3f} {v['tokens_per_s'][m]:9.0f} "
+        print(f"{k:8s} {v['prompt_tokens']:6d} {m:15s} {v['seconds'][f'{m}, L={L}']:8.3f} {v['tokens_per_s'][m]:9.0f} "
               f"{v['prefill_s'][m]:9.3f} {step} {v['step_floor_s'] * 1e3:8.2f}")
-    print(f"{k:8s} sampler: {v['speedup']:.2f}x generate's tokens/s")
+    for m in methods[1:]:
+        print(f"{k:8s} {m}: {v['tokens_per_s'][m] / v['tokens_per_s']['generate']:.2f}x generate's tokens/s")
 print("prefill: time with 1 new token; step: (time(L) - time(1)) / (L - 1); floor: (LM weights + mean KV cache) "
       "bytes / copy bandwidth")
 print(json.dumps({"bench": "sampling", "device": name, "images": B, "group_size": G, "new_tokens": L,

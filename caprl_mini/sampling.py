@@ -2,8 +2,10 @@
 
     prefill   each unique (image, prompt) once: vision tower + language model over the prompt, filling a cache;
     expand    the cache G times (rows grouped by image: row b*G + g is caption g of image b);
-    decode    all rows together, one token per step, until every row has emitted EOS or hit the length cap;
-              rows that finished are dropped from the batch (and the cache), so they stop costing compute.
+    decode    all rows together, one token per step, until every row has emitted EOS or hit the length cap.
+              CPU (dynamic): the cache grows by one column a step, and rows that finished leave the batch (and the
+              cache), so they stop costing compute. GPU (static): a preallocated cache and a fixed batch, so the
+              step is one CUDA-graph replay (StaticDecoder); finished rows ride along, masked.
 
 Returns the tokens, their mask (1 up to and including EOS) and the sampled tokens' log-probs under
 softmax(logits / temperature), the exact distribution sampled from: no top-k / top-p, so that the trainer's
@@ -14,37 +16,43 @@ new token t of a row sits at that row's max prompt position + 1 + t (what genera
 Legend: B images, G captions per image, R = B*G rows, P prompt length, L new tokens, D hidden, V vocabulary.
 """
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from .models import policy_hidden, rope_positions
 
 
 @torch.no_grad()
-def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, generator=None, stop_at_eos=True):
+def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, generator=None, stop_at_eos=True,
+           static=None):
     """prompt: encode_prompts() output for B images. Returns dict of tokens (R, L), mask (R, L),
     logprobs (R, L) (0 where masked), truncated (R,) bool (no EOS within max_new_tokens).
-    stop_at_eos=False decodes exactly max_new_tokens per row, EOS included as ordinary text (benchmarks: fixed work)."""
+    stop_at_eos=False decodes exactly max_new_tokens per row, EOS included as ordinary text (benchmarks: fixed work).
+    static: decode with a preallocated cache and a fixed batch (finished rows ride along, masked), the step compiled
+    with CUDA graphs on a GPU; default: on CUDA. Otherwise a growing cache, and finished rows leave the batch."""
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
+    static = dev.type == "cuda" if static is None else static
     eos = model.config.text_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=dev)
     eos = eos if stop_at_eos else eos[:0]  # no stop token: no row ever finishes early
-    # (V, D) in fp32 once: with bf16 weights a per-step .float() writes and re-reads an fp32 copy every token
-    W = model.get_output_embeddings().weight.float()
     pos, next_pos = rope_positions(model, ids, am, prompt["image_grid_thw"])
     cache = DynamicCache(config=model.config.get_text_config())
     h, _ = policy_hidden(model, ids, am, pos, prompt["pixel_values"], prompt["image_grid_thw"], cache=cache)
-    cache.batch_repeat_interleave(G)  # (B, ...) -> (R, ...), rows grouped by image
     h = h[:, -1].repeat_interleave(G, 0)  # (R, D): the state that predicts each row's first token
     am, next_pos = am.repeat_interleave(G, 0), next_pos.repeat_interleave(G, 0)
     R = h.shape[0]
     tokens = torch.full((R, max_new_tokens), model.config.text_config.pad_token_id or 0, dtype=torch.long, device=dev)
     logps = torch.zeros((R, max_new_tokens), device=dev)
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
-    alive = torch.arange(R, device=dev)  # original row index of each row still decoding
+    if static:
+        step = StaticDecoder.get(model, R, ids.shape[1] + max_new_tokens).start(cache, G, am)
+    else:
+        cache.batch_repeat_interleave(G)  # (B, ...) -> (R, ...), rows grouped by image
+        W = model.get_output_embeddings().weight.float()  # (V, D) fp32 once, not a per-step copy of bf16 weights
+    alive = torch.arange(R, device=dev)  # original row index of each row still decoding (dynamic decode)
+    finished = torch.zeros(R, dtype=torch.bool, device=dev)  # rows past their EOS (static decode)
+    logits = step.logits(h) if static else unembed(h, W)
     for t in range(max_new_tokens):
-        with torch.autocast(dev.type, enabled=False):  # fp32 logits, as the trainer's log-probs, under bf16 autocast
-            logits = h.float() @ W.T  # (r, V)
         if temperature > 0:
             lp = torch.log_softmax(logits / temperature, -1)
             tok = torch.multinomial(lp.exp(), 1, generator=generator)[:, 0]
@@ -53,6 +61,13 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, gene
             tok = logits.argmax(-1)
         tokens[alive, t], logps[alive, t] = tok, lp.gather(1, tok[:, None])[:, 0]
         done = torch.isin(tok, eos)
+        if static:  # fixed batch: a row's length is set by its first EOS; ask the GPU whether all ended every 16 steps
+            lengths[done & ~finished] = t + 1
+            finished |= done
+            if t == max_new_tokens - 1 or (t % 16 == 15 and finished.all()):
+                break
+            logits = step(tok, next_pos + t)
+            continue
         lengths[alive[done]] = t + 1
         if t == max_new_tokens - 1 or done.all():
             break
@@ -63,12 +78,82 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, gene
         am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
         step_pos = (next_pos + t)[None, :, None].expand(3, -1, 1)  # (3, r, 1)
         h, _ = policy_hidden(model, tok[:, None], am, step_pos, cache=cache)
-        h = h[:, -1]
+        logits = unembed(h[:, -1], W)
     mask = (torch.arange(max_new_tokens, device=dev)[None] < lengths[:, None]).long()
+    tokens.masked_fill_(mask == 0, model.config.text_config.pad_token_id or 0)  # static decode wrote past EOS
     truncated = ~torch.isin(tokens.gather(1, (lengths - 1)[:, None])[:, 0], eos)
     L = int(lengths.max())
     return {"tokens": tokens[:, :L], "mask": mask[:, :L], "logprobs": logps[:, :L] * mask[:, :L],
             "truncated": truncated}
+
+
+def unembed(h, W):
+    """(r, D) hidden states -> (r, V) fp32 logits, also under bf16 autocast (the trainer's log-probs are fp32)."""
+    with torch.autocast(h.device.type, enabled=False):
+        return h.float() @ W.T
+
+
+class StaticDecoder:
+    """The decode step over a preallocated KV cache of R rows x S positions, kept on the model and reused by every
+    sample() call of that shape, so its buffers keep their addresses and, on CUDA, the step is compiled once with
+    CUDA graphs (torch.compile mode="reduce-overhead"): one graph replay per token instead of hundreds of kernel
+    launches. The prompt's cache (B rows) is copied in G times; new token t of the call is written at position P + t;
+    positions past the call's own are masked by causality, so a cache longer than needed is only unused space.
+    Its memory (cache + an fp32 copy of the unembedding) stays allocated between calls."""
+
+    @classmethod
+    def get(cls, model, rows, length):
+        """The model's decoder, rebuilt (and recompiled) only when the rows change or a longer cache is needed."""
+        dec = model.__dict__.get("_static_decoder")
+        if dec is None or dec.mask.shape[0] != rows or dec.mask.shape[1] < length:
+            model.__dict__["_static_decoder"] = None  # free the old cache first
+            dec = model.__dict__["_static_decoder"] = cls(model, rows, -(-length // 128) * 128)
+        return dec
+
+    def __init__(self, model, rows, length):
+        self.model, self.cache = model, StaticCache(config=model.config.get_text_config(), max_cache_len=length)
+        dev = model.device
+        self.mask = torch.ones((rows, length), dtype=torch.long, device=dev)  # prompt padding 0, the rest 1
+        self.cache_position = torch.zeros(1, dtype=torch.long, device=dev)
+        self.W = model.get_output_embeddings().weight.detach().float().clone()
+        self.compiled = self.forward
+        if dev.type == "cuda":  # buffers at fixed addresses are read in place by the graph, not copied in per replay
+            for buf in (self.mask, self.W):
+                torch._dynamo.mark_static_address(buf)
+            self.compiled = torch.compile(self.forward, fullgraph=True, mode="reduce-overhead")
+
+    def start(self, prefix, G, prompt_mask):
+        """Fill the cache with the prompt's (B rows, P positions) repeated G times; refresh the fp32 unembedding
+        (the policy changes between calls)."""
+        P = prompt_mask.shape[1]
+        for layer, src in zip(self.cache.layers, prefix.layers):
+            k, v = src.keys.repeat_interleave(G, 0), src.values.repeat_interleave(G, 0)
+            if not layer.is_initialized:
+                layer.lazy_initialization(k, v)
+            layer.keys[:, :, :P].copy_(k)
+            layer.values[:, :, :P].copy_(v)
+            layer.cumulative_length.fill_(P)  # where the next token's key and value go
+        self.mask[:, :P].copy_(prompt_mask)
+        self.mask[:, P:] = 1
+        self.cache_position.fill_(P)
+        self.W.copy_(self.model.get_output_embeddings().weight)
+        return self
+
+    def logits(self, h):
+        return unembed(h, self.W)
+
+    def forward(self, tok, positions, cache_position):
+        lm = self.model.model.language_model
+        out = lm(inputs_embeds=lm.embed_tokens(tok[:, None]), attention_mask=self.mask,
+                 position_ids=positions[None, :, None].expand(3, -1, 1), past_key_values=self.cache, use_cache=True,
+                 cache_position=cache_position)
+        return self.logits(out.last_hidden_state[:, -1])
+
+    def __call__(self, tok, positions):
+        """Next-token logits (R, V) after feeding tok (R,) at rotary positions (R,)."""
+        logits = self.compiled(tok, positions, self.cache_position.clone())
+        self.cache_position += 1
+        return logits.clone()  # a CUDA-graph output is overwritten by the next replay
 
 
 def decode(proc, out):

@@ -90,3 +90,43 @@ def test_greedy_equals_generate_shipped_captioner():
         assert row[:n].tolist() == r[:n].tolist() and set(r[n:].tolist()) <= {pad}
     caps = decode(proc, out)
     assert all(shapes.parse_caption(c)["objects"] for c in caps)  # it captions, in the world's language
+
+
+def _assert_same_rollout(a, b, tokens=True):
+    assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["truncated"], b["truncated"])
+    assert not tokens or torch.equal(a["tokens"], b["tokens"])
+    assert (a["logprobs"] - b["logprobs"]).abs().max() < 1e-5
+
+
+def test_static_decode_equals_dynamic(tiny_policy_dir):
+    """The GPU path (preallocated cache, fixed batch; eager here) samples what the CPU path samples: greedy with
+    EOS, sampled at fixed length (the same random draws), and one decoder reused by calls whose prompts have other
+    lengths (stale cache columns from the longer call must not leak into the shorter one)."""
+    model, proc = models.load_policy(tiny_policy_dir)
+    long_prompt = models.encode_prompts(proc, mixed_images())
+    short_prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"].resize((168, 112))
+                                                for i in range(3)])
+    assert short_prompt["input_ids"].shape[1] < long_prompt["input_ids"].shape[1]
+    for prompt in (long_prompt, short_prompt):
+        _assert_same_rollout(sample(model, prompt, 2, 12, 0, static=False), sample(model, prompt, 2, 12, 0, static=True))
+        a, b = (sample(model, prompt, 2, 12, 1.0, torch.Generator().manual_seed(3), stop_at_eos=False, static=s)
+                for s in (False, True))
+        _assert_same_rollout(a, b)
+    assert len([d for d in [model.__dict__.get("_static_decoder")] if d is not None]) == 1
+
+
+def test_static_decode_with_eos_matches_teacher_forced():
+    """Rows end at different steps and keep riding in the fixed batch: their log-probs still equal the teacher-forced
+    ones, nothing after EOS is kept (padding), and greedy still equals generate."""
+    model, proc = models.load_policy(shipped("captioner"))
+    prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(3)])
+    out = sample(model, prompt, 8, 64, 1.0, generator=torch.Generator().manual_seed(0), static=True)
+    lengths = out["mask"].sum(1)
+    assert lengths.min() < lengths.max() and not out["truncated"].all()
+    assert (out["tokens"][out["mask"] == 0] == proc.tokenizer.pad_token_id).all()
+    with torch.no_grad():
+        tf = teacher_forced_logprobs(model, prompt, out, 8)
+    assert ((tf - out["logprobs"]) * out["mask"]).abs().max() < 1e-5
+    greedy, ref = sample(model, prompt, 1, 64, 0, static=True), _generate(model, prompt, 64)
+    for row, m, r in zip(greedy["tokens"], greedy["mask"], ref):
+        assert row[:int(m.sum())].tolist() == r[:int(m.sum())].tolist()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every GPU row of BENCHMARKS.md in one run (about 9 minutes on one H100), logs under ${OUT:-runs/gpu}:
+#   bash benchmarks/run_gpu.sh
+# Each part has its own time limit, so one that fails or hangs does not cost the others.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+  date -u; } | tee "$OUT/machine.txt"
+part() {  # name, seconds, command...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? after ${SECONDS}s" >> "$OUT/$name.log"
+  grep -v -E "Loading weights|it/s\]|^\s*$" "$OUT/$name.log" | tail -n 14 | cut -c1-400
+}
+# the static (CUDA-graph) decode against the eager growing-cache decode: greedy captions must agree
+part check 90 python -c "
+import torch; from caprl_mini import models, shapes; from caprl_mini.sampling import sample
+m, p = models.load_policy(models.SFT_CAPTIONER); m = m.cuda()
+pr = {k: v.cuda() for k, v in models.encode_prompts(p, [shapes.world_item(i, 'test')['image'] for i in range(4)]).items()}
+a, b = (sample(m, pr, 2, 64, 0, static=s) for s in (False, True))
+print('greedy static == dynamic on', torch.cuda.get_device_name(), torch.equal(a['tokens'], b['tokens']))"
+part sampling 180 python benchmarks/bench_sampling.py --device cuda --repeats 2
+part real_step 210 python benchmarks/bench_real_step.py
+part logprobs 50 python benchmarks/bench_logprobs.py --device cuda
+part judge 80 python benchmarks/bench_judge.py --device cuda --repeats 2
