@@ -112,8 +112,10 @@ shuffled = [judge.shuffle_options(q, shuffle_rng) for q in rows_q]
 posed = [{**q, "options": o} for q, (o, _) in zip(rows_q, shuffled)]
 gold = [g for _, g in shuffled]
 results = {}
+start = time.perf_counter()
 for name in names:
     model = build(name)
+    print(f"[{time.perf_counter() - start:.0f}s] {name} built", file=sys.stderr, flush=True)
     with torch.no_grad():  # same work, same numbers: judge.py's option logits vs generate's first-step logits
         z = judge.option_logits(model, tok, rows_c, posed, args.format)
         _, first = generate_scores(model, 1, posed, gold, return_logits=True)
@@ -136,6 +138,7 @@ for name in names:
             if r:
                 times[k].append(time.perf_counter() - t)
             assert len(scores) == C * N
+            print(f"[{time.perf_counter() - start:.0f}s] round {r} {k}", file=sys.stderr, flush=True)
     t = {k: statistics.median(v) for k, v in times.items()}
     results[name] = {"seconds": t, "questions_per_s": {k: C * N / v for k, v in t.items()},
                      "speedup": t["generate, 10 tokens"] / t["judge.py"],

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU row of BENCHMARKS.md in one run (about 9 minutes on one H100), logs under ${OUT:-runs/gpu}:
+# Every GPU row of BENCHMARKS.md in one run (about 10 minutes on one H100), logs under ${OUT:-runs/gpu}:
 #   bash benchmarks/run_gpu.sh
+#   PARTS="real_step judge" bash benchmarks/run_gpu.sh     # only these parts
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
 set -u
 cd "$(dirname "$0")/.."
@@ -12,6 +13,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   date -u; } | tee "$OUT/machine.txt"
 part() {  # name, seconds, command...
   local name=$1 limit=$2; shift 2
+  [[ " ${PARTS:-check sampling real_step logprobs judge} " == *" $name "* ]] || return 0
   echo "== $name: $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? after ${SECONDS}s" >> "$OUT/$name.log"
   grep -v -E "Loading weights|it/s\]|^\s*$" "$OUT/$name.log" | tail -n 14 | cut -c1-400
@@ -26,4 +28,4 @@ print('greedy static == dynamic on', torch.cuda.get_device_name(), torch.equal(a
 part sampling 180 python benchmarks/bench_sampling.py --device cuda --repeats 2
 part real_step 210 python benchmarks/bench_real_step.py
 part logprobs 50 python benchmarks/bench_logprobs.py --device cuda
-part judge 80 python benchmarks/bench_judge.py --device cuda --repeats 2
+part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32

@@ -144,7 +144,9 @@ class StaticDecoder:
 
     def forward(self, tok, positions, cache_position):
         lm = self.model.model.language_model
-        out = lm(inputs_embeds=lm.embed_tokens(tok[:, None]), attention_mask=self.mask,
+        emb = torch.nn.functional.embedding(tok[:, None], lm.embed_tokens.weight)  # not lm.embed_tokens(): its
+        # forward hook from gradient checkpointing (requires_grad_ on the output) cannot be compiled
+        out = lm(inputs_embeds=emb, attention_mask=self.mask,
                  position_ids=positions[None, :, None].expand(3, -1, 1), past_key_values=self.cache, use_cache=True,
                  cache_position=cache_position)
         return self.logits(out.last_hidden_state[:, -1])

@@ -130,3 +130,19 @@ def test_static_decode_with_eos_matches_teacher_forced():
     greedy, ref = sample(model, prompt, 1, 64, 0, static=True), _generate(model, prompt, 64)
     for row, m, r in zip(greedy["tokens"], greedy["mask"], ref):
         assert row[:int(m.sum())].tolist() == r[:int(m.sum())].tolist()
+
+
+def test_static_decode_step_traces_as_one_graph(tiny_policy_dir):
+    """On CUDA the step is torch.compile(fullgraph=True): any graph break is an error there. Traced here with the
+    eager backend (no code generation, no GPU), on a model prepared for training with gradient checkpointing (the
+    embedding's requires_grad_ hook broke the GPU run under torch 2.11; 2.13 traces it either way), and the traced
+    step must sample what the plain step samples."""
+    from caprl_mini.sampling import StaticDecoder
+    model, proc = models.load_policy(tiny_policy_dir)
+    models.prepare_for_training(model, gradient_checkpointing=True)
+    model.eval()
+    prompt = models.encode_prompts(proc, mixed_images())
+    ref = sample(model, prompt, 2, 12, 0, static=True)
+    dec = StaticDecoder.get(model, 6, prompt["input_ids"].shape[1] + 12)
+    dec.compiled = torch.compile(dec.forward, fullgraph=True, backend="eager")
+    _assert_same_rollout(ref, sample(model, prompt, 2, 12, 0, static=True))
