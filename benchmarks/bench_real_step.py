@@ -13,6 +13,7 @@ The step is train_grpo.py itself, run as a subprocess with the README's memory f
 The last line is one JSON object with the figures.
 """
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -98,6 +99,9 @@ proc = models.ImageProcessorOnly(image_processor=models.image_processor(pixels, 
 models.save_model(policy, proc, os.path.join(work, "policy"))
 models.save_model(judge, tok, os.path.join(work, "judge"))  # no judge.json: asked with the paper's prompt
 del policy, judge
+if device.type == "cuda":  # hand the cached blocks back to the driver: this process idles while train_grpo.py
+    gc.collect()
+    torch.cuda.empty_cache()  # runs, and its 14.5 GiB of freed-but-cached weights made the H100 run out of memory
 with open(os.path.join(work, "qa.jsonl"), "w") as f:
     for i in range(args.images):
         item = shapes.world_item(i, "test")
