@@ -11,7 +11,8 @@ one image path per line. Each captioned image is appended and flushed as one JSO
 takes the images whose position in the list is r mod W; all ranks append to the same file (one locked write per
 record). An image that cannot be read is skipped and recorded, with the reason, in OUT.errors.jsonl; reruns do not
 retry it (delete that file to retry).
-Simplified: captions are greedy by default (--temperature > 0 samples; the draws then depend on the batching).
+Captions are greedy by default; with --temperature > 0 an image's caption depends on (--seed, its id) only, not on
+the batching or the rank.
 """
 import argparse
 import os
@@ -69,7 +70,7 @@ for b0 in range(0, len(todo), args.batch_size):
         with torch.no_grad():
             caps = caption_items(model, proc, [it for _, _, it in items], batch_size=len(items),
                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 seed=args.seed * 1_000_003 + b0, instruction=args.instruction)
+                                 seed=args.seed, instruction=args.instruction)
         for (image_id, shown, _), [(cap, n_tok)] in zip(items, caps):
             out.append({"id": image_id, "image": shown, "caption": cap, "tokens": n_tok, **settings})
         n_ok += len(items)

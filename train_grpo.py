@@ -29,7 +29,15 @@ The exact variant (each a flag; defaults in brackets):
 Memory (README, "Train a real captioner"): fp32 weights and AdamW state with bf16 autocast on a GPU, the judge in
 bf16 inference mode, fused log-probs (no [tokens, vocabulary] logits), --micro-batch-images, and optionally
 --gradient-checkpointing 1 and --freeze-vision 1.
-Simplified on purpose: one process (torchrun sharding is a later issue), no LoRA, no value model, no reward server.
+More than one GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel). Rank r samples and scores the
+step's images r*B/N ... (r+1)*B/N - 1 (their groups are whole, so advantages need no communication), the loss is
+normalised by the step's global token count and the gradients are summed over ranks (all-reduce), so N ranks make
+the update 1 rank makes at the same B. A rollout's randomness derives from (seed, step, image) alone. Rank 0 writes
+logs and checkpoints. (Data parallel only: every rank holds the whole model, so no FSDP.)
+Faults: `--resume` continues from the newest checkpoint exactly as if never stopped (checkpoints are atomic, a log
+line cut by a kill is dropped); a non-finite reward, loss or gradient skips that update (logged, counted), so it
+never reaches the weights or a checkpoint; Ctrl-C (SIGINT) finishes the step, writes a checkpoint and exits 130.
+Simplified on purpose: no LoRA, no value model, no reward server.
 """
 import argparse
 import copy
@@ -37,14 +45,17 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from caprl_mini import shapes
 from caprl_mini.checkpoint import (latest_checkpoint, load_trainer_state, save_checkpoint, truncate_jsonl)
 from caprl_mini.data import QAFile, World
-from caprl_mini.evaluation import caption_items, evaluate_captions, print_table
+from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, print_table
 from caprl_mini.grpo import advantages, policy_loss
 from caprl_mini.judge import caption_rewards
 from caprl_mini.logprobs import token_entropy, token_logprobs
@@ -118,11 +129,17 @@ assert args.micro_batch_images >= 1 and args.images_per_step % args.micro_batch_
 assert args.group_size >= 2, "GRPO needs at least 2 captions per image"
 
 # ---------------------------------------------------------------- setup
+world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE, RANK, LOCAL_RANK
 device, dtype = pick_device()
+if world > 1:
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+rank = dist.get_rank() if world > 1 else 0
+assert args.images_per_step % (world * args.micro_batch_images) == 0, \
+    "--images-per-step must be a multiple of (ranks x --micro-batch-images)"
 pdtype = torch.float32 if args.policy_dtype == "fp32" else torch.bfloat16
 amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != pdtype)  # mixed precision: fp32 weights, bf16 math
 os.makedirs(args.out, exist_ok=True)
-start = 0
+start, n_skipped = 0, 0
 ckpt = latest_checkpoint(args.out) if args.resume else None
 pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 model, proc = load_policy(ckpt or args.policy, device, pdtype, **pixels)
@@ -135,18 +152,48 @@ opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type 
 if ckpt:
     state = load_trainer_state(ckpt)
     opt.load_state_dict(state["optimizer"])
-    start = state["step"]
+    start, n_skipped = state["step"], state.get("skipped_updates", 0)
     for name in ("metrics.jsonl", "samples.jsonl"):
-        truncate_jsonl(os.path.join(args.out, name), start - 1)
+        if rank == 0:
+            truncate_jsonl(os.path.join(args.out, name), start - 1)
     print(f"resumed from {ckpt} at step {start}")
-else:
+elif rank == 0:
     for name in ("metrics.jsonl", "samples.jsonl"):
         open(os.path.join(args.out, name), "w").close()
-json.dump(vars(args), open(os.path.join(args.out, "config.json"), "w"), indent=1)
+if rank == 0:
+    json.dump(vars(args), open(os.path.join(args.out, "config.json"), "w"), indent=1)
 data = QAFile(args.data, args.image_root) if args.data else World("train")
 reward_types = None if args.data else shapes.REWARD_TYPES
 W = model.get_output_embeddings().weight
 B, G = args.images_per_step, args.group_size
+Bl = B // world  # images of this rank per step: the global images rank * Bl ... rank * Bl + Bl - 1
+stop = []  # SIGINT sets it; the step in flight finishes, then a checkpoint is written
+
+
+def on_sigint(signum, frame):
+    stop.append(signum)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+    print("\nCtrl-C: finishing this step, then writing a checkpoint (Ctrl-C again to stop now)", flush=True)
+
+
+signal.signal(signal.SIGINT, on_sigint)
+
+
+def all_sum(x):
+    """Sum of a tensor over ranks (itself in one process)."""
+    x = torch.as_tensor(x, dtype=torch.float64, device=device).clone()
+    if world > 1:
+        dist.all_reduce(x)
+    return x
+
+
+def all_cat(x):
+    """Ranks' equal-sized tensors concatenated in rank order: the whole step's per-caption values."""
+    if world == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
 
 
 def step_items(step):
@@ -165,7 +212,7 @@ def lr_at(step):
 
 def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
     """Teacher-forced hidden states (r, L, D) predicting the completion tokens of images b0..b1 (G rows each)."""
-    rows = slice(b0 * G, b1 * G)
+    rows = slice(b0 * G, b1 * G)  # b0, b1: this rank's images
     pr = {k: prompt[k][b0:b1].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask")}
     ids, am, ps = with_completions(pr, pos[:, b0:b1].repeat_interleave(G, 1), nxt[b0:b1].repeat_interleave(G),
                                    tokens[rows], mask[rows])
@@ -179,34 +226,36 @@ def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
 # ---------------------------------------------------------------- GRPO loop
 for step in range(start, args.steps):
     t0 = time.time()
-    items = step_items(step)
+    mine = range(rank * Bl, rank * Bl + Bl)  # this rank's share of the step's images (global positions)
+    items = [step_items(step)[b] for b in mine]
     prompt = {k: v.to(device) for k, v in encode_prompts(proc, [it["image"] for it in items], args.instruction).items()}
-    gen = torch.Generator(device=device).manual_seed(args.seed * 1_000_003 + step)  # (seed, step) only
     model.eval()
-    with amp:
-        roll = sample(model, prompt, G, args.max_new_tokens, args.temperature, generator=gen,
+    with amp:  # image b's G captions are drawn with the seed (seed, step, b): independent of the other images
+        roll = sample(model, prompt, G, args.max_new_tokens, args.temperature,
+                      seeds=[item_seed(args.seed, f"{step}:{b}") for b in mine],
                       static={"auto": None, "static": True, "dynamic": False}[args.decode])
     model.train()
     t_gen = time.time() - t0
     tokens, mask, old_logp = roll["tokens"], roll["mask"], roll["logprobs"]
     captions = decode(proc, roll)
     n_tok = mask.sum(1)
-    rrng = random.Random(f"{args.seed}:reward:{step}")
+    rrngs = [random.Random(f"{args.seed}:reward:{step}:{b}") for b in mine]  # per image, shared by its G captions
     rewards = caption_rewards(judge, jtok, captions, [it for it in items for _ in range(G)],
-                              args.questions_per_caption, jfmt, args.judge_mode, rrng, reward_types,
-                              n_tok.tolist(), args.length_bounds).to(device)
+                              args.questions_per_caption, jfmt, args.judge_mode, [r for r in rrngs for _ in range(G)],
+                              reward_types, n_tok.tolist(), args.length_bounds).to(device)
     if args.zero_truncated:  # a caption that never ends is not a caption: no credit for what it rambled
         rewards = rewards * (~roll["truncated"]).float()
     t_reward = time.time() - t0 - t_gen
     adv = advantages(rewards, G, args.advantage)
-    zero_std = rewards.view(B, G).std(1) == 0  # (B,)
+    zero_std = rewards.view(Bl, G).std(1) == 0  # (Bl,)
     loss_mask = mask.clone()
     if args.drop_zero_std:
         loss_mask *= (~zero_std).repeat_interleave(G)[:, None]
     if args.mask_truncated:
         loss_mask *= (~roll["truncated"])[:, None]
-    norm = loss_mask.sum().clamp(min=1) if args.loss_aggregation == "token" else \
-        (loss_mask.sum(1) > 0).sum().clamp(min=1)
+    norm = loss_mask.sum() if args.loss_aggregation == "token" else (loss_mask.sum(1) > 0).sum()
+    norm = all_sum(norm).clamp(min=1).item()  # the whole step's count, over ranks: the loss sums to the global mean
+    finite_reward = bool(all_sum((~torch.isfinite(rewards)).sum()) == 0)
     pos, nxt = rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
     for g in opt.param_groups:
         g["lr"] = lr_at(step)
@@ -214,7 +263,7 @@ for step in range(start, args.steps):
         opt.zero_grad(set_to_none=True)
         stats = {"ratio_sum": 0.0, "clipped": 0.0, "tokens": 0.0}
         loss_total, ent_sum = 0.0, 0.0
-        for b0 in range(0, B, args.micro_batch_images):
+        for b0 in range(0, Bl, args.micro_batch_images):
             b1, rows = b0 + args.micro_batch_images, slice(b0 * G, (b0 + args.micro_batch_images) * G)
             with amp:  # the forward in bf16 on a GPU; log-probs themselves are fp32 (logprobs.py)
                 h = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)
@@ -233,39 +282,60 @@ for step in range(start, args.steps):
             stats = {k: stats[k] + st[k] for k in stats}
             m = mask[rows].reshape(-1).bool()
             ent_sum += token_entropy(flat.detach()[m], W, args.temperature).sum().item()
+        if world > 1:  # sum the ranks' gradients (their losses are parts of one sum); then every rank steps alike
+            for p in params:
+                dist.all_reduce(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
-        opt.step()
+        loss_total = all_sum(loss_total).item()
+        skipped = None if finite_reward and math.isfinite(loss_total) and math.isfinite(grad_norm) else \
+            "non-finite " + ("reward" if not finite_reward else "loss" if not math.isfinite(loss_total) else "gradient")
+        if skipped:  # a NaN/inf step must not touch the weights or AdamW's state
+            n_skipped += 1
+            print(f"step {step}: {skipped}, update skipped ({n_skipped} so far)", flush=True)
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout needs the memory
     step_s = time.time() - t0
-    metrics = {"step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-               "frac_zero_std_groups": zero_std.float().mean().item(),
-               "caption_tokens_mean": n_tok.float().mean().item(),
-               "truncated_frac": roll["truncated"].float().mean().item(),
-               "entropy": ent_sum / max(1, mask.sum().item()),
+    r_all, n_all, tr_all = all_cat(rewards), all_cat(n_tok.float()), all_cat(roll["truncated"].float())
+    n_mask, stats = all_sum(mask.sum()).item(), {k: all_sum(v).item() for k, v in stats.items()}
+    metrics = {"step": step, "reward_mean": r_all.mean().item(), "reward_std": r_all.std().item(),
+               "frac_zero_std_groups": all_cat(zero_std.float()).mean().item(),
+               "caption_tokens_mean": n_all.mean().item(), "truncated_frac": tr_all.mean().item(),
+               "entropy": all_sum(ent_sum).item() / max(1, n_mask),
                "ratio_mean": stats["ratio_sum"] / max(1, stats["tokens"]),
                "clip_frac": stats["clipped"] / max(1, stats["tokens"]), "loss": loss_total,
-               "grad_norm": grad_norm, "lr": lr_at(step), "gen_tokens_per_s": mask.sum().item() / t_gen,
-               "gen_seconds": t_gen, "reward_seconds": t_reward, "step_seconds": step_s}
+               "grad_norm": grad_norm, "lr": lr_at(step), "skipped": skipped, "skipped_updates": n_skipped,
+               "gen_tokens_per_s": n_mask / t_gen, "gen_seconds": t_gen, "reward_seconds": t_reward,
+               "step_seconds": step_s}
     if peak_memory_gib(device) is not None:
         metrics["peak_memory_gib"] = peak_memory_gib(device)
-    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(metrics) + "\n")
-    with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
-        for i in range(min(args.log_samples, len(captions))):
-            f.write(json.dumps({"step": step, "id": items[i // G]["id"], "caption": captions[i],
-                                "reward": rewards[i].item()}) + "\n")
-    if step % 10 == 0 or step == args.steps - 1:
+    if rank == 0:  # rank 0 logs its own images' captions as samples
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        with open(os.path.join(args.out, "samples.jsonl"), "a") as f:
+            for i in range(min(args.log_samples, len(captions))):
+                f.write(json.dumps({"step": step, "id": items[i // G]["id"], "caption": captions[i],
+                                    "reward": rewards[i].item()}) + "\n")
+    if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
         print(f"step {step:4d} reward {metrics['reward_mean']:.3f} tokens {metrics['caption_tokens_mean']:.1f} "
               f"ratio {metrics['ratio_mean']:.4f} entropy {metrics['entropy']:.3f} gen {t_gen:.2f}s "
               f"reward {t_reward:.2f}s step {step_s:.2f}s | {captions[0][:90]}", flush=True)
-    if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-        save_checkpoint(args.out, step + 1, model, proc, opt)
+    interrupted = bool(all_sum(len(stop)) > 0)  # every rank stops after the same step
+    if rank == 0 and (interrupted or args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps):
+        save_checkpoint(args.out, step + 1, model, proc, opt, extra={"skipped_updates": n_skipped})
+    if interrupted:
+        print(f"interrupted after step {step}: checkpoint written; continue with --resume", flush=True)
+        sys.exit(130)
 
 # ---------------------------------------------------------------- final save and side-by-side evaluation
 final = os.path.join(args.out, "final")
+if world > 1:
+    dist.destroy_process_group()
+    if rank > 0:
+        sys.exit(0)  # rank 0 saves and evaluates
 if args.save_final:
     save_model(model, proc, final)
-    save_checkpoint(args.out, args.steps, model, proc, opt)
+    save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped})
     print(f"saved {final}")
 if args.eval_images:
     model.eval()

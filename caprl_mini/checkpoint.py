@@ -26,13 +26,25 @@ def checkpoint_dir(run_dir, step):
     return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
 
 
-def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2):
-    """Atomically write checkpoint `step`; keep the newest `keep` checkpoints."""
+def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2, extra=None):
+    """Atomically write checkpoint `step` (trainer_state.pt holds the optimizer, the step and `extra`); keep the
+    newest `keep` checkpoints. Refuses weights that are not finite. If writing fails (disk full, a kill), the
+    temporary folder goes and the previous checkpoints are untouched."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise RuntimeError(f"not saving checkpoint {step}: non-finite weights in {bad[:3]}")
     final = checkpoint_dir(run_dir, step)
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, proc, tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict()}, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
+    try:
+        save_model(model, proc, tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra or {})},
+                   os.path.join(tmp, "trainer_state.pt"))
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        raise RuntimeError(f"could not write checkpoint {final} ({type(e).__name__}: {e}); "
+                           f"the previous checkpoint is intact: {previous}") from e
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -57,9 +69,17 @@ def load_trainer_state(path):
 
 
 def truncate_jsonl(path, last_step):
-    """Drop log lines of steps after `last_step` (written after the checkpoint a run resumes from)."""
+    """Drop log lines of steps after `last_step` (written after the checkpoint a run resumes from), and a last line
+    cut short by a kill."""
     if not os.path.exists(path):
         return
-    lines = [ln for ln in open(path) if ln.strip() and json.loads(ln).get("step", -1) <= last_step]
-    with open(path, "w") as f:
-        f.writelines(lines)
+    keep = []
+    for line in open(path, encoding="utf-8"):
+        try:
+            if json.loads(line).get("step", -1) <= last_step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:  # only a kill mid-write makes one, and only the last line
+            break
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)

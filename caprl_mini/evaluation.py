@@ -5,9 +5,9 @@ options, over *all* question types, the held-out ones (never in the reward) repo
 built-in world the captions are also parsed into facts and scored exactly: precision (stated facts that are
 true) and recall (true facts that are stated), so a reward bought with hallucinations shows up here.
 """
+import hashlib
 import random
 
-import torch
 
 from . import shapes
 from .judge import LETTERS, score_questions
@@ -17,18 +17,23 @@ from .sampling import decode, sample
 
 def caption_items(model, proc, items, batch_size=50, max_new_tokens=64, temperature=0.0, n=1, seed=0,
                   instruction=None):
-    """n captions per item (greedy when temperature is 0): list of lists of (caption, token count)."""
+    """n captions per item (greedy when temperature is 0): list of lists of (caption, token count). Sampled captions
+    of an item depend on (seed, its id) only, not on the batching."""
     out = []
-    gen = torch.Generator().manual_seed(seed)
     for i0 in range(0, len(items), batch_size):
         batch = items[i0:i0 + batch_size]
         kw = {"instruction": instruction} if instruction else {}
         prompt = encode_prompts(proc, [it["image"] for it in batch], **kw)
         prompt = {k: v.to(model.device) for k, v in prompt.items()}
-        s = sample(model, prompt, n, max_new_tokens, temperature, generator=gen)
+        s = sample(model, prompt, n, max_new_tokens, temperature, seeds=[item_seed(seed, it["id"]) for it in batch])
         caps, lens = decode(proc, s), s["mask"].sum(1).tolist()
         out += [list(zip(caps[j * n:(j + 1) * n], lens[j * n:(j + 1) * n])) for j in range(len(batch))]
     return out
+
+
+def item_seed(seed, item_id):
+    """A 63-bit seed from (seed, item id), the same in every process (Python's hash() of a str is not)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:8], "little") >> 1
 
 
 def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):

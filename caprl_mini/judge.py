@@ -222,12 +222,14 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
 def score_questions(model, tok, captions, questions, fmt, mode, rng, temperature=0.6, return_choice=False):
     """Ask the judge each (caption, question) row with shuffled options + abstain. Returns per row the score
     (argmax / sample: 1.0 if the gold option is chosen else 0.0; prob: the probability of the gold option),
-    or with return_choice the option text chosen (argmax / sample)."""
-    shuffled = [shuffle_options(q, rng) for q in questions]
+    or with return_choice the option text chosen (argmax / sample). rng: a random.Random, or one per row (then a
+    row's option shuffle and sampled answer depend on its own generator only)."""
+    rngs = rng if isinstance(rng, list) else [rng] * len(questions)
+    shuffled = [shuffle_options(q, r) for q, r in zip(questions, rngs)]
     posed = [{**q, "options": o} for q, (o, _) in zip(questions, shuffled)]
     logits = option_logits(model, tok, captions, posed, fmt) if model != "oracle" else _oracle_logits(captions, posed)
     out = []
-    for (opts, gold), z in zip(shuffled, logits):
+    for (opts, gold), z, r in zip(shuffled, logits, rngs):
         if mode == "prob":
             out.append(torch.softmax(z, 0)[gold].item())
             continue
@@ -235,7 +237,7 @@ def score_questions(model, tok, captions, questions, fmt, mode, rng, temperature
             k = int(z.argmax())
         elif mode == "sample":
             p = torch.softmax(z / temperature, 0).tolist()
-            k = rng.choices(range(len(p)), weights=p)[0]
+            k = r.choices(range(len(p)), weights=p)[0]
         else:
             raise ValueError(f"unknown judge reading mode {mode!r} (argmax, sample, prob)")
         out.append(opts[k] if return_choice else float(k == gold))  # abstain is never gold: it scores 0
@@ -253,14 +255,17 @@ def caption_rewards(judge, tok, captions, items, n_draws, fmt, mode, rng, types=
     """The CapRL reward of each caption: mean judge score over `n_draws` questions drawn with replacement from
     its image's MCQs (restricted to `types` when given: held-out types never enter the reward).
     Optional CapRL++ length term (length_bounds=(L1, L2), caption token counts in `tokens`): the reward is
-    multiplied by 1 up to L1 tokens, falling linearly to 0 at L2."""
-    rows_c, rows_q = [], []
-    for cap, item in zip(captions, items):
+    multiplied by 1 up to L1 tokens, falling linearly to 0 at L2. rng: a random.Random, or one per caption (then
+    a caption's reward does not depend on the other captions scored with it: torchrun ranks score their share)."""
+    rngs = rng if isinstance(rng, list) else [rng] * len(captions)
+    rows_c, rows_q, rows_rng = [], [], []
+    for cap, item, r in zip(captions, items, rngs):
         pool = [q for q in item["questions"] if types is None or q.get("type") in types] or item["questions"]
         for _ in range(n_draws):
             rows_c.append(cap)
-            rows_q.append(rng.choice(pool))
-    scores = torch.tensor(score_questions(judge, tok, rows_c, rows_q, fmt, mode, rng)).view(len(captions), n_draws)
+            rows_q.append(r.choice(pool))
+            rows_rng.append(r)
+    scores = torch.tensor(score_questions(judge, tok, rows_c, rows_q, fmt, mode, rows_rng)).view(len(captions), n_draws)
     reward = scores.mean(1)
     if length_bounds:
         l1, l2 = length_bounds

@@ -43,9 +43,11 @@ class ImageProcessorOnly(Qwen2_5_VLProcessor):
 
 
 def pick_device():
-    """cuda > mps > cpu, and bf16 where the device supports it (else fp32). Says what it picked."""
+    """cuda > mps > cpu, and bf16 where the device supports it (else fp32). Says what it picked. Under torchrun
+    each process takes the GPU of its LOCAL_RANK."""
     if torch.cuda.is_available():
-        dev = torch.device("cuda")
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(dev)
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
     elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         dev, dtype = torch.device("mps"), torch.float32

@@ -22,10 +22,12 @@ from .models import policy_hidden, rope_positions
 
 
 @torch.no_grad()
-def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, generator=None, stop_at_eos=True,
+def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seeds=None, stop_at_eos=True,
            static=None):
     """prompt: encode_prompts() output for B images. Returns dict of tokens (R, L), mask (R, L),
     logprobs (R, L) (0 where masked), truncated (R,) bool (no EOS within max_new_tokens).
+    seeds: one int per image; the G captions of image b are drawn from a generator seeded with seeds[b] alone, so
+    they do not depend on which other images share the batch (or the rank). None: seeds from torch's global RNG.
     stop_at_eos=False decodes exactly max_new_tokens per row, EOS included as ordinary text (benchmarks: fixed work).
     static: decode with a preallocated cache and a fixed batch (finished rows ride along, masked), the step compiled
     with CUDA graphs on a GPU; default: on CUDA. Otherwise a growing cache, and finished rows leave the batch."""
@@ -49,13 +51,17 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, gene
     else:
         cache.batch_repeat_interleave(G)  # (B, ...) -> (R, ...), rows grouped by image
         W = model.get_output_embeddings().weight.float()  # (V, D) fp32 once, not a per-step copy of bf16 weights
+    if temperature > 0:
+        seeds = torch.randint(2**62, (ids.shape[0],)).tolist() if seeds is None else seeds
+        gens = [torch.Generator(dev).manual_seed(int(sd)) for sd in seeds]
     alive = torch.arange(R, device=dev)  # original row index of each row still decoding (dynamic decode)
     finished = torch.zeros(R, dtype=torch.bool, device=dev)  # rows past their EOS (static decode)
     logits = step.logits(h) if static else unembed(h, W)
     for t in range(max_new_tokens):
         if temperature > 0:
             lp = torch.log_softmax(logits / temperature, -1)
-            tok = torch.multinomial(lp.exp(), 1, generator=generator)[:, 0]
+            u = torch.cat([torch.rand(G, generator=g, device=dev) for g in gens])[alive]  # one draw per row, all rows
+            tok = inverse_cdf(lp.exp(), u)
         else:
             lp = torch.log_softmax(logits, -1)
             tok = logits.argmax(-1)
@@ -85,6 +91,14 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, gene
     L = int(lengths.max())
     return {"tokens": tokens[:, :L], "mask": mask[:, :L], "logprobs": logps[:, :L] * mask[:, :L],
             "truncated": truncated}
+
+
+def inverse_cdf(probs, u):
+    """Token k of each row with cdf(k - 1) <= u * total < cdf(k): an exact draw from probs (r, V) given uniform u (r,);
+    what torch.multinomial does, with the uniforms supplied by the caller (right=True: a zero-probability token, an
+    empty step of the cdf, is not drawn)."""
+    cdf = probs.cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=probs.shape[1] - 1)
 
 
 def unembed(h, W):

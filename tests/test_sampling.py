@@ -32,7 +32,7 @@ def test_sampled_logprobs_equal_teacher_forced(tiny_policy_dir, G):
     model, proc = models.load_policy(tiny_policy_dir)
     prompt = models.encode_prompts(proc, mixed_images())
     assert prompt["attention_mask"].min() == 0  # really padded
-    out = sample(model, prompt, G, 16, 1.0, generator=torch.Generator().manual_seed(0))
+    out = sample(model, prompt, G, 16, 1.0, seeds=[0, 1, 2])
     with torch.no_grad():
         tf = teacher_forced_logprobs(model, prompt, out, G)
     diff = ((tf - out["logprobs"]) * out["mask"]).abs().max()
@@ -43,7 +43,7 @@ def test_sampled_logprobs_equal_teacher_forced_shipped_captioner():
     """Rows finish at different lengths (EOS), so finished rows are dropped from the cache mid-decode."""
     model, proc = models.load_policy(shipped("captioner"))
     prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(3)])
-    out = sample(model, prompt, 8, 64, 1.0, generator=torch.Generator().manual_seed(0))
+    out = sample(model, prompt, 8, 64, 1.0, seeds=[0, 1, 2])
     lengths = out["mask"].sum(1)
     assert lengths.min() < lengths.max() and not out["truncated"].all()
     with torch.no_grad():
@@ -54,9 +54,25 @@ def test_sampled_logprobs_equal_teacher_forced_shipped_captioner():
 def test_sampling_is_deterministic_under_a_seed(tiny_policy_dir):
     model, proc = models.load_policy(tiny_policy_dir)
     prompt = models.encode_prompts(proc, mixed_images())
-    a = sample(model, prompt, 3, 12, 1.0, generator=torch.Generator().manual_seed(5))
-    b = sample(model, prompt, 3, 12, 1.0, generator=torch.Generator().manual_seed(5))
+    a = sample(model, prompt, 3, 12, 1.0, seeds=[5, 6, 7])
+    b = sample(model, prompt, 3, 12, 1.0, seeds=[5, 6, 7])
     assert torch.equal(a["tokens"], b["tokens"])
+
+
+def test_an_images_captions_depend_on_its_seed_not_on_its_batch(tiny_policy_dir):
+    """Image b's captions come from seeds[b] alone: sampled with other images (a longer, left-padded batch) or on
+    its own, the same tokens; so torchrun ranks can split a step's images any way."""
+    model, proc = models.load_policy(tiny_policy_dir)
+    images = mixed_images()
+    together = sample(model, models.encode_prompts(proc, images), 3, 16, 1.0, seeds=[10, 11, 12])
+    for b in range(3):
+        alone = sample(model, models.encode_prompts(proc, images[b:b + 1]), 3, 16, 1.0, seeds=[10 + b])
+        rows = slice(3 * b, 3 * b + 3)
+        n = alone["tokens"].shape[1]
+        assert torch.equal(alone["tokens"], together["tokens"][rows, :n]), b
+        assert (together["mask"][rows, n:] == 0).all()
+    other = sample(model, models.encode_prompts(proc, images), 3, 16, 1.0, seeds=[10, 11, 99])
+    assert torch.equal(other["tokens"][:6], together["tokens"][:6]) and not torch.equal(other["tokens"], together["tokens"])
 
 
 def _generate(model, prompt, n):
@@ -100,7 +116,7 @@ def _assert_same_rollout(a, b, tokens=True):
 
 def test_static_decode_equals_dynamic(tiny_policy_dir):
     """The GPU path (preallocated cache, fixed batch; eager here) samples what the CPU path samples: greedy with
-    EOS, sampled at fixed length (the same random draws), and one decoder reused by calls whose prompts have other
+    EOS, sampled with and without EOS (the same random draws), and one decoder reused by calls whose prompts have other
     lengths (stale cache columns from the longer call must not leak into the shorter one)."""
     model, proc = models.load_policy(tiny_policy_dir)
     long_prompt = models.encode_prompts(proc, mixed_images())
@@ -109,9 +125,9 @@ def test_static_decode_equals_dynamic(tiny_policy_dir):
     assert short_prompt["input_ids"].shape[1] < long_prompt["input_ids"].shape[1]
     for prompt in (long_prompt, short_prompt):
         _assert_same_rollout(sample(model, prompt, 2, 12, 0, static=False), sample(model, prompt, 2, 12, 0, static=True))
-        a, b = (sample(model, prompt, 2, 12, 1.0, torch.Generator().manual_seed(3), stop_at_eos=False, static=s)
-                for s in (False, True))
-        _assert_same_rollout(a, b)
+        for stop in (False, True):  # every row draws every step on both paths, finished or not: same draws
+            a, b = (sample(model, prompt, 2, 12, 1.0, [3, 4, 5], stop_at_eos=stop, static=s) for s in (False, True))
+            _assert_same_rollout(a, b)
     assert len([d for d in [model.__dict__.get("_static_decoder")] if d is not None]) == 1
 
 
@@ -120,7 +136,7 @@ def test_static_decode_with_eos_matches_teacher_forced():
     ones, nothing after EOS is kept (padding), and greedy still equals generate."""
     model, proc = models.load_policy(shipped("captioner"))
     prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(3)])
-    out = sample(model, prompt, 8, 64, 1.0, generator=torch.Generator().manual_seed(0), static=True)
+    out = sample(model, prompt, 8, 64, 1.0, seeds=[0, 1, 2], static=True)
     lengths = out["mask"].sum(1)
     assert lengths.min() < lengths.max() and not out["truncated"].all()
     assert (out["tokens"][out["mask"] == 0] == proc.tokenizer.pad_token_id).all()

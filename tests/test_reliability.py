@@ -1,0 +1,165 @@
+"""Nothing lost under faults: SIGKILL at a random moment, Ctrl-C, a failed checkpoint write, non-finite rewards,
+and torchrun data parallelism matching one process. The real train_grpo.py as a subprocess, shipped captioner."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caprl_mini import checkpoint, models
+from conftest import shipped
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING = {"gen_tokens_per_s", "gen_seconds", "reward_seconds", "step_seconds"}
+COMMON = ["--judge", "oracle", "--images-per-step", "2", "--group-size", "4", "--max-new-tokens", "40",
+          "--eval-images", "0", "--lr", "1e-3", "--warmup-steps", "1", "--micro-batch-images", "1", "--steps", "4"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def train(*args, launcher=(sys.executable,)):
+    return subprocess.Popen([*launcher, os.path.join(ROOT, "train_grpo.py"), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, code=0):
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == code, out[-3000:]
+    return out
+
+
+def metrics(out):
+    return [{k: v for k, v in json.loads(ln).items() if k not in TIMING} for ln in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "final", "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 4-step run, and how long it took."""
+    out = str(tmp_path_factory.mktemp("ref") / "run")
+    t = time.time()
+    finish(train(*COMMON, "--save-every", "1", "--out", out))
+    return out, time.time() - t
+
+
+def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(reference, tmp_path):
+    """Killed twice at random moments (during start-up, a step, a checkpoint write or a log write), resumed each time:
+    the metrics and final weights equal the uninterrupted run's exactly."""
+    ref, seconds = reference
+    out, rng = str(tmp_path / "run"), random.Random()
+    delays = [rng.uniform(0.3, 1.0) * seconds for _ in range(2)]
+    for delay in delays:
+        p = train(*COMMON, "--save-every", "1", "--out", out, "--resume")
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+        p.communicate()
+    finish(train(*COMMON, "--save-every", "1", "--out", out, "--resume"))
+    assert metrics(out) == metrics(ref), f"kill delays {delays}"
+    a, b = weights(out), weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"kill delays {delays}"
+    assert not any(n.endswith(".tmp") for n in os.listdir(os.path.join(out, "checkpoints")))
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(reference, tmp_path):
+    ref, _ = reference
+    out = str(tmp_path / "run")
+    p = train(*COMMON, "--save-every", "0", "--out", out)
+    log = os.path.join(out, "metrics.jsonl")
+    while not (os.path.exists(log) and open(log).read().count("\n") >= 1):
+        assert p.poll() is None, p.communicate()[0][-3000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    text = finish(p, code=130)
+    done = len(metrics(out))
+    assert "checkpoint written" in text and done < 4
+    assert checkpoint.latest_checkpoint(out).endswith(f"step_{done:06d}")
+    finish(train(*COMMON, "--save-every", "0", "--out", out, "--resume"))
+    assert metrics(out) == metrics(ref)
+    a, b = weights(out), weights(ref)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkeypatch):
+    model, proc = models.load_policy(shipped("captioner"))
+    opt = torch.optim.AdamW(model.parameters())
+    first = checkpoint.save_checkpoint(str(tmp_path), 1, model, proc, opt)
+    before = {f: open(os.path.join(first, f), "rb").read() for f in os.listdir(first)}
+
+    def disk_full(obj, path):
+        open(path, "wb").write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match="No space left on device.*previous checkpoint is intact: .*step_000001"):
+        checkpoint.save_checkpoint(str(tmp_path), 2, model, proc, opt)
+    assert checkpoint.list_checkpoints(str(tmp_path)) == [first]
+    assert os.listdir(os.path.join(str(tmp_path), "checkpoints")) == ["step_000001"]  # no .tmp left
+    assert {f: open(os.path.join(first, f), "rb").read() for f in os.listdir(first)} == before
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    model, proc = models.load_policy(shipped("captioner"))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # tied: the embedding matrix
+    with pytest.raises(RuntimeError, match="non-finite weights in .*embed_tokens"):
+        checkpoint.save_checkpoint(str(tmp_path), 1, model, proc, torch.optim.AdamW(model.parameters()))
+    assert checkpoint.latest_checkpoint(str(tmp_path)) is None
+
+
+def test_cut_log_line_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "x": 1}\n{"step": 1, "x": 2}\n{"step": 2, "x"')
+    checkpoint.truncate_jsonl(str(path), 5)
+    assert [json.loads(ln)["step"] for ln in path.read_text().splitlines()] == [0, 1]
+
+
+def test_non_finite_rewards_skip_the_update(tmp_path):
+    """A judge whose weights hold a NaN gives NaN rewards: every update is skipped, logged and counted, and the
+    weights that reach the checkpoints are the initial ones."""
+    judge = str(tmp_path / "judge")
+    shutil.copytree(shipped("judge"), judge)
+    w = load_file(os.path.join(judge, "model.safetensors"))
+    name = next(k for k in w if "embed_tokens" in k)
+    w[name][:] = float("nan")
+    from safetensors.torch import save_file
+    save_file(w, os.path.join(judge, "model.safetensors"), metadata={"format": "pt"})
+    out = str(tmp_path / "run")
+    args = [a if a != "oracle" else judge for a in COMMON[:-1]] + ["2", "--save-every", "1", "--out", out]
+    text = finish(train(*args))
+    m = metrics(out)
+    assert [x["skipped"] for x in m] == ["non-finite reward"] * 2 and m[-1]["skipped_updates"] == 2
+    assert "update skipped (2 so far)" in text
+    w0 = load_file(os.path.join(shipped("captioner"), "model.safetensors"))
+    assert all(torch.equal(v, w0[k]) for k, v in weights(out).items())
+    state = checkpoint.load_trainer_state(checkpoint.latest_checkpoint(out))
+    assert state["skipped_updates"] == 2 and not state["optimizer"]["state"]  # AdamW never stepped
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path):
+    """2 gloo ranks on the CPU, 2 images each, against 1 process with all 4 images per step: the same captions and
+    rewards (rollouts seeded per image), the same loss and gradient norm, the same weights up to float rounding
+    of the gradient sum (summed in another order)."""
+    a, b = str(tmp_path / "one"), str(tmp_path / "two")
+    args = [*COMMON[:-1], "2", "--images-per-step", "4", "--save-every", "0"]
+    finish(train(*args, "--out", a))
+    finish(train(*args, "--out", b, launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")))
+    ma, mb = metrics(a), metrics(b)
+    for x, y in zip(ma, mb):
+        assert x["reward_mean"] == y["reward_mean"] and x["caption_tokens_mean"] == y["caption_tokens_mean"]
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5)
+    assert len(ma) == len(mb) == 2 and ma[0]["grad_norm"] > 0
+    wa, wb = weights(a), weights(b)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 1e-3: a real step moves ~1e-3
+    w0 = load_file(os.path.join(shipped("captioner"), "model.safetensors"))
+    assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-3
