@@ -10,12 +10,15 @@ exact fact precision / recall; several captioners side by side, optionally as on
 --captions-per-image n reports the mean over all captions (Prism's number) and best-of-n (per image, the best
 caption's accuracy). --captions JSONL ({"id", "caption"} per line, e.g. annotate.py's output, several lines per
 id allowed) evaluates captions without loading a captioner; every evaluated image's id must be in it.
+Under `torchrun --nproc_per_node N evaluate.py ...` rank r captions images r, r + N, ...; rank 0 gathers the
+captions, scores them and writes: the same results as one process (sampled captions are seeded per image).
 """
 import argparse
 import json
 import os
 
 import torch
+import torch.distributed as dist
 
 from caprl_mini.data import DataError, QAFile, World, read_captions
 from caprl_mini.evaluation import caption_items, evaluate_captions, print_table
@@ -42,21 +45,40 @@ parser.add_argument("--out", default="runs/eval", help="output folder for result
 parser.add_argument("--report", default=None, help="also write this self-contained HTML page (in --out if relative)")
 args = parser.parse_args()
 captioners = args.captioner or ([] if args.captions else [SFT_CAPTIONER])
+captioned = {}  # captioner path -> per image a list of (caption, tokens)
 assert args.captions_per_image == 1 or args.temperature > 0, "several captions per image need --temperature > 0"
 
+world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun
 device, dtype = pick_device()
-judge, jtok, meta = load_judge(args.judge, device, dtype)
-fmt = args.judge_format or meta["format"]
+if world > 1:
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+rank = dist.get_rank() if world > 1 else 0
 data = QAFile(args.data, args.image_root) if args.data else World("eval")
 items = [data[i] for i in range(min(args.images, len(data)))]
+for path in captioners:  # every rank captions its share; rank 0 keeps all captions
+    model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
+    model.eval()
+    with torch.no_grad():
+        mine = caption_items(model, proc, items[rank::world], max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, n=args.captions_per_image, seed=args.seed,
+                             instruction=args.instruction)
+    parts = [mine]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+    captioned[path] = [parts[i % world][i // world] for i in range(len(items))]
+    del model
+if world > 1:
+    dist.destroy_process_group()
+    if rank > 0:
+        raise SystemExit(0)
+
+judge, jtok, meta = load_judge(args.judge, device, dtype)
+fmt = args.judge_format or meta["format"]
 results, details = [], []  # details: per captioner, per image, the captions and the judge's answers
 for path in captioners + args.captions:
     if path in captioners:
-        model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
-        model.eval()
-        with torch.no_grad():
-            caps = caption_items(model, proc, items, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                 n=args.captions_per_image, seed=args.seed, instruction=args.instruction)
+        caps = captioned[path]
     else:
         by_id = read_captions(path)
         missing = [it["id"] for it in items if it["id"] not in by_id]

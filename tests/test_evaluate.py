@@ -43,3 +43,18 @@ def test_missing_caption_ids_are_named(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--data", qa, "--captions", ann,
                         "--out", str(tmp_path / "e")], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "ann.jsonl: no caption for 2 of the 3 images, e.g. 'shapes-eval-1'" in r.stderr
+
+
+def test_torchrun_two_ranks_evaluate_as_one_process(tmp_path):
+    """Rank r captions images r, r + 2, ...; rank 0 gathers and scores: sampled captions (seeded per image) and every
+    figure equal one process's."""
+    captioner, _ = shipped("captioner"), shipped("judge")
+    args = ["--captioner", captioner, "--images", "7", "--temperature", "1.0", "--captions-per-image", "2"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    script("evaluate.py", *args, "--out", one)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        os.path.join(ROOT, "evaluate.py"), *args, "--out", two], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = (json.load(open(os.path.join(d, "results.json")))["captioners"] for d in (one, two))
+    assert a == b and a[0]["qa_accuracy"] > 0
