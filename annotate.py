@@ -10,7 +10,8 @@ one image path per line. Each captioned image is appended and flushed as one JSO
 --out, so a killed run loses at most the batch in flight and never writes an id twice. Under torchrun, rank r of W
 takes the images whose position in the list is r mod W; all ranks append to the same file (one locked write per
 record). An image that cannot be read is skipped and recorded, with the reason, in OUT.errors.jsonl; reruns do not
-retry it (delete that file to retry).
+retry it (delete that file to retry). A bad line in a QA JSONL or list file stops the run with
+`error: <file>:<line>: ...` (exit status 2); with --skip-bad it is left out, listed and counted.
 Captions are greedy by default; with --temperature > 0 an image's caption depends on (--seed, its id) only, not on
 the batching or the rank.
 """
@@ -19,10 +20,9 @@ import os
 import time
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from caprl_mini.data import CaptionFile, list_images, load_image
+from caprl_mini.data import CaptionFile, DataError, list_images, load_image, print_skipped, user_errors
 from caprl_mini.evaluation import caption_items
 from caprl_mini.models import CAPTION_INSTRUCTION, load_policy, pick_device
 
@@ -38,6 +38,9 @@ parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the capt
 parser.add_argument("--min-pixels", type=int, default=None, help="images are resized to at least this many pixels")
 parser.add_argument("--max-pixels", type=int, default=None, help="... and at most this many")
 parser.add_argument("--seed", type=int, default=0, help="seed of sampling (with --temperature > 0)")
+parser.add_argument("--skip-bad", action="store_true",
+                    help="skip bad rows (QA JSONL / list file lines), list and count them in the summary instead of "
+                    "stopping; unreadable images are always skipped and listed in OUT.errors.jsonl")
 args = parser.parse_args()
 assert args.batch_size >= 1
 
@@ -45,8 +48,10 @@ rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1
 device, dtype = pick_device()
 if device.type != "cpu" and world > 1:
     device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", 0)))
-out, errors = CaptionFile(args.out), CaptionFile(args.out + ".errors.jsonl")
-todo = [im for k, im in enumerate(list_images(args.images, args.image_root)) if k % world == rank]
+skipped = [] if args.skip_bad else None  # --skip-bad: bad lines are listed here instead of stopping the run
+with user_errors():
+    out, errors = CaptionFile(args.out), CaptionFile(args.out + ".errors.jsonl", field="error")
+    todo = [im for k, im in enumerate(list_images(args.images, args.image_root, skipped)) if k % world == rank]
 before = len(todo)
 todo = [im for im in todo if im[0] not in out.done and im[0] not in errors.done]
 print(f"rank {rank}/{world}: {before} images in this shard, {before - len(todo)} already done or failed, "
@@ -63,7 +68,7 @@ for b0 in range(0, len(todo), args.batch_size):
         shown = ref if isinstance(ref, str) and len(ref) < 1024 else None  # a path, not inline bytes / base64
         try:
             items.append((image_id, shown, {"image": load_image(ref, root)}))
-        except (OSError, ValueError, Image.DecompressionBombError) as e:  # unreadable: record it, go on
+        except (OSError, DataError) as e:  # unreadable (missing, empty, corrupt, too large): record it, go on
             errors.append({"id": image_id, "image": shown, "error": f"{type(e).__name__}: {e}"})
             n_bad += 1
     if items:
@@ -77,6 +82,8 @@ for b0 in range(0, len(todo), args.batch_size):
     bar.update(len(batch))
     bar.set_postfix(errors=n_bad)
 bar.close()
+if rank == 0:
+    print_skipped(skipped)
 rate = (n_ok + n_bad) / max(1e-9, time.time() - t0)
 print(f"rank {rank}/{world}: captioned {n_ok}, unreadable {n_bad} (listed in {args.out}.errors.jsonl), "
       f"{rate:.1f} images/s; {args.out} now holds {len(CaptionFile(args.out).done)} ids")

@@ -16,6 +16,8 @@ filter  the paper's leak filter: every question is asked --filter-asks times wit
         questions a VLM answers right with the image, > 0.75; that needs a VLM judge and is not done here.)
 world   writes the built-in world as a QA JSONL with PNG files, optionally with a deliberately leaky question type
         (shapes.LEAKY_TYPE: "the object at the X is red. what color is the object at the X?").
+Bad input (a malformed line, a missing field, an unknown id) stops the run with `error: <file>:<line>: ...` and
+exit status 2; with --skip-bad such lines are left out, listed and counted instead.
 """
 import argparse
 import json
@@ -27,7 +29,8 @@ import torch
 from tqdm import tqdm
 
 from caprl_mini import shapes
-from caprl_mini.data import DataError, QAFile, write_qa, write_world_qa
+from caprl_mini.data import (DataError, QAFile, caption_records, print_skipped, skip_bad, user_errors, write_qa,
+                             write_world_qa)
 from caprl_mini.judge import caption_rewards, score_questions
 from caprl_mini.models import JUDGE, load_judge, pick_device
 
@@ -43,6 +46,8 @@ parser.add_argument("--questions-per-caption", type=int, default=8, help="N ques
 parser.add_argument("--all-types", action="store_true", help="built-in world: draw held-out question types too")
 parser.add_argument("--seed", type=int, default=0, help="seed of question draws and option shuffling")
 parser.add_argument("--out", default=None, help="output JSONL (score: default prints only the mean)")
+parser.add_argument("--skip-bad", action="store_true",
+                    help="skip bad rows, list and count them in the summary instead of stopping")
 # filter and world
 parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
 parser.add_argument("--filter-asks", type=int, default=4, help="filter: asks per question with an empty caption")
@@ -53,17 +58,37 @@ parser.add_argument("--images", type=int, default=300, help="world: number of im
 parser.add_argument("--split", default="eval", help="world: split of the built-in world")
 parser.add_argument("--leaky", action="store_true", help="world: add the leaky question type")
 args = parser.parse_args()
+skipped = [] if args.skip_bad else None  # --skip-bad: bad lines are listed here instead of stopping the run
 if args.command == "world":
     assert args.out, "world needs --out (the QA JSONL to write; images go next to it)"
     write_world_qa(args.out, args.images, args.split, args.leaky)
     print(f"wrote {args.images} images and {args.out}")
     sys.exit(0)
+assert args.command != "filter" or (args.data and args.out), "filter needs --data and --out"
+assert args.command != "score" or args.captions, "score needs --captions"
+with user_errors():  # the input is read and checked before the judge loads
+    qa = QAFile(args.data, args.image_root, skipped) if args.data else None
+    by_id = {row["id"]: i for i, row in enumerate(qa.rows)} if qa else None
+    records = []  # score: (id, caption, {"questions"}) per caption line
+    for rec in caption_records(args.captions, skipped) if args.command == "score" else []:
+        cid, where = rec["id"], rec["where"]
+        with skip_bad(skipped):
+            if qa:
+                if cid not in by_id:
+                    raise DataError(f"{where}: id {cid!r} is not in {args.data}")
+                questions = qa.rows[by_id[cid]]["questions"]
+            else:
+                m = re.fullmatch(r"shapes-(\w+)-(\d+)", cid)
+                if not m:
+                    raise DataError(f"{where}: id {cid!r} is not a built-in world id (shapes-<split>-<index>)")
+                questions = shapes.world_item(int(m.group(2)), m.group(1))["questions"]
+            records.append((cid, rec["caption"], {"questions": questions}))
+    if args.command == "score" and not records:
+        raise DataError(f"{args.captions}: no caption left to score")
 device, dtype = pick_device()
 judge, jtok, meta = load_judge(args.judge, device, dtype)
 fmt = args.judge_format or meta["format"]
 if args.command == "filter":
-    assert args.data and args.out, "filter needs --data and --out"
-    qa = QAFile(args.data, args.image_root)
     rows_q = [q for row in qa.rows for q in row["questions"]]
     rng = random.Random(args.seed)
     right = torch.zeros(len(rows_q))
@@ -83,35 +108,12 @@ if args.command == "filter":
         if qs:
             kept.append({**row, "questions": qs})
     write_qa(args.out, kept, qa.root)
+    print_skipped(skipped)
     for t, (d, n) in sorted(dropped.items()):
         print(f"{t:16s} dropped {d:5d} of {n:5d} ({d / n:.0%})")
     print(f"kept {sum(len(r['questions']) for r in kept)} of {len(rows_q)} questions, {len(kept)} of {len(qa)} "
           f"images (dropped {len(qa) - len(kept)} left without questions); wrote {args.out}")
     sys.exit(0)
-assert args.captions, "score needs --captions"
-
-if args.data:
-    qa = QAFile(args.data, args.image_root)
-    by_id = {row["id"]: i for i, row in enumerate(qa.rows)}
-records = []
-for n, line in enumerate(open(args.captions, encoding="utf-8"), 1):
-    if not line.strip():
-        continue
-    try:
-        rec = json.loads(line)
-        cid, cap = str(rec["id"]), rec["caption"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise DataError(f"{args.captions}:{n}: expected a JSON object with 'id' and 'caption'") from None
-    if args.data:
-        if cid not in by_id:
-            raise DataError(f"{args.captions}:{n}: id {cid!r} is not in {args.data}")
-        questions = qa.rows[by_id[cid]]["questions"]
-    else:
-        m = re.fullmatch(r"shapes-(\w+)-(\d+)", cid)
-        if not m:
-            raise DataError(f"{args.captions}:{n}: id {cid!r} is not a built-in world id (shapes-<split>-<index>)")
-        questions = shapes.world_item(int(m.group(2)), m.group(1))["questions"]
-    records.append((cid, cap, {"questions": questions}))
 
 types = None if (args.data or args.all_types) else shapes.REWARD_TYPES
 rewards = caption_rewards(judge, jtok, [c for _, c, _ in records], [it for _, _, it in records],
@@ -120,4 +122,5 @@ if args.out:
     with open(args.out, "w") as f:
         for (cid, cap, _), r in zip(records, rewards.tolist()):
             f.write(json.dumps({"id": cid, "caption": cap, "reward": r}) + "\n")
+print_skipped(skipped)
 print(f"{len(records)} captions, mean reward {rewards.mean().item():.4f}" + (f", wrote {args.out}" if args.out else ""))

@@ -32,7 +32,8 @@ The shipped judge is two runs (README, "warm-start models"): 3,000 steps of the 
 Caption JSONL (--captions): instead of the two stages, one stage on the given (image, caption) pairs, drawn at
 random with replacement. Images come from --data (a QA JSONL, by id) or from each record's "image" path (relative
 to --image-root, else the caption file's folder). The per-cell auxiliary loss needs the built-in world's scenes
-(a QA JSONL written by `reward.py world` has them); without scenes it is off.
+(a QA JSONL written by `reward.py world` has them); without scenes it is off. A bad line or image in these files
+stops the run with `error: <file>:<line>: ...` (exit status 2); with --skip-bad it is left out, listed and counted.
 
 Simplifications: fresh scenes every step (no epochs), one process, no resume (each stage runs in minutes).
 """
@@ -47,7 +48,8 @@ import torch
 import torch.nn.functional as F
 
 from caprl_mini import shapes
-from caprl_mini.data import DataError, QAFile, load_image, read_captions
+from caprl_mini.data import (DataError, QAFile, caption_records, load_image, print_skipped, skip_bad,
+                             user_errors)
 from caprl_mini.judge import answer_ids, prompt_ids, score_questions
 from caprl_mini.logprobs import token_logprobs
 from caprl_mini.models import (JUDGE, SFT_CAPTIONER, build_tiny_judge, build_tiny_policy, build_tokenizer,
@@ -68,6 +70,8 @@ parser.add_argument("--captions", default=None, help="captioner: train on this c
 parser.add_argument("--data", default=None, help="--captions: QA JSONL holding the images (and scenes) by id")
 parser.add_argument("--image-root", default=None, help="--captions without --data: folder image paths resolve to")
 parser.add_argument("--caption-steps", type=int, default=1000, help="--captions: training steps")
+parser.add_argument("--skip-bad", action="store_true",
+                    help="--captions: skip bad rows/images, list and count them in the summary instead of stopping")
 # judge
 parser.add_argument("--judge-steps", type=int, default=4000, help="judge training steps (length of its lr schedule)")
 parser.add_argument("--judge-stop-at", type=int, default=0, help="stop the judge early at this step (schedule kept)")
@@ -155,18 +159,25 @@ def world_batch(human):
 
 def caption_file_batch():
     """Batches drawn with replacement from a caption JSONL (+ its images, and scenes when --data has them)."""
-    by_id = read_captions(args.captions)
-    if args.data:
-        qa = QAFile(args.data, args.image_root)
-        index = {r["id"]: k for k, r in enumerate(qa.rows)}
-        missing = [i for i in by_id if i not in index]
-        if missing:
-            raise DataError(f"{args.captions}: {len(missing)} ids are not in {args.data}, e.g. {missing[0]!r}")
-        pairs = [(qa[index[i]], c) for i, caps in by_id.items() for c, _ in caps]
-    else:
+    skipped = [] if args.skip_bad else None  # --skip-bad: bad lines and images are listed here instead of stopping
+    with user_errors():
+        records = caption_records(args.captions, skipped)
+        if args.data:
+            qa = QAFile(args.data, args.image_root, skipped)
+            index = {r["id"]: k for k, r in enumerate(qa.rows)}
         root = args.image_root or os.path.dirname(os.path.abspath(args.captions))
-        recs = [json.loads(line) for line in open(args.captions, encoding="utf-8") if line.strip()]
-        pairs = [({"image": load_image(r["image"], root)}, r["caption"]) for r in recs]
+        pairs = []
+        for rec in records:
+            with skip_bad(skipped):
+                if args.data and rec["id"] not in index:
+                    raise DataError(f"{rec['where']}: id {rec['id']!r} is not in {args.data}")
+                if not args.data and "image" not in rec:
+                    raise DataError(f"{rec['where']}: no 'image' (give each record one, or --data with the images)")
+                item = qa[index[rec["id"]]] if args.data else {"image": load_image(rec["image"], root, rec["where"])}
+                pairs.append((item, rec["caption"]))
+        if not pairs:
+            raise DataError(f"{args.captions}: no (image, caption) pair left to train on")
+    print_skipped(skipped)
     print(f"{len(pairs)} (image, caption) pairs from {args.captions}")
 
     def draw(rng):
@@ -221,13 +232,14 @@ def captioner_stage(model, proc, steps, human, seed, draw):
 
 
 def train_captioner():
+    draw = caption_file_batch() if args.captions else None  # the data is read and checked before the model is built
     if args.init:
         model, proc = load_policy(args.init)
     else:
         model, proc = build_tiny_policy(world_tokenizer(), seed=args.seed)
     t0 = time.time()
     if args.captions:
-        captioner_stage(model, proc, args.caption_steps, human=True, seed=args.seed, draw=caption_file_batch())
+        captioner_stage(model, proc, args.caption_steps, human=True, seed=args.seed, draw=draw)
     else:
         if args.full_steps:
             captioner_stage(model, proc, args.full_steps, human=False, seed=args.seed, draw=world_batch(False))

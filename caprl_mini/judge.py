@@ -81,13 +81,14 @@ def user_message(caption, question, options, fmt):
     return text
 
 
-def prompt_ids(tok, caption, question, options, fmt):
+def prompt_ids(tok, caption, question, options, fmt, prefix_ids=None):
     """Token ids of (prefix, suffix): prefix = chat start + caption, shared by every question of a caption;
-    suffix = question (+ lettered options) + end of turn + assistant turn pre-filled with "The answer is"."""
+    suffix = question (+ lettered options) + end of turn + assistant turn pre-filled with "The answer is".
+    prefix_ids: the caption's prefix ids from an earlier call, so that a long caption is tokenized once."""
     msgs = [{"role": "user", "content": user_message(caption, question, options, fmt)}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
     prefix, suffix = text.split(_SPLIT)
-    return tok.encode(prefix, add_special_tokens=False), tok.encode(suffix, add_special_tokens=False)
+    return prefix_ids or tok.encode(prefix, add_special_tokens=False), tok.encode(suffix, add_special_tokens=False)
 
 
 def answer_ids(tok, option_text):
@@ -190,12 +191,14 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
     groups = [(c, rows[k:k + questions_per_row]) for c, rows in rows_of.items()
               for k in range(0, len(rows), questions_per_row)]
     answers = {o: answer_ids(tok, o) for q in questions for o in q["options"]} if fmt == "cloze" else {}
+    letter_ids = torch.tensor([_letter_id(tok, L) for L in LETTERS[:max(len(q["options"]) for q in questions)]]
+                              if fmt != "cloze" else [], dtype=torch.long, device=dev)
     for g0 in range(0, len(groups), captions_per_forward):
         packs = []
         for cap, rows in groups[g0:g0 + captions_per_forward]:
-            branches = []
+            branches, pre = [], None
             for i in rows:
-                pre, suf = prompt_ids(tok, cap, questions[i]["question"], questions[i]["options"], fmt)
+                pre, suf = prompt_ids(tok, cap, questions[i]["question"], questions[i]["options"], fmt, pre)
                 branches.append((suf, [answers[o] for o in questions[i]["options"]] if fmt == "cloze" else []))
             packs.append((rows, pack_tree(pre, branches)))
         h = packed_forward(model, [p for _, p in packs], tok.pad_token_id or 0)  # (C, L, D)
@@ -203,8 +206,7 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
         for b, (rows, (_, _, _, _, lasts, opt_idx)) in enumerate(packs):
             for i, last, idx in zip(rows, lasts, opt_idx):
                 if fmt != "cloze":  # letter, caprl: the logit of each option's letter
-                    letters = torch.tensor([_letter_id(tok, LETTERS[j]) for j in range(len(questions[i]["options"]))])
-                    out[i] = h[b, last].float() @ W[letters.to(dev)].float().T
+                    out[i] = h[b, last].float() @ W[letter_ids[:len(questions[i]["options"])]].float().T
                     continue
                 out[i] = torch.zeros(len(idx))
                 for k, (o, ix) in enumerate(zip(questions[i]["options"], idx)):
