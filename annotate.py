@@ -67,7 +67,7 @@ for b0 in range(0, len(todo), args.batch_size):
     for image_id, ref, root in batch:
         shown = ref if isinstance(ref, str) and len(ref) < 1024 else None  # a path, not inline bytes / base64
         try:
-            items.append((image_id, shown, {"image": load_image(ref, root)}))
+            items.append((image_id, shown, {"id": image_id, "image": load_image(ref, root)}))  # id: its sampling seed
         except (OSError, DataError) as e:  # unreadable (missing, empty, corrupt, too large): record it, go on
             errors.append({"id": image_id, "image": shown, "error": f"{type(e).__name__}: {e}"})
             n_bad += 1

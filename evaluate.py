@@ -20,7 +20,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from caprl_mini.data import DataError, QAFile, World, read_captions
+from caprl_mini.data import DataError, QAFile, World, print_skipped, read_captions, skip_bad, user_errors
 from caprl_mini.evaluation import caption_items, evaluate_captions, print_table
 from caprl_mini.report import write_report
 from caprl_mini.models import CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, load_judge, load_policy, pick_device
@@ -33,6 +33,9 @@ parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", 
                     help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
 parser.add_argument("--data", default=None, help="QA JSONL; without it, held-out images of the built-in world")
 parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
+parser.add_argument("--skip-bad", action="store_true",
+                    help="skip bad --data / --captions lines and unreadable images (listed and counted) instead of "
+                         "stopping with an error naming the file and line")
 parser.add_argument("--images", type=int, default=200, help="number of held-out images")
 parser.add_argument("--captions-per-image", type=int, default=1, help="captions per image (the paper: 4)")
 parser.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
@@ -46,15 +49,23 @@ parser.add_argument("--report", default=None, help="also write this self-contain
 args = parser.parse_args()
 captioners = args.captioner or ([] if args.captions else [SFT_CAPTIONER])
 captioned = {}  # captioner path -> per image a list of (caption, tokens)
-assert args.captions_per_image == 1 or args.temperature > 0, "several captions per image need --temperature > 0"
+if args.captions_per_image > 1 and args.temperature == 0:
+    parser.error("several captions per image need --temperature > 0")
 
 world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun
 device, dtype = pick_device()
 if world > 1:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 rank = dist.get_rank() if world > 1 else 0
-data = QAFile(args.data, args.image_root) if args.data else World("eval")
-items = [data[i] for i in range(min(args.images, len(data)))]
+skipped = [] if args.skip_bad else None  # (where, reason) of every bad line and image left out
+items = []
+with user_errors():
+    data = QAFile(args.data, args.image_root, skipped) if args.data else World("eval")
+    for i in range(len(data)):  # the first --images readable ones
+        if len(items) == args.images:
+            break
+        with skip_bad(skipped):
+            items.append(data[i])
 for path in captioners:  # every rank captions its share; rank 0 keeps all captions
     model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
     model.eval()
@@ -80,10 +91,12 @@ for path in captioners + args.captions:
     if path in captioners:
         caps = captioned[path]
     else:
-        by_id = read_captions(path)
-        missing = [it["id"] for it in items if it["id"] not in by_id]
-        if missing:
-            raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. {missing[0]!r}")
+        with user_errors():
+            by_id = read_captions(path, skipped)
+            missing = [it["id"] for it in items if it["id"] not in by_id]
+            if missing:
+                raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. "
+                                f"{missing[0]!r}")
         count = (lambda c: len(jtok.encode(c))) if jtok else (lambda c: len(c.split()))  # when not recorded
         caps = [[(c, n if n is not None else count(c)) for c, n in by_id[it["id"]]] for it in items]
     details.append([])
@@ -91,6 +104,7 @@ for path in captioners + args.captions:
 os.makedirs(args.out, exist_ok=True)
 json.dump({"captioners": results}, open(os.path.join(args.out, "results.json"), "w"), indent=1)
 print_table(results)
+print_skipped(skipped)
 print(f"wrote {os.path.join(args.out, 'results.json')}")
 if args.report:
     records = [{"id": it["id"], "image": it["image"], "scene": it.get("scene"),

@@ -41,6 +41,7 @@ Simplified on purpose: no LoRA, no value model, no reward server.
 """
 import argparse
 import copy
+import itertools
 import json
 import math
 import os
@@ -54,7 +55,7 @@ import torch.distributed as dist
 
 from caprl_mini import shapes
 from caprl_mini.checkpoint import (latest_checkpoint, load_trainer_state, save_checkpoint, truncate_jsonl)
-from caprl_mini.data import QAFile, World
+from caprl_mini.data import DataError, QAFile, World, print_skipped, skip_bad, user_errors
 from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, print_table
 from caprl_mini.grpo import advantages, policy_loss
 from caprl_mini.judge import caption_rewards
@@ -70,6 +71,9 @@ parser.add_argument("--policy", default=SFT_CAPTIONER, help="captioner: folder o
 parser.add_argument("--judge", default=JUDGE, help="judge: folder or hub id of a chat LM, or 'oracle' (built-in world)")
 parser.add_argument("--data", default=None, help="QA JSONL; without it the built-in shapes world supplies images")
 parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
+parser.add_argument("--skip-bad", action="store_true",
+                    help="skip bad --data lines and unreadable images (each listed once, counted at the end) instead "
+                         "of stopping with an error naming the file and line")
 parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction (the paper's)")
 parser.add_argument("--min-pixels", type=int, default=None,
                     help="images are resized to at least this many pixels (default: the processor's)")
@@ -124,9 +128,10 @@ parser.add_argument("--seed", type=int, default=0, help="seed of everything rand
 parser.add_argument("--eval-images", type=int, default=200, help="held-out images in the final evaluation (0: none)")
 parser.add_argument("--log-samples", type=int, default=4, help="captions per step written to samples.jsonl")
 args = parser.parse_args()
-assert args.micro_batch_images >= 1 and args.images_per_step % args.micro_batch_images == 0, \
-    "--images-per-step must be a multiple of --micro-batch-images"
-assert args.group_size >= 2, "GRPO needs at least 2 captions per image"
+if args.micro_batch_images < 1 or args.images_per_step % args.micro_batch_images:
+    parser.error("--images-per-step must be a multiple of --micro-batch-images")
+if args.group_size < 2:
+    parser.error("GRPO needs at least 2 captions per image (--group-size)")
 
 # ---------------------------------------------------------------- setup
 world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE, RANK, LOCAL_RANK
@@ -134,8 +139,8 @@ device, dtype = pick_device()
 if world > 1:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 rank = dist.get_rank() if world > 1 else 0
-assert args.images_per_step % (world * args.micro_batch_images) == 0, \
-    "--images-per-step must be a multiple of (ranks x --micro-batch-images)"
+if args.images_per_step % (world * args.micro_batch_images):
+    parser.error(f"--images-per-step must be a multiple of {world} ranks x --micro-batch-images")
 pdtype = torch.float32 if args.policy_dtype == "fp32" else torch.bfloat16
 amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != pdtype)  # mixed precision: fp32 weights, bf16 math
 os.makedirs(args.out, exist_ok=True)
@@ -162,7 +167,10 @@ elif rank == 0:
         open(os.path.join(args.out, name), "w").close()
 if rank == 0:
     json.dump(vars(args), open(os.path.join(args.out, "config.json"), "w"), indent=1)
-data = QAFile(args.data, args.image_root) if args.data else World("train")
+skipped = [] if args.skip_bad else None  # (where, reason) of every bad line and image left out
+with user_errors():
+    data = QAFile(args.data, args.image_root, skipped) if args.data else World("train")
+bad_images = set()  # indices found unreadable (--skip-bad): never tried again
 reward_types = None if args.data else shapes.REWARD_TYPES
 W = model.get_output_embeddings().weight
 B, G = args.images_per_step, args.group_size
@@ -197,9 +205,24 @@ def all_cat(x):
 
 
 def step_items(step):
-    """The step's images: drawn from (seed, step) alone, so a resumed run sees the same ones."""
+    """The step's images: drawn from (seed, step) alone, so a resumed run (or any rank) sees the same ones. Only
+    this rank's share is loaded."""
     rng = random.Random(f"{args.seed}:images:{step}")
-    return [data[rng.randrange(len(data))] for _ in range(B)]
+    picks = [rng.randrange(len(data)) for _ in range(B)]
+    return [load(i) for i in picks[rank * Bl:rank * Bl + Bl]]
+
+
+def load(i):
+    """Item i; with --skip-bad, if its image cannot be read, the next readable item (the same on every rank and on
+    resume: it depends on the data alone)."""
+    for j in itertools.chain(range(i, len(data)), range(i)) if args.skip_bad else [i]:
+        if j in bad_images:
+            continue
+        with skip_bad(skipped):
+            return data[j]
+        bad_images.add(j)
+        print(f"skipped (--skip-bad): {': '.join(skipped[-1])}", flush=True)
+    raise DataError(f"{args.data}: no readable image left")
 
 
 def lr_at(step):
@@ -227,7 +250,8 @@ def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
 for step in range(start, args.steps):
     t0 = time.time()
     mine = range(rank * Bl, rank * Bl + Bl)  # this rank's share of the step's images (global positions)
-    items = [step_items(step)[b] for b in mine]
+    with user_errors():
+        items = step_items(step)
     prompt = {k: v.to(device) for k, v in encode_prompts(proc, [it["image"] for it in items], args.instruction).items()}
     model.eval()
     with amp:  # image b's G captions are drawn with the seed (seed, step, b): independent of the other images
@@ -287,11 +311,11 @@ for step in range(start, args.steps):
                 dist.all_reduce(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
         loss_total = all_sum(loss_total).item()
-        skipped = None if finite_reward and math.isfinite(loss_total) and math.isfinite(grad_norm) else \
+        skip_reason = None if finite_reward and math.isfinite(loss_total) and math.isfinite(grad_norm) else \
             "non-finite " + ("reward" if not finite_reward else "loss" if not math.isfinite(loss_total) else "gradient")
-        if skipped:  # a NaN/inf step must not touch the weights or AdamW's state
+        if skip_reason:  # a NaN/inf step must not touch the weights or AdamW's state
             n_skipped += 1
-            print(f"step {step}: {skipped}, update skipped ({n_skipped} so far)", flush=True)
+            print(f"step {step}: {skip_reason}, update skipped ({n_skipped} so far)", flush=True)
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout needs the memory
@@ -304,7 +328,7 @@ for step in range(start, args.steps):
                "entropy": all_sum(ent_sum).item() / max(1, n_mask),
                "ratio_mean": stats["ratio_sum"] / max(1, stats["tokens"]),
                "clip_frac": stats["clipped"] / max(1, stats["tokens"]), "loss": loss_total,
-               "grad_norm": grad_norm, "lr": lr_at(step), "skipped": skipped, "skipped_updates": n_skipped,
+               "grad_norm": grad_norm, "lr": lr_at(step), "skipped": skip_reason, "skipped_updates": n_skipped,
                "gen_tokens_per_s": n_mask / t_gen, "gen_seconds": t_gen, "reward_seconds": t_reward,
                "step_seconds": step_s}
     if peak_memory_gib(device) is not None:
@@ -333,6 +357,7 @@ if world > 1:
     dist.destroy_process_group()
     if rank > 0:
         sys.exit(0)  # rank 0 saves and evaluates
+print_skipped(skipped)
 if args.save_final:
     save_model(model, proc, final)
     save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped})

@@ -101,7 +101,7 @@ def _read_lines(path, f, parse, skipped, what=None, key=None):
 
 def _json_object(line, where):
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip())  # without the newline, so that a cut line's column is on this line
     except json.JSONDecodeError as e:
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
@@ -135,9 +135,10 @@ def _question(q, where):
     opts = [str(o) for o in opts]
     if len(set(opts)) < len(opts):  # the judge could pick the gold text under the wrong letter
         raise DataError(f"{where}: options repeat ({opts!r}); each option must be different")
-    if not (isinstance(ans, str) and ans.strip().upper()[:1] in LETTERS[:len(opts)] and len(ans.strip()) == 1):
+    letter = ans.strip().upper() if isinstance(ans, str) else None  # upper() can lengthen: "ﬀ" -> "FF"
+    if letter is None or len(letter) != 1 or letter not in LETTERS[:len(opts)]:
         raise DataError(f"{where}: answer {ans!r} is not one of the option letters {LETTERS[:len(opts)]}")
-    return {"question": q["question"], "options": opts, "answer": ans.strip().upper(), "type": q.get("type", "qa")}
+    return {"question": q["question"], "options": opts, "answer": letter, "type": q.get("type", "qa")}
 
 
 def to_rgb(img):
@@ -167,7 +168,8 @@ def load_image(ref, root, where=None):
         try:
             raw = ref if isinstance(ref, (bytes, bytearray)) else base64.b64decode(ref, validate=True)
         except (binascii.Error, ValueError, TypeError):  # neither an existing file nor base64: a missing file
-            raise DataError(prefix + f"no such file {os.path.join(root, str(ref))!r}") from None
+            raise DataError(prefix + f"no such file {os.path.join(root, str(ref))!r} (relative paths resolve against "
+                            "--image-root, else the folder of the file that lists them)") from None
     if not raw:
         raise DataError(prefix + "the file is empty")
     try:

@@ -1,0 +1,270 @@
+"""Bad input wherever data enters (QA JSONL, images, list files, caption JSONL): a DataError naming the file and line
+(or the image) and what to fix, or, with a `skipped` list (--skip-bad), the bad line left out, listed and counted
+while the good ones load. Scripts end such errors with `error: ...` and exit status 2, never a traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caprl_mini.data import (CaptionFile, DataError, QAFile, list_images, load_image, read_captions, skip_bad,
+                             user_errors)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(path, *lines):
+    """One line per entry: a dict as JSON, text as is, bytes raw (to write what is not UTF-8)."""
+    with open(path, "wb") as f:
+        for x in lines:
+            x = json.dumps(x) if isinstance(x, dict) else x
+            f.write((x if isinstance(x, bytes) else x.encode()) + b"\n")
+    return str(path)
+
+
+def row(id_="a", image="img.png", **question):
+    return {"id": id_, "image": image, "questions": [{"question": "what?", "options": ["x", "y", "z"], "answer": "B",
+                                                      **question}]}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(tmp_path / "img.png")
+    return tmp_path
+
+
+# ---------------------------------------------------------------- QA JSONL lines
+QA_BAD = {
+    "malformed JSON": ('{"id": "b", "image": ', "not valid JSON (Expecting value at column 21)"),
+    "not UTF-8": (b'{"id": "b\xe9"}', "not UTF-8 (byte 10 of the line is 0xe9); save the file as UTF-8"),
+    "not an object": ("[1, 2]", "a line must be a JSON object"),
+    "no image": ({"id": "b", "questions": row()["questions"]}, "needs 'image' (or 'images')"),
+    "no questions": ({"id": "b", "image": "img.png"}, "a non-empty 'questions' list"),
+    "no question text": (row("b", question=None), "each question needs a 'question' field (text)"),
+    "answer not an option": (row("b", answer="D"), "answer 'D' is not one of the option letters ABC"),
+    "one option": (row("b", options=["x"], answer="A"), "a question needs at least two options"),
+    "repeated options": (row("b", options=["x", "y", "x"]), "options repeat (['x', 'y', 'x'])"),
+    "duplicate id": (row("a"), "duplicate id 'a' (first on line 1); ids must be unique"),
+}
+
+
+@pytest.mark.parametrize("kind", QA_BAD)
+def test_bad_qa_line_names_file_and_line_or_is_skipped(folder, kind):
+    bad, message = QA_BAD[kind]
+    path = write(folder / "qa.jsonl", row("a"), bad, row("c"))
+    with pytest.raises(DataError) as e:
+        QAFile(path)
+    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
+    skipped = []
+    qa = QAFile(path, skipped=skipped)
+    assert [r["id"] for r in qa.rows] == ["a", "c"] and qa[1]["image"].size == (8, 8)
+    assert len(skipped) == 1 and skipped[0][0] == f"{path}:2" and message in skipped[0][1]
+
+
+def test_empty_files_say_so(tmp_path):
+    qa, caps, paths = (write(tmp_path / name, "", "  ") for name in ("qa.jsonl", "caps.jsonl", "list.txt"))
+    with pytest.raises(DataError, match=f"^{qa}: no rows$"):
+        QAFile(qa)
+    with pytest.raises(DataError, match=f"^{caps}: no captions$"):
+        read_captions(caps)
+    with pytest.raises(DataError, match=f"^{paths}: no image paths$"):
+        list_images(paths)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no image files in this folder"):
+        list_images(str(tmp_path / "empty"))
+
+
+def test_every_line_bad_under_skip_says_why_nothing_is_left(tmp_path):
+    path = write(tmp_path / "qa.jsonl", "{", "[]")
+    skipped = []
+    with pytest.raises(DataError, match=f"{path}: no rows left: every line was bad, e.g. {path}:2: a line must be"):
+        QAFile(path, skipped=skipped)
+    assert [w for w, _ in skipped] == [f"{path}:1", f"{path}:2"]
+
+
+# ---------------------------------------------------------------- images
+def truncated_png(path):
+    Image.effect_noise((64, 64), 50).convert("RGB").save(path)  # noise: does not compress to a few bytes
+    raw = open(path, "rb").read()
+    open(path, "wb").write(raw[: len(raw) // 2])
+
+
+IMAGE_BAD = {
+    "missing": ("nope.png", None, "no such file"),
+    "truncated": ("trunc.png", truncated_png, "truncated or corrupt"),
+    "text named .jpg": ("text.jpg", lambda p: open(p, "w").write("not an image\n"), "not an image"),
+    "empty file": ("empty.png", lambda p: open(p, "wb").close(), "the file is empty"),
+}
+
+
+@pytest.mark.parametrize("kind", IMAGE_BAD)
+def test_unreadable_image_names_row_and_image_or_is_skipped(folder, kind):
+    name, make, message = IMAGE_BAD[kind]
+    if make:
+        make(str(folder / name))
+    qa = QAFile(write(folder / "qa.jsonl", row("a"), row("b", image=name)))
+    with pytest.raises(DataError) as e:
+        qa[1]
+    assert str(e.value).startswith(f"{qa.path}:2: cannot read image {name!r}: ") and message in str(e.value)
+    with pytest.raises(DataError, match=f"cannot read image {name!r}: .*{message}"):  # as annotate.py reads it
+        load_image(name, str(folder))
+    skipped, items = [], []
+    for i in range(len(qa)):
+        with skip_bad(skipped):
+            items.append(qa[i])
+    assert [it["id"] for it in items] == ["a"] and [w for w, _ in skipped] == [f"{qa.path}:2"]
+
+
+@pytest.mark.parametrize("side", [12, 20])  # PIL warns above its limit and refuses above twice it: both are errors
+def test_oversized_image_is_refused_with_the_limit_and_how_to_raise_it(folder, monkeypatch, side):
+    Image.new("RGB", (side, side)).save(folder / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    qa = QAFile(write(folder / "qa.jsonl", row("a", image="big.png")))
+    with pytest.raises(DataError, match=f"^{qa.path}:1: cannot read image 'big.png': more than 100 pixels .* "
+                                        "raise the limit with the environment variable CAPRL_MAX_IMAGE_PIXELS"):
+        qa[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", side * side)
+    assert qa[0]["image"].size == (side, side)
+
+
+def palette_with_transparency():
+    img = Image.new("P", (2, 1))
+    img.putpalette([10, 200, 30, 0, 0, 0] + [0] * 762)
+    img.putpixel((1, 0), 1)
+    img.info["transparency"] = 1
+    return img
+
+
+MODES = {  # image, file suffix, its two pixels as RGB
+    "RGBA": (Image.frombytes("RGBA", (2, 1), bytes([0, 0, 0, 0, 255, 0, 0, 128])), ".png",
+             [(255, 255, 255), (255, 127, 127)]),  # transparent -> white, half-transparent red on white
+    "P with transparency": (palette_with_transparency(), ".png", [(10, 200, 30), (255, 255, 255)]),
+    "L": (Image.frombytes("L", (2, 1), bytes([0, 100])), ".png", [(0, 0, 0), (100, 100, 100)]),
+    "LA": (Image.frombytes("LA", (2, 1), bytes([0, 0, 100, 255])), ".png", [(255, 255, 255), (100, 100, 100)]),
+    "I;16": (Image.fromarray(np.array([[32768, 65535]], dtype=np.uint16)), ".png", [(127, 127, 127), (255,) * 3]),
+    "I": (Image.fromarray(np.array([[32768, 0]], dtype=np.int32)), ".tif", [(127, 127, 127), (0, 0, 0)]),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unusual_modes_load_as_the_rgb_they_look_like(tmp_path, mode):
+    """16-bit mid-gray stays mid-gray (a plain convert clips it to white); transparency is white, not black."""
+    img, suffix, pixels = MODES[mode]
+    img.save(tmp_path / f"x{suffix}")
+    assert Image.open(tmp_path / f"x{suffix}").mode == mode.split()[0]  # the file really holds this mode
+    rgb = load_image(f"x{suffix}", str(tmp_path))
+    assert rgb.mode == "RGB"
+    for x, want in enumerate(pixels):
+        assert max(abs(a - b) for a, b in zip(rgb.getpixel((x, 0)), want)) <= 1, (x, rgb.getpixel((x, 0)), want)
+
+
+# ---------------------------------------------------------------- caption JSONL and list files
+CAPTION_BAD = {
+    "malformed JSON": ('{"id": "b", "caption": "x"', "not valid JSON"),
+    "not UTF-8": (b'{"id": "b", "caption": "caf\xe9"}', "not UTF-8 (byte 28 of the line is 0xe9)"),
+    "no caption": ({"id": "b"}, "expected a JSON object with 'id' and 'caption' (text); fix or delete the line"),
+    "no id": ({"caption": "a red star."}, "expected a JSON object with 'id' and 'caption'"),
+    "empty caption": ({"id": "b", "caption": " \n\t"}, "empty caption; delete the line (or skip it with --skip-bad)"),
+    "tokens not a number": ({"id": "b", "caption": "x", "tokens": "many"}, "'tokens' must be a whole number"),
+}
+
+
+@pytest.mark.parametrize("kind", CAPTION_BAD)
+def test_bad_caption_line_names_file_and_line_or_is_skipped(tmp_path, kind):
+    bad, message = CAPTION_BAD[kind]
+    path = write(tmp_path / "caps.jsonl", {"id": "a", "caption": "one.", "tokens": 2}, bad,
+                 {"id": "a", "caption": "two."})
+    with pytest.raises(DataError) as e:
+        read_captions(path)
+    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)
+    skipped = []
+    assert read_captions(path, skipped) == {"a": [("one.", 2), ("two.", None)]}  # several per id: kept, in order
+    assert len(skipped) == 1 and skipped[0][0] == f"{path}:2" and message in skipped[0][1]
+
+
+def test_caption_file_refuses_a_record_without_its_field_and_text_that_is_not_utf8(tmp_path):
+    path = write(tmp_path / "caps.jsonl", {"id": "a", "caption": "x"}, {"id": "b", "error": "unreadable"})
+    with pytest.raises(DataError, match=f"^{path}:2: expected a JSON object with 'id' and 'caption'"):
+        CaptionFile(path)
+    errors = write(tmp_path / "caps.errors.jsonl", {"id": "b", "error": "unreadable"})
+    assert CaptionFile(errors, field="error").done == {"b"}  # annotate.py's errors file
+    write(path, {"id": "a", "caption": "x"}, b'{"id": "\xff", "caption": "y"}')
+    with pytest.raises(DataError, match=f"^{path}:2: not UTF-8"):
+        CaptionFile(path)
+
+
+def test_bad_list_file_lines_name_file_and_line_or_are_skipped(folder):
+    path = write(folder / "list.txt", "img.png", b"caf\xe9.png", "img.png", "other.png")
+    with pytest.raises(DataError, match=f"^{path}:2: not UTF-8 \\(byte 4 of the line is 0xe9\\)"):
+        list_images(path)
+    skipped = []
+    assert [i for i, _, _ in list_images(path, skipped=skipped)] == ["img.png", "other.png"]
+    assert [w for w, _ in skipped] == [f"{path}:2", f"{path}:3"]
+    assert "duplicate id 'img.png' (first on line 1)" in skipped[1][1]
+
+
+def test_user_errors_is_one_line_and_exit_status_2(tmp_path, capsys):
+    for error, line in [(DataError("qa.jsonl:3: answer 'E' is not ..."), "error: qa.jsonl:3: answer 'E' is not ...\n"),
+                        (None, f"error: {tmp_path / 'nope.jsonl'}: No such file or directory\n")]:
+        with pytest.raises(SystemExit) as e, user_errors():
+            if error:
+                raise error
+            QAFile(str(tmp_path / "nope.jsonl"))
+        assert e.value.code == 2 and capsys.readouterr().err == line
+
+
+# ---------------------------------------------------------------- scripts
+def script(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("name", ["reward.py", "sft.py", "annotate.py", "train_grpo.py", "evaluate.py"])
+def test_scripts_end_bad_input_with_one_error_line_and_status_2(folder, name):
+    qa = write(folder / "qa.jsonl", row("a"), row("b", answer="Z"))
+    caps = write(folder / "caps.jsonl", {"id": "a", "caption": "a red square."}, {"id": "b", "caption": ""})
+    args = {"reward.py": ["filter", "--data", qa, "--judge", "oracle", "--out", str(folder / "out.jsonl")],
+            "sft.py": ["captioner", "--captions", caps, "--out", str(folder / "student"), "--caption-steps", "1"],
+            "annotate.py": ["--model", "unused", "--images", qa, "--out", str(folder / "out.jsonl")],
+            "train_grpo.py": ["--data", qa, "--judge", "oracle", "--out", str(folder / "run")],
+            "evaluate.py": ["--data", qa, "--judge", "oracle", "--out", str(folder / "eval")]}[name]
+    r = script(name, *args)
+    bad = f"{caps}:2: empty caption" if name == "sft.py" else f"{qa}:2: answer 'Z' is not one of the option letters"
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {bad}"), r.stderr[-3000:]
+
+
+def test_reward_score_skip_bad_lists_and_counts_the_bad_lines(tmp_path):
+    caps = write(tmp_path / "caps.jsonl", {"id": "shapes-eval-0", "caption": "one object."},
+                 {"id": "shapes-eval-1", "caption": ""}, {"id": "not-a-world-id", "caption": "x."}, "{",
+                 {"id": "shapes-eval-2", "caption": "a red star at the center."})
+    r = script("reward.py", "score", "--captions", caps, "--judge", "oracle", "--skip-bad")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "skipped 3 bad rows / images (--skip-bad):" in r.stdout
+    for n, why in [(2, "empty caption"), (3, "id 'not-a-world-id' is not a built-in world id"), (4, "not valid JSON")]:
+        assert f"  {caps}:{n}: {why}" in r.stdout
+    assert "2 captions, mean reward" in r.stdout
+
+
+def test_training_with_skip_bad_replaces_unreadable_images_and_lists_every_bad_row(tmp_path):
+    """A bad line is left out at load; an unreadable image, met when a step draws it, is replaced by the next readable
+    one, every step (the bug this caught: the list of skipped rows was overwritten after the first step)."""
+    rows = [row(str(i), f"{i}.png") for i in range(3)]
+    for i in range(3):
+        Image.new("RGB", (28, 28), (40 * i, 30, 30)).save(tmp_path / f"{i}.png")
+    truncated_png(tmp_path / "1.png")
+    qa = write(tmp_path / "qa.jsonl", *rows, row("3", answer="Z"))
+    args = ["train_grpo.py", "--data", qa, "--steps", "3", "--images-per-step", "3", "--group-size", "2",
+            "--micro-batch-images", "1", "--max-new-tokens", "8", "--eval-images", "0", "--save-final", "0",
+            "--out", str(tmp_path / "run")]
+    r = script(*args)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {qa}:4: answer 'Z'")
+    r = script(*args, "--skip-bad")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("skipped (--skip-bad): ") == 1  # the bad image is reported once, then never tried again
+    assert "skipped 2 bad rows / images (--skip-bad):" in r.stdout
+    assert f"  {qa}:4: answer 'Z'" in r.stdout and f"  {qa}:2: cannot read image '1.png'" in r.stdout
+    assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 3
