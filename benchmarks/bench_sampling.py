@@ -21,6 +21,7 @@ random-init (no download; speed does not depend on weight values). The last line
 figures ("speedup": the default sampler's tokens/s over generate's, the smallest over the models).
 """
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -107,10 +108,10 @@ def copy_bandwidth():
     return 2 * x.numel() * x.element_size() / best
 
 
-def rollout(model, prompt, mm, gen, method, n):
+def rollout(model, prompt, mm, seed, method, n):
     """(R, n) new tokens and how many of them are caption tokens (up to and including EOS)."""
     if method.startswith("sampler"):  # "sampler": the default decode of the device, "sampler-dynamic": CPU's on GPU
-        out = sample(model, prompt, G, n, 1.0, gen, stop_at_eos=bool(args.stop_at_eos),
+        out = sample(model, prompt, G, n, 1.0, seeds=[next(seed) for _ in range(B)], stop_at_eos=bool(args.stop_at_eos),
                      static=False if method == "sampler-dynamic" else None)
         return out["tokens"], int(out["mask"].sum())
     fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
@@ -129,7 +130,7 @@ for name in names:
     prompt = {k: v.to(dev) for k, v in models.encode_prompts(proc, images).items()}
     prompt["pixel_values"] = prompt["pixel_values"].to(dtype)
     mm = (prompt["input_ids"] == model.config.image_token_id).int()
-    gen = torch.Generator(dev).manual_seed(0)
+    seed = itertools.count()  # fresh per-image seeds for every sampler call
     runs = [(m, n) for m in methods for n in (L, 1)]  # 1 token: the prefill (and one lm head)
     times, rates = {r: [] for r in runs}, {r: [] for r in runs}
     for r in range(args.repeats + 1):  # the first round warms up (allocator, kernels) and is not counted
@@ -137,7 +138,7 @@ for name in names:
             sync()
             t = time.perf_counter()
             with torch.no_grad():
-                out, n_tokens = rollout(model, prompt, mm, gen, m, n)
+                out, n_tokens = rollout(model, prompt, mm, seed, m, n)
             sync()
             t = time.perf_counter() - t
             assert out.shape[0] == B * G and (args.stop_at_eos or n_tokens == B * G * n), (m, out.shape, n_tokens)
