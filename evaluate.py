@@ -67,7 +67,8 @@ with user_errors():
         with skip_bad(skipped):
             items.append(data[i])
 for path in captioners:  # every rank captions its share; rank 0 keeps all captions
-    model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
+    with user_errors():
+        model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
     model.eval()
     with torch.no_grad():
         mine = caption_items(model, proc, items[rank::world], max_new_tokens=args.max_new_tokens,
@@ -84,7 +85,8 @@ if world > 1:
     if rank > 0:
         raise SystemExit(0)
 
-judge, jtok, meta = load_judge(args.judge, device, dtype)
+with user_errors():
+    judge, jtok, meta = load_judge(args.judge, device, dtype)
 fmt = args.judge_format or meta["format"]
 results, details = [], []  # details: per captioner, per image, the captions and the judge's answers
 for path in captioners + args.captions:

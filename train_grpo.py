@@ -147,9 +147,10 @@ os.makedirs(args.out, exist_ok=True)
 start, n_skipped = 0, 0
 ckpt = latest_checkpoint(args.out) if args.resume else None
 pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
-model, proc = load_policy(ckpt or args.policy, device, pdtype, **pixels)
+with user_errors():  # a mistyped model path: one line, not the hub client's traceback
+    model, proc = load_policy(ckpt or args.policy, device, pdtype, **pixels)
+    judge, jtok, meta = load_judge(args.judge, device, dtype)  # inference only, in the device's dtype
 params = prepare_for_training(model, args.gradient_checkpointing, args.freeze_vision)
-judge, jtok, meta = load_judge(args.judge, device, dtype)  # inference only, in the device's dtype
 jfmt = args.judge_format or meta["format"]
 ref_model = copy.deepcopy(model).eval() if args.beta > 0 else None  # frozen initial policy, only when KL is on
 # fused on accelerators: no parameter-sized temporaries in the update (foreach's are GBs at 3B)

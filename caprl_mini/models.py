@@ -9,6 +9,7 @@ and chat template, so the tiny models speak the same protocol as real Qwen check
 """
 import json
 import os
+import re
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
@@ -147,8 +148,20 @@ def build_tiny_judge(tok, seed=0, **kw):
 
 
 # ---------------------------------------------------------------- one loading path
+def check_model_path(path):
+    """A folder must hold a config.json; anything else must look like a hub id ("Qwen/Qwen2.5-VL-3B-Instruct").
+    Otherwise FileNotFoundError with what was given, rather than the hub client's error about repo ids."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise FileNotFoundError(f"{path}: a model folder needs a config.json (save_pretrained writes one)")
+    elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+        raise FileNotFoundError(f"{path}: no such model folder, and not a hub id like Qwen/Qwen2.5-VL-3B-Instruct")
+    return path
+
+
 def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None):
     """A vision-language captioner and its processor, from a folder or a hub id."""
+    check_model_path(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     try:
         proc = AutoProcessor.from_pretrained(path)
@@ -186,7 +199,8 @@ def load_judge(path, device="cpu", dtype=torch.float32):
     eval mode, no gradients, in the device's dtype (bf16 on a GPU)."""
     if path == "oracle":
         return "oracle", None, {"format": "cloze"}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    model = AutoModelForCausalLM.from_pretrained(check_model_path(path), dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path)
     meta_path = os.path.join(path, "judge.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {"format": "caprl"}

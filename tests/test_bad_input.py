@@ -268,3 +268,14 @@ def test_training_with_skip_bad_replaces_unreadable_images_and_lists_every_bad_r
     assert "skipped 2 bad rows / images (--skip-bad):" in r.stdout
     assert f"  {qa}:4: answer 'Z'" in r.stdout and f"  {qa}:2: cannot read image '1.png'" in r.stdout
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 3
+
+
+def test_a_mistyped_model_path_is_one_error_line(tmp_path):
+    from caprl_mini.models import check_model_path
+    assert check_model_path("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"  # a hub id: the hub decides
+    with pytest.raises(FileNotFoundError, match="needs a config.json"):
+        check_model_path(str(tmp_path))
+    r = script("train_grpo.py", "--policy", str(tmp_path / "nope" / "model"), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope' / 'model'}: no such model folder, and not " \
+                                                "a hub id like Qwen/Qwen2.5-VL-3B-Instruct"
