@@ -309,6 +309,8 @@ for step in range(start, args.steps):
             ent_sum += token_entropy(flat.detach()[m], W, args.temperature).sum().item()
         if world > 1:  # sum the ranks' gradients (their losses are parts of one sum); then every rank steps alike
             for p in params:
+                if p.grad is None:  # a parameter no loss reached on this rank: zeros, so every rank sends a tensor
+                    p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
         loss_total = all_sum(loss_total).item()
