@@ -175,7 +175,8 @@ bad_images = set()  # indices found unreadable (--skip-bad): never tried again
 reward_types = None if args.data else shapes.REWARD_TYPES
 W = model.get_output_embeddings().weight
 B, G = args.images_per_step, args.group_size
-Bl = B // world  # images of this rank per step: the global images rank * Bl ... rank * Bl + Bl - 1
+Bl = B // world  # images of this rank per step
+mine = range(rank * Bl, rank * Bl + Bl)  # their positions among the step's B images
 stop = []  # SIGINT sets it; the step in flight finishes, then a checkpoint is written
 
 
@@ -210,7 +211,7 @@ def step_items(step):
     this rank's share is loaded."""
     rng = random.Random(f"{args.seed}:images:{step}")
     picks = [rng.randrange(len(data)) for _ in range(B)]
-    return [load(i) for i in picks[rank * Bl:rank * Bl + Bl]]
+    return [load(picks[b]) for b in mine]
 
 
 def load(i):
@@ -250,7 +251,6 @@ def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
 # ---------------------------------------------------------------- GRPO loop
 for step in range(start, args.steps):
     t0 = time.time()
-    mine = range(rank * Bl, rank * Bl + Bl)  # this rank's share of the step's images (global positions)
     with user_errors():
         items = step_items(step)
     prompt = {k: v.to(device) for k, v in encode_prompts(proc, [it["image"] for it in items], args.instruction).items()}
