@@ -3,9 +3,11 @@
     prefill   each unique (image, prompt) once: vision tower + language model over the prompt, filling a cache;
     expand    the cache G times (rows grouped by image: row b*G + g is caption g of image b);
     decode    all rows together, one token per step, until every row has emitted EOS or hit the length cap.
-              CPU (dynamic): the cache grows by one column a step, and rows that finished leave the batch (and the
-              cache), so they stop costing compute. GPU (static): a preallocated cache and a fixed batch, so the
-              step is one CUDA-graph replay (StaticDecoder); finished rows ride along, masked.
+              CPU (dynamic, KVDecoder): the decode step written out layer by layer over preallocated key/value
+              buffers (no per-step cache concatenation, no per-step mask building), and rows that finished
+              leave the batch, so they stop costing compute. GPU (static, StaticDecoder): Hugging Face's forward
+              over a StaticCache with a fixed batch, compiled into one CUDA-graph replay per token; finished rows
+              ride along, masked.
 
 Returns the tokens, their mask (1 up to and including EOS) and the sampled tokens' log-probs under
 softmax(logits / temperature), the exact distribution sampled from: no top-k / top-p, so that the trainer's
@@ -16,6 +18,7 @@ new token t of a row sits at that row's max prompt position + 1 + t (what genera
 Legend: B images, G captions per image, R = B*G rows, P prompt length, L new tokens, D hidden, V vocabulary.
 """
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
 
 from .models import policy_hidden, rope_positions
@@ -30,7 +33,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     they do not depend on which other images share the batch (or the rank). None: seeds from torch's global RNG.
     stop_at_eos=False decodes exactly max_new_tokens per row, EOS included as ordinary text (benchmarks: fixed work).
     static: decode with a preallocated cache and a fixed batch (finished rows ride along, masked), the step compiled
-    with CUDA graphs on a GPU; default: on CUDA. Otherwise a growing cache, and finished rows leave the batch."""
+    with CUDA graphs on a GPU; default: on CUDA. Otherwise KVDecoder, and finished rows leave the batch."""
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
     static = dev.type == "cuda" if static is None else static
@@ -49,14 +52,13 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     if static:
         step = StaticDecoder.get(model, R, ids.shape[1] + max_new_tokens).start(cache, G, am)
     else:
-        cache.batch_repeat_interleave(G)  # (B, ...) -> (R, ...), rows grouped by image
-        W = model.get_output_embeddings().weight.float()  # (V, D) fp32 once, not a per-step copy of bf16 weights
+        step = KVDecoder(model, cache, G, am, max_new_tokens)
     if temperature > 0:
         seeds = torch.randint(2**62, (ids.shape[0],)).tolist() if seeds is None else seeds
         gens = [torch.Generator(dev).manual_seed(int(sd)) for sd in seeds]
     alive = torch.arange(R, device=dev)  # original row index of each row still decoding (dynamic decode)
     finished = torch.zeros(R, dtype=torch.bool, device=dev)  # rows past their EOS (static decode)
-    logits = step.logits(h) if static else unembed(h, W)
+    logits = step.logits(h)
     for t in range(max_new_tokens):
         if temperature > 0:
             lp = torch.log_softmax(logits / temperature, -1)
@@ -79,12 +81,9 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
             break
         if done.any():  # drop finished rows from the batch and the cache
             keep = (~done).nonzero()[:, 0]
-            cache.batch_select_indices(keep)
-            alive, tok, am, next_pos = alive[keep], tok[keep], am[keep], next_pos[keep]
-        am = torch.cat([am, torch.ones_like(am[:, :1])], 1)
-        step_pos = (next_pos + t)[None, :, None].expand(3, -1, 1)  # (3, r, 1)
-        h, _ = policy_hidden(model, tok[:, None], am, step_pos, cache=cache)
-        logits = unembed(h[:, -1], W)
+            step.select(keep)
+            alive, tok, next_pos = alive[keep], tok[keep], next_pos[keep]
+        logits = step(tok, next_pos + t)
     mask = (torch.arange(max_new_tokens, device=dev)[None] < lengths[:, None]).long()
     tokens.masked_fill_(mask == 0, model.config.text_config.pad_token_id or 0)  # static decode wrote past EOS
     truncated = ~torch.isin(tokens.gather(1, (lengths - 1)[:, None])[:, 0], eos)
@@ -105,6 +104,83 @@ def unembed(h, W):
     """(r, D) hidden states -> (r, V) fp32 logits, also under bf16 autocast (the trainer's log-probs are fp32)."""
     with torch.autocast(h.device.type, enabled=False):
         return h.float() @ W.T
+
+
+class KVDecoder:
+    """The language model's decode step written out (the Qwen2 decoder layer of Qwen2-VL / Qwen2.5-VL: RMSNorm,
+    q/k/v projections with bias, rotary, grouped-query attention, o projection, RMSNorm, SwiGLU MLP), one new token
+    per row (Qwen3-VL's per-head q/k norms included), over key/value buffers (r, Hkv, P + L, d) per layer allocated once: a step writes its column in place
+    (Hugging Face's DynamicCache concatenates, copying the whole cache every token) and calls ~15 tensor ops per
+    layer, not a stack of modules that rebuild the attention mask each step. Same weights, same arithmetic:
+    tests/test_sampling.py checks it against Hugging Face's forward (StaticDecoder) and `generate`.
+    At decode the three M-RoPE sections of a new token share one position, so the rotary is the model's own
+    rotary embedding evaluated at that position. Legend: r rows still decoding, S = P + L positions, H heads."""
+
+    def __init__(self, model, prefix, G, prompt_mask, max_new_tokens):
+        self.lm = lm = model.model.language_model
+        if set(getattr(lm.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
+            raise NotImplementedError("KVDecoder: sliding-window layers are not written out; use static=True")
+        P, S = prompt_mask.shape[1], prompt_mask.shape[1] + max_new_tokens
+        self.k, self.v = [], []
+        for layer in prefix.layers:  # the prompt's (B, Hkv, P, d) cache, G copies per image: (R, Hkv, S, d)
+            for buf, src in ((self.k, layer.keys), (self.v, layer.values)):
+                buf.append(src.new_empty((src.shape[0] * G, src.shape[1], S, src.shape[3])))
+                buf[-1][:, :, :P] = src.repeat_interleave(G, 0)
+        self.mask = torch.ones((self.k[0].shape[0], S), dtype=torch.bool, device=prompt_mask.device)  # (R, S)
+        self.mask[:, :P] = prompt_mask.bool()  # (R, P), already repeated; False: the prompt's left padding
+        self.n = P  # positions filled
+        self.W = model.get_output_embeddings().weight.float()  # (V, D) fp32 once, not a per-step copy of bf16
+
+    def logits(self, h):
+        return unembed(h, self.W)
+
+    def select(self, keep):
+        """Keep only rows `keep` (finished rows leave): copies the filled part of the cache, not the reserve."""
+        for buf in (self.k, self.v):
+            for i, x in enumerate(buf):
+                buf[i] = x.new_empty((len(keep),) + x.shape[1:])
+                buf[i][:, :, :self.n] = x[keep, :, :self.n]
+        self.mask = self.mask[keep]
+
+    def __call__(self, tok, positions):
+        """Next-token logits (r, V) after feeding tok (r,) at rotary positions (r,)."""
+        lm, r, t = self.lm, tok.shape[0], self.n
+        x = F.embedding(tok, lm.embed_tokens.weight)  # (r, D)
+        cos, sin = (c[:, None] for c in lm.rotary_emb(x, positions[None, :, None].expand(3, -1, 1)))  # (r, 1, 1, d)
+        mask = self.mask[:, None, None, :t + 1]  # (r, 1, 1, t + 1): True = attend
+        for layer, K, V in zip(lm.layers, self.k, self.v):
+            a, m = layer.self_attn, layer.mlp
+            h = rms_norm(x, layer.input_layernorm)
+            q = linear(h, a.q_proj).view(r, -1, 1, a.head_dim)  # (r, H, 1, d)
+            k = linear(h, a.k_proj).view(r, -1, 1, a.head_dim)  # (r, Hkv, 1, d)
+            if hasattr(a, "q_norm"):  # Qwen3-VL normalises each head's query and key
+                q, k = rms_norm(q, a.q_norm), rms_norm(k, a.k_norm)
+            K[:, :, t:t + 1] = k * cos + rotate_half(k) * sin
+            V[:, :, t:t + 1] = linear(h, a.v_proj).view(r, -1, 1, a.head_dim)
+            q = q * cos + rotate_half(q) * sin
+            o = F.scaled_dot_product_attention(q, K[:, :, :t + 1], V[:, :, :t + 1], attn_mask=mask,
+                                               scale=a.scaling, enable_gqa=q.shape[1] != K.shape[1])  # (r, H, 1, d)
+            x = x + linear(o.reshape(r, -1), a.o_proj)
+            h = rms_norm(x, layer.post_attention_layernorm)
+            x = x + linear(m.act_fn(linear(h, m.gate_proj)) * linear(h, m.up_proj), m.down_proj)
+        self.n += 1
+        return self.logits(rms_norm(x, lm.norm))
+
+
+def linear(x, layer):
+    """An nn.Linear's arithmetic without the module call (hooks, dispatch: a few microseconds each, 7 a layer)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def rms_norm(x, norm):
+    """Hugging Face's Qwen2 RMSNorm: statistics in fp32, the weight applied in the input's dtype."""
+    xf = x.float()
+    return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
+
+
+def rotate_half(x):
+    d = x.shape[-1] // 2
+    return torch.cat((-x[..., d:], x[..., :d]), -1)
 
 
 class StaticDecoder:
