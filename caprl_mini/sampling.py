@@ -108,59 +108,87 @@ def unembed(h, W):
 
 class KVDecoder:
     """The language model's decode step written out (the Qwen2 decoder layer of Qwen2-VL / Qwen2.5-VL: RMSNorm,
-    q/k/v projections with bias, rotary, grouped-query attention, o projection, RMSNorm, SwiGLU MLP), one new token
-    per row (Qwen3-VL's per-head q/k norms included), over key/value buffers (r, Hkv, P + L, d) per layer allocated once: a step writes its column in place
-    (Hugging Face's DynamicCache concatenates, copying the whole cache every token) and calls ~15 tensor ops per
-    layer, not a stack of modules that rebuild the attention mask each step. Same weights, same arithmetic:
-    tests/test_sampling.py checks it against Hugging Face's forward (StaticDecoder) and `generate`.
-    At decode the three M-RoPE sections of a new token share one position, so the rotary is the model's own
-    rotary embedding evaluated at that position. Legend: r rows still decoding, S = P + L positions, H heads."""
+    q/k/v projections with bias, rotary, grouped-query attention, o projection, RMSNorm, SwiGLU MLP; Qwen3-VL's
+    per-head q/k norms), one new token per row, ~25 tensor ops a layer instead of a stack of modules that rebuild
+    the attention mask every step. What it saves over Hugging Face's forward with a DynamicCache:
+      - the prompt's keys and values are kept once per image (B, Hkv, P, d), not G times, and each step reads
+        them once per image: the G rows of an image ask their queries together (shared-prefix attention, as
+        Hydragen / cascade inference). At P = 35 and 64 new tokens that halves the cache read per step; with real
+        images (P in the hundreds) it is most of it;
+      - the new tokens' keys and values go into buffers (r, Hkv, L, d) allocated once, a column written per step
+        (DynamicCache concatenates: a copy of the whole cache every token).
+    The softmax runs over [prompt scores, new-token scores] together, so it is the same attention, not an
+    approximation; tests/test_sampling.py checks the tokens and log-probs against Hugging Face's forward
+    (StaticDecoder, teacher forcing) and `generate`. At decode the three M-RoPE sections of a token share one
+    position, so the rotary is the model's own rotary embedding evaluated there.
+    Legend: R rows (B images x G), r rows still decoding, Hkv key/value heads, n_rep = query heads per key/value
+    head, n new tokens so far."""
 
     def __init__(self, model, prefix, G, prompt_mask, max_new_tokens):
         self.lm = lm = model.model.language_model
         if set(getattr(lm.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
             raise NotImplementedError("KVDecoder: sliding-window layers are not written out; use static=True")
-        P, S = prompt_mask.shape[1], prompt_mask.shape[1] + max_new_tokens
-        self.k, self.v = [], []
-        for layer in prefix.layers:  # the prompt's (B, Hkv, P, d) cache, G copies per image: (R, Hkv, S, d)
-            for buf, src in ((self.k, layer.keys), (self.v, layer.values)):
-                buf.append(src.new_empty((src.shape[0] * G, src.shape[1], S, src.shape[3])))
-                buf[-1][:, :, :P] = src.repeat_interleave(G, 0)
-        self.mask = torch.ones((self.k[0].shape[0], S), dtype=torch.bool, device=prompt_mask.device)  # (R, S)
-        self.mask[:, :P] = prompt_mask.bool()  # (R, P), already repeated; False: the prompt's left padding
-        self.n = P  # positions filled
+        self.kp = [layer.keys for layer in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
+        self.vp = [layer.values for layer in prefix.layers]
+        B, Hkv, _, d = self.kp[0].shape
+        self.G, self.R = G, B * G
+        self.k = [self.kp[0].new_empty((self.R, Hkv, max_new_tokens, d)) for _ in self.kp]  # new tokens, per row
+        self.v = [self.kp[0].new_empty((self.R, Hkv, max_new_tokens, d)) for _ in self.kp]
+        self.rows = torch.arange(self.R, device=prompt_mask.device)  # original index of each row still decoding
+        self.pad = ~prompt_mask.bool()[:, None, None, :]  # (r, 1, 1, P): the prompt's left padding
+        self.n = 0
         self.W = model.get_output_embeddings().weight.float()  # (V, D) fp32 once, not a per-step copy of bf16
 
     def logits(self, h):
         return unembed(h, self.W)
 
     def select(self, keep):
-        """Keep only rows `keep` (finished rows leave): copies the filled part of the cache, not the reserve."""
+        """Keep only rows `keep` (finished rows leave): copies the new tokens' part of the cache, not the reserve."""
         for buf in (self.k, self.v):
             for i, x in enumerate(buf):
                 buf[i] = x.new_empty((len(keep),) + x.shape[1:])
                 buf[i][:, :, :self.n] = x[keep, :, :self.n]
-        self.mask = self.mask[keep]
+        self.rows, self.pad = self.rows[keep], self.pad[keep]
+
+    def by_image(self, x):
+        """(r, Hkv, n_rep, k) per row -> (B, Hkv, G * n_rep, k): an image's rows side by side (finished: zeros)."""
+        if x.shape[0] < self.R:
+            x = x.new_zeros((self.R,) + x.shape[1:]).index_copy_(0, self.rows, x)
+        _, Hkv, n_rep, k = x.shape
+        return x.view(-1, self.G, Hkv, n_rep, k).transpose(1, 2).reshape(-1, Hkv, self.G * n_rep, k)
+
+    def by_row(self, x):
+        """by_image's inverse: (B, Hkv, G * n_rep, k) -> (r, Hkv, n_rep, k) of the rows still decoding."""
+        B, Hkv, _, k = x.shape
+        x = x.view(B, Hkv, self.G, -1, k).transpose(1, 2).reshape(self.R, Hkv, -1, k)
+        return x if len(self.rows) == self.R else x[self.rows]
+
+    def attention(self, q, a, i):
+        """q (r, H, 1, d) of the new tokens over layer i's prompt (once per image) and new tokens (per row)."""
+        r, n = q.shape[0], self.n + 1
+        Kp, Vp, K, V = self.kp[i], self.vp[i], self.k[i][:, :, :n], self.v[i][:, :, :n]
+        q = q.view(r, K.shape[1], -1, q.shape[-1])  # (r, Hkv, n_rep, d): query head j * n_rep + e uses kv head j
+        sp = self.by_row(self.by_image(q) @ Kp.transpose(-1, -2)).masked_fill_(self.pad, -float("inf"))
+        s = torch.cat([sp, q @ K.transpose(-1, -2)], -1) * a.scaling  # (r, Hkv, n_rep, P + n)
+        pp, pn = s.softmax(-1).split([Kp.shape[2], n], -1)
+        o = self.by_row(self.by_image(pp) @ Vp) + pn @ V  # (r, Hkv, n_rep, d)
+        return o.reshape(r, -1)
 
     def __call__(self, tok, positions):
         """Next-token logits (r, V) after feeding tok (r,) at rotary positions (r,)."""
         lm, r, t = self.lm, tok.shape[0], self.n
         x = F.embedding(tok, lm.embed_tokens.weight)  # (r, D)
         cos, sin = (c[:, None] for c in lm.rotary_emb(x, positions[None, :, None].expand(3, -1, 1)))  # (r, 1, 1, d)
-        mask = self.mask[:, None, None, :t + 1]  # (r, 1, 1, t + 1): True = attend
-        for layer, K, V in zip(lm.layers, self.k, self.v):
+        for i, layer in enumerate(lm.layers):
             a, m = layer.self_attn, layer.mlp
             h = rms_norm(x, layer.input_layernorm)
             q = linear(h, a.q_proj).view(r, -1, 1, a.head_dim)  # (r, H, 1, d)
             k = linear(h, a.k_proj).view(r, -1, 1, a.head_dim)  # (r, Hkv, 1, d)
             if hasattr(a, "q_norm"):  # Qwen3-VL normalises each head's query and key
                 q, k = rms_norm(q, a.q_norm), rms_norm(k, a.k_norm)
-            K[:, :, t:t + 1] = k * cos + rotate_half(k) * sin
-            V[:, :, t:t + 1] = linear(h, a.v_proj).view(r, -1, 1, a.head_dim)
-            q = q * cos + rotate_half(q) * sin
-            o = F.scaled_dot_product_attention(q, K[:, :, :t + 1], V[:, :, :t + 1], attn_mask=mask,
-                                               scale=a.scaling, enable_gqa=q.shape[1] != K.shape[1])  # (r, H, 1, d)
-            x = x + linear(o.reshape(r, -1), a.o_proj)
+            self.k[i][:, :, t:t + 1] = k * cos + rotate_half(k) * sin
+            self.v[i][:, :, t:t + 1] = linear(h, a.v_proj).view(r, -1, 1, a.head_dim)
+            x = x + linear(self.attention(q * cos + rotate_half(q) * sin, a, i), a.o_proj)
             h = rms_norm(x, layer.post_attention_layernorm)
             x = x + linear(m.act_fn(linear(h, m.gate_proj)) * linear(h, m.up_proj), m.down_proj)
         self.n += 1
