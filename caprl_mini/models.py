@@ -92,15 +92,16 @@ def image_processor(min_pixels=84 * 84, max_pixels=84 * 84, patch_size=14):
                                     temporal_patch_size=2, merge_size=2)
 
 
-def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2, arch="qwen2_5_vl"):
+def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2, arch="qwen2_5_vl",
+                       kv_heads=None):
     """A Qwen2.5-VL (or Qwen2-VL, Qwen3-VL) config at toy scale. mrope_section sums to head_dim / 2; special ids
-    set explicitly. Qwen2 and 2.5 differ only in the vision tower (2.5: window attention, SwiGLU, RMSNorm); Qwen3-VL
+    set explicitly; kv_heads < heads: grouped-query attention, as the real models. Qwen2 and 2.5 differ only in the vision tower (2.5: window attention, SwiGLU, RMSNorm); Qwen3-VL
     has patch 16 (96x96 -> 9 tokens), QK-norm and DeepStack (inner vision features added to early decoder layers)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     head_dim = hidden // heads
     sec = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # (t, h, w), sums to head_dim/2
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512,
+                num_attention_heads=heads, num_key_value_heads=kv_heads or heads, max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": sec},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 tie_word_embeddings=True)

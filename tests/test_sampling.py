@@ -163,3 +163,28 @@ def test_static_decode_step_traces_as_one_graph(tiny_policy_dir):
     dec = StaticDecoder.get(model, 6, prompt["input_ids"].shape[1] + 12)
     dec.compiled = torch.compile(dec.forward, fullgraph=True, backend="eager")
     _assert_same_rollout(ref, sample(model, prompt, 2, 12, 0, static=True))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_written_out_step_with_grouped_query_attention_and_bf16(tok, arch):
+    """The real models share each key/value head among several query heads (3B: 16 query heads, 2 key/value heads);
+    the other tests' tiny models do not. KVDecoder (the CPU path: shared-prefix attention, rows leaving at EOS)
+    against Hugging Face's forward (StaticDecoder, eager) on a model with 2 query heads per key/value head: the same
+    rollout in fp32; under bf16 autocast (the trainer's mixed precision) the sampled tokens' log-probs stay within
+    bf16 rounding of the teacher-forced ones."""
+    model, proc = models.build_tiny_policy(tok, seed=2, arch=arch, heads=4, kv_heads=2)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 2 and "visual" not in n:
+                p.mul_(4.0)
+    model.eval()
+    model.config.text_config.eos_token_id = list(range(100, 140))  # any of 40 tokens ends a caption: rows end early
+    prompt = models.encode_prompts(proc, mixed_images())
+    a, b = (sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=s) for s in (False, True))
+    assert a["mask"].sum(1).unique().numel() > 1  # rows really left at different steps
+    _assert_same_rollout(a, b)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=False)
+        with torch.no_grad():
+            tf = teacher_forced_logprobs(model, prompt, out, 4)
+    assert ((tf - out["logprobs"]) * out["mask"]).abs().max() < 0.1
