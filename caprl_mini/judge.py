@@ -140,26 +140,39 @@ def pack_tree(prefix, branches):
 
 
 def packed_forward(model, packs, pad_id):
-    """Final hidden states (C, L, D) of packed rows (pack_tree outputs), under their tree attention masks."""
+    """Final hidden states (C, L, D) of packed rows (pack_tree outputs), under their tree attention masks.
+    The rows' common first tokens (the chat template and, in the caprl format, the ~300-token instruction that every
+    caption is shown after) are computed once for the batch, as a KV cache the rows attend to, not once per row:
+    that is most of a caprl prompt's tokens before the caption. Their states come back as zeros (nothing is scored
+    there)."""
     dev, dtype = model.device, model.dtype
-    L = max(len(p[0]) for p in packs)
+    first = packs[0][0]
+    K = next(k for k in range(len(first)) if any(p[2][k] != 0 or p[0][k] != first[k] for p in packs))
+    # K: the length of the rows' common prefix, within their captions' prefix (segment 0: plain causal)
+    past = None
+    if K > 0:  # one row of K tokens, its cache repeated for the C rows (a copy of K x C keys: cheap)
+        past = model.base_model(input_ids=torch.tensor([first[:K]], device=dev), use_cache=True).past_key_values
+        past.batch_repeat_interleave(len(packs))
+    L = max(len(p[0]) for p in packs) - K
     ids = torch.full((len(packs), L), pad_id, dtype=torch.long)
     pos = torch.zeros((len(packs), L), dtype=torch.long)
-    allowed = torch.zeros((len(packs), L, L), dtype=torch.bool)
+    allowed = torch.ones((len(packs), L, K + L), dtype=torch.bool)  # columns: the K shared tokens, then the row
     for b, (tids, tpos, tseg, parent, _, _) in enumerate(packs):
-        n = len(tids)
-        ids[b, :n], pos[b, :n] = torch.tensor(tids), torch.tensor(tpos)
+        n = len(tids) - K
+        ids[b, :n], pos[b, :n] = torch.tensor(tids[K:]), torch.tensor(tpos[K:])
         anc = torch.eye(len(parent), dtype=torch.bool)  # anc[s, a]: segment a is s or an ancestor of s
         for sg, pa in enumerate(parent):
             if sg:
                 anc[sg, pa] = True
                 anc[sg] |= anc[pa]
-        sg = torch.tensor(tseg)
-        allowed[b, :n, :n] = anc[sg][:, sg] & torch.ones(n, n, dtype=torch.bool).tril()
-        allowed[b, n:, n:] = torch.eye(L - n, dtype=torch.bool)  # padding attends to itself (no NaN)
+        sg = torch.tensor(tseg[K:])
+        allowed[b, :, K:] = False
+        allowed[b, :n, K:K + n] = anc[sg][:, sg] & torch.ones(n, n, dtype=torch.bool).tril()
+        allowed[b, n:, K + n:] = torch.eye(L - n, dtype=torch.bool)  # padding attends to itself (no NaN)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-    return model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                            position_ids=pos.to(dev)).last_hidden_state
+    h = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                         past_key_values=past).last_hidden_state
+    return torch.nn.functional.pad(h, (0, 0, K, 0))  # (C, K + L, D): indexed like the packs
 
 
 @torch.no_grad()
