@@ -13,7 +13,7 @@ import re
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
-                          AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
+                          AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen2VLConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
                           Qwen3VLConfig)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -274,6 +274,24 @@ def with_completions(prompt, positions, next_pos, completion, completion_mask):
     mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
     comp_pos = (next_pos[:, None] + torch.arange(L, device=ids.device))[None].expand(3, -1, -1)  # (3, B, L)
     return ids, mask, torch.cat([positions, comp_pos], 2)
+
+
+def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, pixel_values, image_grid_thw,
+                      completion, completion_mask, G):
+    """Teacher-forced hidden states (B*G, L, D), state j predicting completion token j, with each prompt run once:
+    the B left-padded prompts (B, P) fill a KV cache, repeated G times (differentiable: the gradient of an image's
+    G captions flows back into its one prompt), and the B*G right-padded completions (B*G, L) run on top of it.
+    with_completions' batch (every row its own prompt + completion) costs B*G*(P + L) tokens forward and backward;
+    this costs B*P + B*G*L (real images put hundreds of tokens in P). Gradient checkpointing drops caches inside
+    the layers, so a model trained with it must use with_completions instead."""
+    cache = DynamicCache(config=model.config.get_text_config())
+    hp, _ = policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, cache=cache)
+    cache.batch_repeat_interleave(G)  # (B, ...) -> (B*G, ...), rows grouped by image
+    L = completion.shape[1]
+    am = torch.cat([attention_mask.repeat_interleave(G, 0), completion_mask.to(attention_mask.dtype)], 1)
+    pos = (next_pos.repeat_interleave(G)[:, None] + torch.arange(L, device=completion.device))[None].expand(3, -1, -1)
+    hc, _ = policy_hidden(model, completion, am, pos, cache=cache)  # (B*G, L, D)
+    return torch.cat([hp[:, -1:].repeat_interleave(G, 0), hc[:, :-1]], 1)
 
 
 def pad_right(seqs, pad_id):
