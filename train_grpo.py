@@ -27,8 +27,8 @@ The exact variant (each a flag; defaults in brackets):
             (--mask-truncated 1); zero-variance groups counted (and dropped with --drop-zero-std 1);
             AdamW, linear warm-up then constant lr; grad-norm clip 1.0.
 Memory (README, "Train a real captioner"): fp32 weights and AdamW state with bf16 autocast on a GPU, the judge in
-bf16 inference mode, fused log-probs (no [tokens, vocabulary] logits), --micro-batch-images, and optionally
---gradient-checkpointing 1 and --freeze-vision 1.
+bf16 inference mode, fused log-probs + loss (no [tokens, vocabulary] logits; the gradient formed in the forward,
+logprobs.py), --micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1.
 More than one GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel). Rank r samples and scores the
 step's images r*B/N ... (r+1)*B/N - 1 (their groups are whole, so advantages need no communication), the loss is
 normalised by the step's global token count and the gradients are summed over ranks (all-reduce), so N ranks make
@@ -57,9 +57,9 @@ from caprl_mini import shapes
 from caprl_mini.checkpoint import (latest_checkpoint, load_trainer_state, save_checkpoint, truncate_jsonl)
 from caprl_mini.data import DataError, QAFile, World, print_skipped, skip_bad, user_errors
 from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, print_table
-from caprl_mini.grpo import advantages, policy_loss
+from caprl_mini.grpo import advantages, flat_token_loss, policy_stats
 from caprl_mini.judge import caption_rewards
-from caprl_mini.logprobs import token_entropy, token_logprobs
+from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs
 from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, encode_prompts, load_judge, load_policy,
                                peak_memory_gib, pick_device, policy_hidden, prepare_for_training, rope_positions,
                                save_model, with_completions)
@@ -292,16 +292,19 @@ for step in range(start, args.steps):
             b1, rows = b0 + args.micro_batch_images, slice(b0 * G, (b0 + args.micro_batch_images) * G)
             with amp:  # the forward in bf16 on a GPU; log-probs themselves are fp32 (logprobs.py)
                 h = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)
-                flat = h.reshape(-1, h.shape[-1])
-                logp = token_logprobs(flat, W, tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
+                flat = h.reshape(-1, h.shape[-1])  # (r*L, D)
                 ref_logp = None
                 if ref_model is not None:
                     with torch.no_grad():
                         hr = completion_states(ref_model, prompt, pos, nxt, tokens, mask, b0, b1)
                         ref_logp = token_logprobs(hr.reshape(-1, hr.shape[-1]), ref_model.get_output_embeddings()
                                                   .weight, tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
-                loss, st = policy_loss(logp, old_logp[rows], adv[rows], loss_mask[rows], norm, args.eps_low,
-                                       args.eps_high, args.loss_aggregation, ref_logp, args.beta)
+                # policy_loss's sum, with its gradient formed in the forward (logprobs.py: 3 matmuls, not 4)
+                tl = flat_token_loss(old_logp[rows], adv[rows], loss_mask[rows], norm, args.eps_low, args.eps_high,
+                                     args.loss_aggregation, ref_logp, args.beta)
+                logp, loss = logprobs_and_loss(flat, W, tokens[rows].reshape(-1), tl, args.temperature)
+                st = policy_stats(logp.view(h.shape[:2]), old_logp[rows], adv[rows], loss_mask[rows], args.eps_low,
+                                  args.eps_high)
             loss.backward()
             loss_total += loss.item()
             stats = {k: stats[k] + st[k] for k in stats}

@@ -1,17 +1,25 @@
-"""Fused, chunked log-probs (caprl_mini/logprobs.py) against the naive log_softmax(h @ W.T).gather(y).
+"""Fused, chunked log-probs (caprl_mini/logprobs.py) against the naive log_softmax(h @ W.T).gather(y), under the
+GRPO loss the trainer takes.
 
     python benchmarks/bench_logprobs.py                   # CPU: 1,024 tokens; GPU: 16,384 tokens
     python benchmarks/bench_logprobs.py --tokens 4096
 
-Same inputs for both (N tokens x hidden D, Qwen's vocabulary V = 151,936), forward + backward (gradients w.r.t. the
-hidden states and the unembedding W), fp32. Reported: seconds (median of --repeats, the two interleaved), peak
-memory above the inputs, and the max |error| of the log-probs against a float64 reference.
+Same inputs for all (N tokens x hidden D, Qwen's vocabulary V = 151,936), fp32, forward + backward of the GRPO loss
+(grpo.py, token aggregation, each token its own caption with a random advantage, old log-probs = float64
+reference + noise) with gradients w.r.t. the hidden states and the unembedding W. Three variants:
+    naive       log_softmax(h @ W.T).gather(y) -> policy_loss
+    fused       token_logprobs -> policy_loss            (chunked; backward recomputes the logits: 4 matmuls)
+    fused+loss  logprobs_and_loss(flat_token_loss(...))  (gradient formed in the forward: 3 matmuls; the trainer's)
+Reported: seconds (median of --repeats, the variants interleaved), peak memory above the inputs, and the max |error|
+of the log-probs against a float64 reference.
 Peak memory: on CUDA max_memory_allocated; on a CPU each variant runs once more in a fresh child process and reports
 how far its peak resident memory grew over the inputs, gradients included (they are the same size for
-both; VmHWM, Linux). The last line is one JSON object with the figures.
+all; VmHWM, Linux). The last line is one JSON object with the figures; "speedup", "memory_reduction" and
+"max_error" are fused+loss's (the trainer's path) against naive.
 """
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -20,7 +28,8 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-from caprl_mini.logprobs import token_logprobs  # noqa: E402
+from caprl_mini.grpo import flat_token_loss, policy_loss  # noqa: E402
+from caprl_mini.logprobs import logprobs_and_loss, token_logprobs  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--tokens", type=int, default=0, help="N (0: 1,024 on CPU, 16,384 on GPU)")
@@ -28,7 +37,7 @@ parser.add_argument("--hidden", type=int, default=2048)
 parser.add_argument("--vocab", type=int, default=151936)
 parser.add_argument("--repeats", type=int, default=1)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-parser.add_argument("--child", choices=["naive", "fused"], help=argparse.SUPPRESS)  # CPU memory probe
+parser.add_argument("--child", choices=["naive", "fused", "fused+loss"], help=argparse.SUPPRESS)  # CPU memory probe
 args = parser.parse_args()
 dev = torch.device(args.device)
 N = args.tokens or (16384 if dev.type == "cuda" else 1024)
@@ -42,14 +51,28 @@ def inputs():
     return h, W, y
 
 
-def naive(h, W, y):
-    return torch.log_softmax(h @ W.T, -1).gather(-1, y[:, None])[:, 0]
+def variants(old):
+    """name -> fn(h, W, y) -> (log-probs (N,), GRPO loss). old (N, 1): old log-probs; each token is its own caption."""
+    adv = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(dev)
+    mask = torch.ones(N, 1, device=dev)
+
+    def naive(h, W, y):
+        lp = torch.log_softmax(h @ W.T, -1).gather(-1, y[:, None])[:, 0]
+        return lp, policy_loss(lp.view(N, 1), old, adv, mask, N)[0]
+
+    def fused(h, W, y):
+        lp = token_logprobs(h, W, y)
+        return lp, policy_loss(lp.view(N, 1), old, adv, mask, N)[0]
+
+    def fused_loss(h, W, y):
+        return logprobs_and_loss(h, W, y, flat_token_loss(old, adv, mask, N))
+    return {"naive": naive, "fused": fused, "fused+loss": fused_loss}
 
 
 def run(fn, h, W, y):
     h.grad = W.grad = None
-    lp = fn(h, W, y)
-    lp.sum().backward()
+    lp, loss = fn(h, W, y)
+    loss.backward()
     return lp.detach()
 
 
@@ -65,7 +88,7 @@ def peak_bytes(name):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        run({"naive": naive, "fused": token_logprobs}[name], h, W, y)
+        run(fns[name], h, W, y)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     cmd = [sys.executable, __file__, "--child", name, "--tokens", str(N), "--hidden", str(args.hidden),
@@ -80,33 +103,37 @@ def peak_rss():
 
 if args.child:  # CPU memory probe: print how far peak RSS grew over the inputs
     h, W, y = inputs()
+    fns = variants(torch.full((N, 1), -math.log(args.vocab)))  # values do not matter for memory
     before = peak_rss()
-    run({"naive": naive, "fused": token_logprobs}[args.child], h, W, y)
+    run(fns[args.child], h, W, y)
     print(peak_rss() - before)
     sys.exit()
 
 h, W, y = inputs()
-times = {"naive": [], "fused": []}
+with torch.no_grad():  # float64 reference, in row chunks to bound its memory
+    ref = torch.cat([torch.log_softmax(h[i:i + 256].double() @ W.double().T, -1).gather(-1, y[i:i + 256, None])[:, 0]
+                     for i in range(0, N, 256)])
+old = (ref.float() + 0.1 * torch.randn(N, generator=torch.Generator().manual_seed(2)).to(dev)).view(N, 1)
+fns = variants(old)
+times = {k: [] for k in fns}
 out = {}
 for _ in range(args.repeats):
-    for name, fn in (("naive", naive), ("fused", token_logprobs)):
+    for name, fn in fns.items():
         sync()
         t = time.perf_counter()
         out[name] = run(fn, h, W, y)
         sync()
         times[name].append(time.perf_counter() - t)
-with torch.no_grad():  # float64 reference, in row chunks to bound its memory
-    ref = torch.cat([torch.log_softmax(h[i:i + 256].double() @ W.double().T, -1).gather(-1, y[i:i + 256, None])[:, 0]
-                     for i in range(0, N, 256)])
 err = {k: (v.double() - ref).abs().max().item() for k, v in out.items()}
 t = {k: statistics.median(v) for k, v in times.items()}
-mem = {k: peak_bytes(k) for k in ("naive", "fused")}
+mem = {k: peak_bytes(k) for k in fns}
 name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-print(f"log-probs, forward + backward, N={N} D={args.hidden} V={args.vocab}, fp32, {name}")
-print(f"{'':8s} {'seconds':>9s} {'peak MB':>9s} {'max |err| vs fp64':>18s}")
-for k in ("naive", "fused"):
-    print(f"{k:8s} {t[k]:9.3f} {mem[k] / 2**20:9.0f} {err[k]:18.2e}")
-print(f"fused: {t['naive'] / t['fused']:.2f}x the speed, {mem['naive'] / mem['fused']:.1f}x less peak memory")
+print(f"GRPO loss over log-probs, forward + backward, N={N} D={args.hidden} V={args.vocab}, fp32, {name}")
+print(f"{'':10s} {'seconds':>9s} {'peak MB':>9s} {'max |err| vs fp64':>18s}")
+for k in fns:
+    print(f"{k:10s} {t[k]:9.3f} {mem[k] / 2**20:9.0f} {err[k]:18.2e}")
+for k in ("fused", "fused+loss"):
+    print(f"{k}: {t[k] / t['naive']:.2f}x naive's time, {mem['naive'] / mem[k]:.1f}x less peak memory")
 print(json.dumps({"bench": "logprobs", "device": name, "tokens": N, "hidden": args.hidden, "vocab": args.vocab,
-                  "seconds": t, "peak_bytes": mem, "speedup": t["naive"] / t["fused"],
-                  "memory_reduction": mem["naive"] / mem["fused"], "max_error": err["fused"]}))
+                  "seconds": t, "peak_bytes": mem, "speedup": t["naive"] / t["fused+loss"],
+                  "memory_reduction": mem["naive"] / mem["fused+loss"], "max_error": err["fused+loss"]}))

@@ -5,6 +5,9 @@ Sign convention: `policy_loss` returns a loss to *minimise*; its gradient ascend
 Normalisation: the loss of a micro-batch is a *sum* divided by the global count of the whole batch (tokens for
 "token" aggregation, captions for "sequence"), so summing micro-batch losses (gradient accumulation) gives
 exactly the gradient of the whole batch at once, whatever the split (tests/test_grpo.py checks it).
+Structure: loss = sum(token_weights * token_loss), each token's term a function of its own log-prob only. The
+trainer relies on it: `flat_token_loss` hands the terms to logprobs.logprobs_and_loss, which forms the gradient in
+its forward pass (3 matmuls over the vocabulary instead of 4); `policy_loss` is the same sum from given log-probs.
 """
 import torch
 
@@ -22,28 +25,54 @@ def advantages(rewards, group_size, scale="std", eps=1e-4):
     return a.reshape(-1)
 
 
-def policy_loss(logp, old_logp, adv, mask, norm, eps_low=0.2, eps_high=0.28, aggregation="token",
-                ref_logp=None, beta=0.0):
-    """Clipped surrogate (PPO / GRPO, asymmetric clip as DAPO) over a micro-batch.
-
-    logp, old_logp, mask (r, L); adv (r,). norm: the *global* number of tokens (aggregation="token", DAPO) or of
-    captions (aggregation="sequence", each caption's token mean, original GRPO) in the whole batch.
-    With ref_logp and beta > 0 adds beta * KL(pi || ref) per token, k3 estimator: exp(q) - q - 1, q = ref - logp.
-    Returns (loss, stats) with sums (not means) in stats, so micro-batches can be added up."""
-    mask = mask.to(logp.dtype)
+def token_loss(logp, old_logp, adv, eps_low=0.2, eps_high=0.28, ref_logp=None, beta=0.0):
+    """Per-token loss, elementwise over any shape (adv broadcast to logp's): the clipped surrogate (PPO / GRPO,
+    asymmetric clip as DAPO), plus beta * KL(pi || ref) by the k3 estimator exp(q) - q - 1, q = ref - logp, when
+    ref_logp is given and beta > 0. Each token's term depends on its own logp only (logprobs_and_loss needs it)."""
     ratio = torch.exp(logp - old_logp)
-    a = adv[:, None]
-    per_tok = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
+    per_tok = -torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     if ref_logp is not None and beta > 0:
         q = ref_logp - logp
         per_tok = per_tok + beta * (torch.exp(q) - q - 1)
+    return per_tok
+
+
+def token_weights(mask, norm, aggregation="token", dtype=torch.float32):
+    """(r, L) weights w with loss = sum(w * token_loss). norm: the *global* number of tokens (aggregation="token",
+    DAPO: w = mask / norm) or of captions (aggregation="sequence", each caption's token mean, original GRPO:
+    w = mask / (caption length * norm)) in the whole batch."""
+    mask = mask.to(dtype)
     if aggregation == "token":
-        loss = (per_tok * mask).sum() / norm
-    elif aggregation == "sequence":
-        loss = ((per_tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / norm
-    else:
-        raise ValueError(f"unknown loss aggregation {aggregation!r} (token, sequence)")
+        return mask / norm
+    if aggregation == "sequence":
+        return mask / (mask.sum(1, keepdim=True).clamp(min=1) * norm)
+    raise ValueError(f"unknown loss aggregation {aggregation!r} (token, sequence)")
+
+
+def policy_stats(logp, old_logp, adv, mask, eps_low=0.2, eps_high=0.28):
+    """Sums (not means, so micro-batches add up) over masked tokens: ratio, clipped tokens, tokens. (r, L), adv (r,)."""
+    mask = mask.to(logp.dtype)
+    ratio, a = torch.exp(logp.detach() - old_logp), adv[:, None]
     clipped = ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
-    stats = {"ratio_sum": (ratio.detach() * mask).sum().item(), "clipped": (clipped * mask).sum().item(),
-             "tokens": mask.sum().item()}
-    return loss, stats
+    return {"ratio_sum": (ratio * mask).sum().item(), "clipped": (clipped * mask).sum().item(),
+            "tokens": mask.sum().item()}
+
+
+def policy_loss(logp, old_logp, adv, mask, norm, eps_low=0.2, eps_high=0.28, aggregation="token",
+                ref_logp=None, beta=0.0):
+    """The GRPO loss of a micro-batch from its log-probs: sum(token_weights * token_loss).
+    logp, old_logp, mask (r, L); adv (r,); norm, aggregation as token_weights. Returns (loss, policy_stats)."""
+    w = token_weights(mask, norm, aggregation, logp.dtype)
+    loss = (w * token_loss(logp, old_logp, adv[:, None], eps_low, eps_high, ref_logp, beta)).sum()
+    return loss, policy_stats(logp, old_logp, adv, mask, eps_low, eps_high)
+
+
+def flat_token_loss(old_logp, adv, mask, norm, eps_low=0.2, eps_high=0.28, aggregation="token",
+                    ref_logp=None, beta=0.0):
+    """policy_loss's per-token terms, weighted, as a function of flat token rows (r*L of them), the token_loss
+    that logprobs.logprobs_and_loss takes: (lp (n,), rows slice) -> (n,). Same arguments as policy_loss."""
+    w = token_weights(mask, norm, aggregation, old_logp.dtype).reshape(-1)  # (r*L,)
+    old, a = old_logp.reshape(-1), adv[:, None].expand_as(old_logp).reshape(-1)
+    ref = ref_logp.reshape(-1) if ref_logp is not None else None
+    return lambda lp, rows: w[rows] * token_loss(lp, old[rows], a[rows], eps_low, eps_high,
+                                                 None if ref is None else ref[rows], beta)

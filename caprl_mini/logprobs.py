@@ -6,9 +6,15 @@ Fused:  rows are processed in chunks of `row_chunk`, and each row chunk's vocabu
         with an online logsumexp, so the largest temporary is (row_chunk, vocab_chunk). The backward recomputes
         each chunk's logits from h and W (one extra matmul) instead of storing them:
             d logp_i / d logits_ij = onehot(y_i)_j - softmax_ij,     d logits / d h = W / temperature.
+Fused log-prob + loss (`logprobs_and_loss`, Liger-style): `token_logprobs` costs 4 matmuls of [N, D] x [D, V]
+        (forward logits; backward: logits again, grad h, grad W) against naive's 3. When the loss is a sum of
+        per-token terms, each a function of that token's own log-prob only (the GRPO loss is), dLoss/dlogp of a
+        row chunk is known as soon as its logits are, so the forward forms the gradients right there (3 matmuls,
+        no recompute) and the backward only scales them by the incoming scalar. Rows are chunked, the vocabulary
+        is not: the temporary is one (row_chunk, V) buffer (256 x 151,936 x 4 B = 155 MB), updated in place.
 Logits are computed in fp32 whatever the input dtype, and divided by the same temperature as the sampler, so
 on-policy importance ratios are exactly 1 up to matmul rounding.
-Legend: N tokens (rows), D hidden, V vocabulary.
+Legend: N tokens (rows), D hidden, V vocabulary, n rows in a chunk.
 """
 import torch
 
@@ -20,7 +26,7 @@ def _acc(t):
 
 def _chunk_logits(h, W, v0, v1, temperature):
     with torch.autocast(h.device.type, enabled=False):  # fp32 logits even inside a bf16 autocast region
-        return (h.to(_acc(h)) @ W[v0:v1].to(_acc(h)).T) / temperature  # (n, v)
+        return (h.to(_acc(h)) @ W[v0:v1].to(_acc(h)).T).div_(temperature)  # (n, v); in place: no second (n, v)
 
 
 def _lse_and_target(h, W, y, temperature, vocab_chunk):
@@ -82,6 +88,62 @@ class _FusedLogProbs(torch.autograd.Function):
 def token_logprobs(h, W, y, temperature=1.0, row_chunk=1024, vocab_chunk=32768):
     """log softmax(h @ W.T / temperature)[y] for every row, differentiable w.r.t. h and W. h (N, D), y (N,)."""
     return _FusedLogProbs.apply(h, W, y, float(temperature), row_chunk, vocab_chunk)
+
+
+class _FusedLogProbLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, W, y, token_loss, temperature, row_chunk):
+        N, V, acc = h.shape[0], W.shape[0], _acc(h)
+        need_h, need_W = ctx.needs_input_grad[:2]
+        logp = torch.empty(N, device=h.device, dtype=acc)
+        loss = torch.zeros((), device=h.device, dtype=acc)
+        gh = torch.empty_like(h, dtype=acc) if need_h else None
+        gW = torch.zeros_like(W, dtype=acc) if need_W else None
+        Wa = W.to(acc)  # converted once, not per chunk (no copy when W is already fp32)
+        with torch.autocast(h.device.type, enabled=False):  # fp32 matmuls even inside a bf16 autocast region
+            for r0 in range(0, N, row_chunk):
+                r = slice(r0, min(r0 + row_chunk, N))
+                hr, yr = h[r].to(acc), y[r, None]
+                z = _chunk_logits(hr, Wa, 0, V, temperature)  # (n, V): the one big buffer, reused in place below
+                z -= z.amax(-1, keepdim=True)  # shifted for a stable exp
+                tgt = z.gather(1, yr)  # (n, 1)
+                s = z.exp_().sum(-1, keepdim=True)  # z now holds exp(logits - max)
+                logp[r] = (tgt - s.log())[:, 0]
+                with torch.enable_grad():  # dloss/dlogp of these rows only: a tiny graph on a detached leaf
+                    lp = logp[r].detach().requires_grad_()
+                    l = token_loss(lp, r)  # (n,)
+                    g, = torch.autograd.grad(l.sum(), lp)
+                loss += l.detach().sum()
+                if not (need_h or need_W):
+                    continue
+                g = g[:, None] / temperature  # (n, 1); d logits / d (h @ W.T) = 1 / temperature
+                dz = z.mul_(-g / s)  # -g * softmax / T: dloss/d(h @ W.T) off the target...
+                dz.scatter_add_(1, yr, g)  # ...and + g / T on it
+                if need_h:
+                    torch.mm(dz, Wa, out=gh[r])
+                if need_W:  # addmm_ accumulates in place: no (V, D) temporary
+                    gW.addmm_(dz.T, hr)
+        ctx.mark_non_differentiable(logp)
+        ctx.grads, ctx.dtypes = (gh, gW), (h.dtype, W.dtype)
+        return logp, loss
+
+    @staticmethod
+    def backward(ctx, _, g):  # g: d(outer) / d(loss), a scalar; logp has no gradient
+        if ctx.grads is None:
+            raise RuntimeError("logprobs_and_loss: backward runs once per forward (its gradients are handed over)")
+        (gh, gW), ctx.grads = ctx.grads, None  # handed to autograd, not copied: W.grad can take the (V, D) buffer
+        gh = gh.mul_(g).to(ctx.dtypes[0]) if gh is not None else None
+        gW = gW.mul_(g).to(ctx.dtypes[1]) if gW is not None else None
+        return gh, gW, None, None, None, None
+
+
+def logprobs_and_loss(h, W, y, token_loss, temperature=1.0, row_chunk=256):
+    """(logp, loss): logp = log softmax(h @ W.T / temperature)[y] per row (N,), no gradient, and
+    loss = sum over rows of token_loss(logp[rows], rows), differentiable w.r.t. h and W, with 3 matmuls.
+    Contract: token_loss(lp, rows) returns (n,) per-token losses of the rows `rows` (a slice of 0..N), each a
+    function of its own lp alone; tensors it closes over are constants (no gradient reaches them). A backward
+    runs once per call (no retain_graph). h (N, D), W (V, D), y (N,)."""
+    return _FusedLogProbLoss.apply(h, W, y, token_loss, float(temperature), row_chunk)
 
 
 @torch.no_grad()

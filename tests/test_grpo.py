@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from caprl_mini.grpo import advantages, policy_loss
-from caprl_mini.logprobs import token_logprobs
+from caprl_mini.grpo import advantages, flat_token_loss, policy_loss
+from caprl_mini.logprobs import logprobs_and_loss, token_logprobs
 
 
 def test_advantages_per_group():
@@ -14,9 +14,10 @@ def test_advantages_per_group():
     assert torch.all(s[4:] == 0)  # zero-variance group
 
 
+@pytest.mark.parametrize("fused", [False, True])  # token_logprobs -> policy_loss, or logprobs_and_loss (trainer)
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 @pytest.mark.parametrize("split", [[8], [4, 4], [2, 3, 3], [1] * 8])
-def test_gradient_same_for_1_or_k_micro_batches(aggregation, split):
+def test_gradient_same_for_1_or_k_micro_batches(aggregation, split, fused):
     torch.manual_seed(0)
     R, L, D, V = 8, 6, 10, 31
     W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
@@ -32,8 +33,12 @@ def test_gradient_same_for_1_or_k_micro_batches(aggregation, split):
         r0 = 0
         for n in parts:
             rows = slice(r0, r0 + n)
-            logp = token_logprobs(h[rows].reshape(-1, D), W, y[rows].reshape(-1)).view(n, L)
-            loss, _ = policy_loss(logp, old[rows], adv[rows], mask[rows], norm, aggregation=aggregation)
+            if fused:
+                tl = flat_token_loss(old[rows], adv[rows], mask[rows], norm, aggregation=aggregation)
+                _, loss = logprobs_and_loss(h[rows].reshape(-1, D), W, y[rows].reshape(-1), tl, row_chunk=5)
+            else:
+                logp = token_logprobs(h[rows].reshape(-1, D), W, y[rows].reshape(-1)).view(n, L)
+                loss, _ = policy_loss(logp, old[rows], adv[rows], mask[rows], norm, aggregation=aggregation)
             loss.backward()
             r0 += n
         return W.grad.clone()

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from caprl_mini.logprobs import token_entropy, token_logprobs
+from caprl_mini import logprobs
+from caprl_mini.grpo import flat_token_loss, policy_loss
+from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs
 
 
 def naive(h, W, y, temperature):
@@ -56,3 +58,49 @@ def test_logits_stay_fp32_inside_bf16_autocast():
     assert (h.grad - hd.grad).abs().max() < 1e-4 and (W.grad - Wd.grad).abs().max() < 1e-4
     p = torch.softmax(hd.detach() @ Wd.detach().T, -1)
     assert (ent.double() + (p * p.log()).sum(-1)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_logprobs_and_loss_equals_naive_policy_loss(aggregation, monkeypatch):
+    """The loss, its gradients w.r.t. h and W (formed in the forward) and the log-probs equal naive log-probs ->
+    policy_loss in float64, with a KL term, temperature != 1, a row chunk that does not divide N, an upstream
+    gradient != 1; and no logits chunk is ever wider than row_chunk rows."""
+    torch.manual_seed(3)
+    R, L, D, V, T, chunk = 6, 8, 12, 97, 0.7, 7
+    h = torch.randn(R * L, D, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, V, (R * L,))
+    mask = (torch.arange(L)[None] < torch.tensor([8, 3, 0, 5, 1, 8])[:, None]).long()
+    ref = naive(h, W, y, T).detach().view(R, L)
+    old, ref_logp = ref + 0.3 * torch.randn(R, L, dtype=torch.float64), ref + 0.2 * torch.randn(R, L, dtype=torch.float64)
+    adv = torch.randn(R, dtype=torch.float64)
+    norm = mask.sum() if aggregation == "token" else 5
+    args = (old, adv, mask, norm, 0.2, 0.28, aggregation, ref_logp, 0.1)
+    loss, st = policy_loss(naive(h, W, y, T).view(R, L), *args)
+    gh, gW = torch.autograd.grad(2.5 * loss, (h, W))
+    assert 0 < st["clipped"] < st["tokens"]  # both branches of the clip are exercised
+    chunk_logits = logprobs._chunk_logits
+
+    def checked(hc, *a):
+        assert hc.shape[0] <= chunk
+        return chunk_logits(hc, *a)
+    monkeypatch.setattr(logprobs, "_chunk_logits", checked)
+    lp, floss = logprobs_and_loss(h, W, y, flat_token_loss(*args), T, chunk)
+    fh, fW = torch.autograd.grad(2.5 * floss, (h, W))
+    assert not lp.requires_grad and torch.allclose(lp, ref.reshape(-1), atol=1e-12, rtol=0)
+    assert abs(floss.item() - loss.item()) < 1e-12
+    assert torch.allclose(fh, gh, atol=1e-10, rtol=0) and torch.allclose(fW, gW, atol=1e-10, rtol=0)
+
+
+def test_logprobs_and_loss_fp32_under_bf16_autocast():
+    """Inside the trainer's bf16 autocast region the fused loss still computes fp32 logits and gradients."""
+    g = torch.Generator().manual_seed(4)
+    h, W = torch.randn(40, 32, generator=g, requires_grad=True), torch.randn(300, 32, generator=g, requires_grad=True)
+    y = torch.randint(0, 300, (40,), generator=g)
+    hd, Wd = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    (naive(hd, Wd, y, 1.0) ** 2).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, loss = logprobs_and_loss(h, W, y, lambda lp, rows: lp ** 2, row_chunk=16)
+    loss.backward()
+    assert lp.dtype == loss.dtype == torch.float32 and (lp.double() - naive(hd, Wd, y, 1.0)).abs().max() < 1e-4
+    assert (h.grad - hd.grad).abs().max() < 1e-3 and (W.grad - Wd.grad).abs().max() < 1e-3
