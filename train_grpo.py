@@ -28,7 +28,9 @@ The exact variant (each a flag; defaults in brackets):
             AdamW, linear warm-up then constant lr; grad-norm clip 1.0.
 Memory (README, "Train a real captioner"): fp32 weights and AdamW state with bf16 autocast on a GPU, the judge in
 bf16 inference mode, fused log-probs + loss (no [tokens, vocabulary] logits; the gradient formed in the forward,
-logprobs.py), --micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1.
+logprobs.py), --micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1. The
+teacher-forced pass runs each image's prompt once under its G captions (models.completion_hidden), except with
+--gradient-checkpointing 1 (it drops caches): then every caption row carries its own copy of the prompt.
 More than one GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel). Rank r samples and scores the
 step's images r*B/N ... (r+1)*B/N - 1 (their groups are whole, so advantages need no communication), the loss is
 normalised by the step's global token count and the gradients are summed over ranks (all-reduce), so N ranks make

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU row of BENCHMARKS.md in one run (about 10 minutes on one H100), logs under ${OUT:-runs/gpu}:
+# Every GPU row of BENCHMARKS.md in one run (about 10-12 minutes on one H100), logs under ${OUT:-runs/gpu}:
 #   bash benchmarks/run_gpu.sh
 #   PARTS="real_step judge" bash benchmarks/run_gpu.sh     # only these parts
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
@@ -18,7 +18,7 @@ part() {  # name, seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? after ${SECONDS}s" >> "$OUT/$name.log"
   grep -v -E "Loading weights|it/s\]|^\s*$" "$OUT/$name.log" | tail -n 14 | cut -c1-400
 }
-# the static (CUDA-graph) decode against the eager growing-cache decode: greedy captions must agree
+# the static (CUDA-graph) decode against the written-out eager decode (KVDecoder): greedy captions must agree
 part check 90 python -c "
 import torch; from caprl_mini import models, shapes; from caprl_mini.sampling import sample
 m, p = models.load_policy(models.SFT_CAPTIONER); m = m.cuda()
@@ -27,5 +27,5 @@ a, b = (sample(m, pr, 2, 64, 0, static=s) for s in (False, True))
 print('greedy static == dynamic on', torch.cuda.get_device_name(), torch.equal(a['tokens'], b['tokens']))"
 part sampling 180 python benchmarks/bench_sampling.py --device cuda --repeats 2
 part real_step 210 python benchmarks/bench_real_step.py
-part logprobs 50 python benchmarks/bench_logprobs.py --device cuda
+part logprobs 80 python benchmarks/bench_logprobs.py --device cuda
 part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32
