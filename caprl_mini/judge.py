@@ -206,33 +206,35 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
     answers = {o: answer_ids(tok, o) for o in {o for q in questions for o in q["options"]}} if fmt == "cloze" else {}
     letter_ids = torch.tensor([_letter_id(tok, L) for L in LETTERS[:max(len(q["options"]) for q in questions)]]
                               if fmt != "cloze" else [], dtype=torch.long, device=dev)
-    packs = []
-    for cap, rows in groups:
-        branches, pre = [], None
-        for i in rows:
-            pre, suf = prompt_ids(tok, cap, questions[i]["question"], questions[i]["options"], fmt, pre)
-            branches.append((suf, [answers[o] for o in questions[i]["options"]] if fmt == "cloze" else []))
-        packs.append((rows, pack_tree(pre, branches)))
-    packs.sort(key=lambda p: len(p[1][0]))  # similar lengths share a forward: less padding (a third less here)
-    for g0 in range(0, len(packs), captions_per_forward):
-        chunk = packs[g0:g0 + captions_per_forward]
-        h = packed_forward(model, [p for _, p in chunk], tok.pad_token_id or 0)  # (C, L, D)
-        sel_b, sel_t, targets, owner = [], [], [], []  # cloze: every option token of the chunk, scored at once
-        for b, (rows, (_, _, _, _, lasts, opt_idx)) in enumerate(chunk):
-            for i, last, idx in zip(rows, lasts, opt_idx):
-                if fmt != "cloze":  # letter, caprl: the logit of each option's letter
-                    out[i] = h[b, last].float() @ W[letter_ids[:len(questions[i]["options"])]].float().T
-                    continue
-                out[i] = torch.zeros(len(idx))
-                for k, (o, ix) in enumerate(zip(questions[i]["options"], idx)):
-                    sel_t += [last] + ix  # the state at `last` predicts the option's first token
-                    sel_b += [b] * (len(ix) + 1)
-                    targets += answers[o]
-                    owner += [(i, k)] * len(answers[o])
-        if targets:
-            lp = token_logprobs(h[sel_b, sel_t], W, torch.tensor(targets, device=dev)).float().cpu()
-            for (i, k), v in zip(owner, lp.tolist()):
-                out[i][k] += v
+    window = 8 * captions_per_forward  # groups tokenized and sorted at a time: bounded memory for big jobs
+    for w0 in range(0, len(groups), window):
+        packs = []
+        for cap, rows in groups[w0:w0 + window]:
+            branches, pre = [], None
+            for i in rows:
+                pre, suf = prompt_ids(tok, cap, questions[i]["question"], questions[i]["options"], fmt, pre)
+                branches.append((suf, [answers[o] for o in questions[i]["options"]] if fmt == "cloze" else []))
+            packs.append((rows, pack_tree(pre, branches)))
+        packs.sort(key=lambda p: len(p[1][0]))  # similar lengths share a forward: less padding (a third less here)
+        for g0 in range(0, len(packs), captions_per_forward):
+            chunk = packs[g0:g0 + captions_per_forward]
+            h = packed_forward(model, [p for _, p in chunk], tok.pad_token_id or 0)  # (C, L, D)
+            sel_b, sel_t, targets, owner = [], [], [], []  # cloze: every option token of the chunk, scored at once
+            for b, (rows, (_, _, _, _, lasts, opt_idx)) in enumerate(chunk):
+                for i, last, idx in zip(rows, lasts, opt_idx):
+                    if fmt != "cloze":  # letter, caprl: the logit of each option's letter
+                        out[i] = h[b, last].float() @ W[letter_ids[:len(questions[i]["options"])]].float().T
+                        continue
+                    out[i] = torch.zeros(len(idx))
+                    for k, (o, ix) in enumerate(zip(questions[i]["options"], idx)):
+                        sel_t += [last] + ix  # the state at `last` predicts the option's first token
+                        sel_b += [b] * (len(ix) + 1)
+                        targets += answers[o]
+                        owner += [(i, k)] * len(answers[o])
+            if targets:
+                lp = token_logprobs(h[sel_b, sel_t], W, torch.tensor(targets, device=dev)).float().cpu()
+                for (i, k), v in zip(owner, lp.tolist()):
+                    out[i][k] += v
     return out
 
 

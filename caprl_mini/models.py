@@ -95,8 +95,9 @@ def image_processor(min_pixels=84 * 84, max_pixels=84 * 84, patch_size=14):
 def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vision_depth=2, arch="qwen2_5_vl",
                        kv_heads=None):
     """A Qwen2.5-VL (or Qwen2-VL, Qwen3-VL) config at toy scale. mrope_section sums to head_dim / 2; special ids
-    set explicitly; kv_heads < heads: grouped-query attention, as the real models. Qwen2 and 2.5 differ only in the vision tower (2.5: window attention, SwiGLU, RMSNorm); Qwen3-VL
-    has patch 16 (96x96 -> 9 tokens), QK-norm and DeepStack (inner vision features added to early decoder layers)."""
+    set explicitly; kv_heads < heads: grouped-query attention, as the real models. Qwen2 and 2.5 differ only in the
+    vision tower (2.5: window attention, SwiGLU, RMSNorm); Qwen3-VL has patch 16 (96x96 -> 9 tokens), QK-norm and
+    DeepStack (inner vision features added to early decoder layers)."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     head_dim = hidden // heads
     sec = [head_dim // 2 - 2 * (head_dim // 6), head_dim // 6, head_dim // 6]  # (t, h, w), sums to head_dim/2
