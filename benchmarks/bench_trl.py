@@ -5,12 +5,13 @@
 
 TRL is not a dependency of the project: install it in a separate venv (benchmarks/README.md).
 Same work on both sides: the shipped tiny captioner (Qwen2.5-VL) and judge, B images x G captions per step from
-the built-in world, the chat prompt (image + the caption instruction), sampling at temperature 1 with no top-k /
-top-p, stop at EOS or at --max-new-tokens, reward = caption_rewards (N = 8 question draws, the judge's format and
-"prob" reading, reward types only) times "not truncated" (the project's --zero-truncated 1), group-std advantages,
-clip 0.2 / 0.28, token-level (DAPO) loss, beta 0, AdamW lr 1e-4 after a 10-step linear warm-up, grad clip 1, one
-optimizer step per rollout, fp32 on a CPU. Both stop at EOS, so the captions each side samples differ: generated
-tokens per caption are reported next to captions/s.
+the built-in world (the same images at the same step on both sides), the chat prompt (image + the caption
+instruction), sampling at temperature 1 with no top-k / top-p, stop at EOS or at --max-new-tokens, reward =
+caption_rewards (N = 8 question draws, the judge's format and "prob" reading, reward types only) times "not
+truncated" (the project's --zero-truncated 1), group-std advantages, clip 0.2 / 0.28, token-level (DAPO) loss,
+beta 0, AdamW lr 1e-4 after a 10-step linear warm-up, grad clip 1, one optimizer step per rollout, fp32 on a CPU.
+Both stop at EOS, so the captions each side samples differ: generated tokens per caption are reported next to
+captions/s.
 How each side runs: the project as `train_grpo.py --steps K --eval-images 0` in a subprocess, step_seconds read
 from its metrics.jsonl; TRL in a child process of this script (--child), timed between consecutive optimizer steps.
 The sides alternate run by run, the first step of each run is a warm-up and not counted; reported are the median
@@ -59,8 +60,10 @@ def trl_child():
     judge, jtok, meta = load_judge(JUDGE, device, dtype)
     eos = model.config.text_config.eos_token_id
     world = World("train")
-    rng = random.Random(f"{args.seed}:images")
-    items = [world[rng.randrange(10**6)] for _ in range(B * (args.steps + 1))]
+    items = []  # train_grpo.py's images, step by step (its step_items: B draws from (seed, step)); with
+    for step in range(args.steps + 1):  # shuffle_dataset=False TRL's step s takes prompts s*B ... s*B+B-1: the same
+        rng = random.Random(f"{args.seed}:images:{step}")
+        items += [world[rng.randrange(len(world))] for _ in range(B)]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": CAPTION_INSTRUCTION}], "image": it["image"],
                                "idx": i} for i, it in enumerate(items)])
     clock = {"gen": 0.0, "reward": 0.0}
@@ -98,7 +101,8 @@ def trl_child():
         gradient_accumulation_steps=1, num_iterations=1, max_completion_length=args.max_new_tokens, temperature=1.0,
         top_k=0, top_p=1.0, learning_rate=1e-4, warmup_steps=10, lr_scheduler_type="constant_with_warmup",
         weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", scale_rewards="group", epsilon=0.2,
-        epsilon_high=0.28, use_vllm=False, bf16=dtype == torch.bfloat16, fp16=False, gradient_checkpointing=False,
+        epsilon_high=0.28, shuffle_dataset=False, use_vllm=False, bf16=dtype == torch.bfloat16, fp16=False,
+        gradient_checkpointing=False,
         logging_steps=10**6, report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed)
     trainer = GRPOTrainer(model=model, reward_funcs=caprl_reward, args=cfg, train_dataset=data,
                           processing_class=proc, callbacks=[StepClock()])
