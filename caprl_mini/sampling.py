@@ -37,6 +37,9 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
     static = dev.type == "cuda" if static is None else static
+    if set(getattr(model.model.language_model.config, "layer_types", None) or ["full_attention"]) != \
+            {"full_attention"}:  # both decoders keep every position of a row (the released Qwen-VL models do)
+        raise NotImplementedError("sample(): sliding-window attention layers are not supported (use_sliding_window)")
     eos = model.config.text_config.eos_token_id
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=dev)
     eos = eos if stop_at_eos else eos[:0]  # no stop token: no row ever finishes early
@@ -126,8 +129,6 @@ class KVDecoder:
 
     def __init__(self, model, prefix, G, prompt_mask, max_new_tokens):
         self.lm = lm = model.model.language_model
-        if set(getattr(lm.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
-            raise NotImplementedError("KVDecoder: sliding-window layers are not written out; use static=True")
         self.kp = [layer.keys for layer in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
         self.vp = [layer.values for layer in prefix.layers]
         B, Hkv, _, d = self.kp[0].shape
