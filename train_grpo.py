@@ -63,8 +63,8 @@ from caprl_mini.grpo import advantages, flat_token_loss, policy_stats
 from caprl_mini.judge import caption_rewards
 from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs
 from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, completion_hidden, encode_prompts,
-                               load_judge, load_policy, peak_memory_gib, pick_device, policy_hidden,
-                               prepare_for_training, rope_positions, save_model, with_completions)
+                               load_judge, load_policy, peak_memory_gib, pick_device, prepare_for_training,
+                               rope_positions, save_model)
 from caprl_mini.sampling import decode, sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -238,21 +238,13 @@ def lr_at(step):
 
 
 def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
-    """Teacher-forced hidden states (r, L, D) predicting the completion tokens of images b0..b1 (G rows each).
-    Each image's prompt runs once, its cache shared by its G captions (models.completion_hidden); gradient
-    checkpointing drops caches, so with it every row runs its own prompt + completion."""
+    """Teacher-forced hidden states (r, L, D) predicting the completion tokens of images b0..b1 (G rows each), each
+    image's prompt run once (models.completion_hidden)."""
     rows = slice(b0 * G, b1 * G)  # b0, b1: this rank's images
     n_patch = prompt["image_grid_thw"].prod(-1)
     pv = prompt["pixel_values"][int(n_patch[:b0].sum()):int(n_patch[:b1].sum())]
-    if not m.is_gradient_checkpointing:
-        return completion_hidden(m, prompt["input_ids"][b0:b1], prompt["attention_mask"][b0:b1], pos[:, b0:b1],
-                                 nxt[b0:b1], pv, prompt["image_grid_thw"][b0:b1], tokens[rows], mask[rows], G)
-    pr = {k: prompt[k][b0:b1].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask")}
-    ids, am, ps = with_completions(pr, pos[:, b0:b1].repeat_interleave(G, 1), nxt[b0:b1].repeat_interleave(G),
-                                   tokens[rows], mask[rows])
-    P = prompt["input_ids"].shape[1]
-    h, _ = policy_hidden(m, ids, am, ps, pv, prompt["image_grid_thw"][b0:b1], repeat=G, prompt_len=P)
-    return h[:, P - 1:P - 1 + tokens.shape[1]]  # (r, L, D)
+    return completion_hidden(m, prompt["input_ids"][b0:b1], prompt["attention_mask"][b0:b1], pos[:, b0:b1],
+                             nxt[b0:b1], pv, prompt["image_grid_thw"][b0:b1], tokens[rows], mask[rows], G)
 
 
 # ---------------------------------------------------------------- GRPO loop

@@ -156,7 +156,8 @@ def packed_forward(model, packs, pad_id):
     L = max(len(p[0]) for p in packs) - K
     ids = torch.full((len(packs), L), pad_id, dtype=torch.long)
     pos = torch.zeros((len(packs), L), dtype=torch.long)
-    allowed = torch.ones((len(packs), L, K + L), dtype=torch.bool)  # columns: the K shared tokens, then the row
+    allowed = torch.zeros((len(packs), L, K + L), dtype=torch.bool)  # columns: the K shared tokens, then the row
+    allowed[:, :, :K] = True  # every token sees the shared part
     for b, (tids, tpos, tseg, parent, _, _) in enumerate(packs):
         n = len(tids) - K
         ids[b, :n], pos[b, :n] = torch.tensor(tids[K:]), torch.tensor(tpos[K:])
@@ -166,7 +167,6 @@ def packed_forward(model, packs, pad_id):
                 anc[sg, pa] = True
                 anc[sg] |= anc[pa]
         sg = torch.tensor(tseg[K:])
-        allowed[b, :, K:] = False
         allowed[b, :n, K:K + n] = anc[sg][:, sg] & torch.ones(n, n, dtype=torch.bool).tril()
         allowed[b, n:, K + n:] = torch.eye(L - n, dtype=torch.bool)  # padding attends to itself (no NaN)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]

@@ -279,16 +279,23 @@ def with_completions(prompt, positions, next_pos, completion, completion_mask):
 
 def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, pixel_values, image_grid_thw,
                       completion, completion_mask, G):
-    """Teacher-forced hidden states (B*G, L, D), state j predicting completion token j, with each prompt run once:
-    the B left-padded prompts (B, P) fill a KV cache, repeated G times (differentiable: the gradient of an image's
-    G captions flows back into its one prompt), and the B*G right-padded completions (B*G, L) run on top of it.
-    with_completions' batch (every row its own prompt + completion) costs B*G*(P + L) tokens forward and backward;
-    this costs B*P + B*G*L (real images put hundreds of tokens in P). Gradient checkpointing drops caches inside
-    the layers, so a model trained with it must use with_completions instead."""
+    """Teacher-forced hidden states (B*G, L, D), state j predicting completion token j, of B left-padded prompts
+    (B, P) with G right-padded completions each (B*G, L), rows grouped by image. Each prompt runs once: it fills a
+    KV cache, repeated G times (differentiable: the gradient of an image's G captions flows back into its one
+    prompt), and the completions run on top of it: B*P + B*G*L tokens forward and backward, where a batch of
+    prompt + completion rows costs B*G*(P + L) (real images put hundreds of tokens in P). Gradient checkpointing
+    drops caches inside the layers, so under it every row carries its own copy of the prompt."""
+    L = completion.shape[1]
+    if model.is_gradient_checkpointing:
+        pr = {"input_ids": input_ids.repeat_interleave(G, 0), "attention_mask": attention_mask.repeat_interleave(G, 0)}
+        ids, am, ps = with_completions(pr, position_ids.repeat_interleave(G, 1), next_pos.repeat_interleave(G),
+                                       completion, completion_mask)
+        P = input_ids.shape[1]
+        h, _ = policy_hidden(model, ids, am, ps, pixel_values, image_grid_thw, repeat=G, prompt_len=P)
+        return h[:, P - 1:P - 1 + L]
     cache = DynamicCache(config=model.config.get_text_config())
     hp, _ = policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, cache=cache)
-    cache.batch_repeat_interleave(G)  # (B, ...) -> (B*G, ...), rows grouped by image
-    L = completion.shape[1]
+    cache.batch_repeat_interleave(G)  # (B, ...) -> (B*G, ...)
     am = torch.cat([attention_mask.repeat_interleave(G, 0), completion_mask.to(attention_mask.dtype)], 1)
     pos = (next_pos.repeat_interleave(G)[:, None] + torch.arange(L, device=completion.device))[None].expand(3, -1, -1)
     hc, _ = policy_hidden(model, completion, am, pos, cache=cache)  # (B*G, L, D)

@@ -99,7 +99,7 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
     """completion_hidden (each image's prompt once, its cache repeated G times) gives the teacher-forced states and
     the gradients of with_completions' batch (every row its own prompt + completion): left-padded prompts of
     different lengths, right-padded completions, G = 3, on all three architectures (Qwen3-VL: DeepStack in the
-    prompt)."""
+    prompt); and completion_hidden under gradient checkpointing (its per-row path) the same."""
     from test_sampling import mixed_images
     model, proc = models.load_policy(tiny_policy_dir)
     models.prepare_for_training(model)
@@ -110,12 +110,9 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
     comp = torch.randint(0, 100, (3 * G, L), generator=torch.Generator().manual_seed(0))
     cmask = (torch.arange(L)[None] < torch.randint(1, L + 1, (3 * G, 1), generator=torch.Generator().manual_seed(1)))
     states, grads = [], []
-    for shared in (False, True):
+    for way in ("prompt per row", "prompt once", "under gradient checkpointing"):
         model.zero_grad()
-        if shared:
-            h = models.completion_hidden(model, prompt["input_ids"], prompt["attention_mask"], pos, nxt,
-                                         prompt["pixel_values"], prompt["image_grid_thw"], comp, cmask.long(), G)
-        else:
+        if way == "prompt per row":
             pr = {k: prompt[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask")}
             ids, am, ps = models.with_completions(pr, pos.repeat_interleave(G, 1), nxt.repeat_interleave(G), comp,
                                                   cmask.long())
@@ -123,11 +120,18 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
             h, _ = models.policy_hidden(model, ids, am, ps, prompt["pixel_values"], prompt["image_grid_thw"],
                                         repeat=G, prompt_len=P)
             h = h[:, P - 1:P - 1 + L]
+        else:
+            if way == "under gradient checkpointing":  # caches are dropped there: completion_hidden's other path
+                model.gradient_checkpointing_enable()
+                assert model.is_gradient_checkpointing
+            h = models.completion_hidden(model, prompt["input_ids"], prompt["attention_mask"], pos, nxt,
+                                         prompt["pixel_values"], prompt["image_grid_thw"], comp, cmask.long(), G)
         lp = token_logprobs(h.reshape(-1, h.shape[-1]), model.get_output_embeddings().weight, comp.reshape(-1))
         (lp * cmask.reshape(-1)).sum().backward()
         states.append(h[cmask].detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert (states[0] - states[1]).abs().max() < 1e-4
-    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
-    for n in grads[0]:  # relative to the tensor's scale: these gradients reach 30, fp32 sums in another order
-        assert (grads[0][n] - grads[1][n]).abs().max() <= 1e-5 * grads[0][n].abs().max() + 1e-7, n
+    for k in (1, 2):
+        assert (states[0] - states[k]).abs().max() < 1e-4
+        assert grads[0].keys() == grads[k].keys() and len(grads[0]) > 10
+        for n in grads[0]:  # relative to the tensor's scale: these gradients reach 30, fp32 sums in another order
+            assert (grads[0][n] - grads[k][n]).abs().max() <= 1e-5 * grads[0][n].abs().max() + 1e-7, n
