@@ -15,13 +15,18 @@ Ways to pose an MCQ (lm-evaluation-harness has both letter and cloze):
 Three ways to read the judge (DESIGN section 5): sample (temperature 0.6 over the options, as the paper),
 argmax, prob (probability mass on the gold option: expected accuracy, lowest variance).
 
-Cost: the caption is the shared prefix of all its questions. Each distinct caption becomes one packed row: the
-caption once, then every question (and, for cloze, every option) as a branch under a tree-shaped attention mask
-(pack_tree), so the caption is computed once and no KV cache is copied per question or option.
+Cost: the caption is the shared prefix of all its questions. Each distinct caption's prefix (chat start + caption;
+its common start with the other captions once for all) is computed once into a KV cache, then every question is a
+short row over its caption's cached prefix (and, for cloze, every option a branch of that row under a tree mask):
+no token is computed twice, and no question attends to another's tokens.
 Legend: C captions, Q questions (rows after expansion), O options, T tokens.
 """
 
+import copy
+
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .logprobs import token_logprobs
 from .shapes import ABSTAIN, oracle_choice
@@ -113,77 +118,87 @@ def _letter_id(tok, letter):
     return ids[0]
 
 
-def pack_tree(prefix, branches):
-    """One row holding a caption prefix and all its questions (and, for cloze, their options) as a tree.
-    branches: [(suffix ids, [option ids, ...])]. Returns token ids, positions, segment ids and each segment's
-    parent (0 = the prefix), and per branch the index of its last suffix token and of its options' tokens.
-    A token attends to its own segment (causally) and to its ancestors' segments: exactly what it would see in
-    the unshared prompt, so the scores equal separate forwards while the caption is computed once."""
-    ids, pos, seg, parent = list(prefix), list(range(len(prefix))), [0] * len(prefix), [0]
-    lasts, opt_idx = [], []
-    for suffix, options in branches:
-        q = len(parent)
-        parent.append(0)
-        ids += suffix
-        pos += range(len(prefix), len(prefix) + len(suffix))
-        seg += [q] * len(suffix)
-        lasts.append(len(ids) - 1)
-        depth, idx = len(prefix) + len(suffix), []
-        for opt in options:  # the option's tokens but its last: each predicts the next one
-            parent.append(q)
-            idx.append(list(range(len(ids), len(ids) + len(opt) - 1)))
-            ids += opt[:-1]
-            pos += range(depth, depth + len(opt) - 1)
-            seg += [len(parent) - 1] * (len(opt) - 1)
-        opt_idx.append(idx)
-    return ids, pos, seg, parent, lasts, opt_idx
+class _ReadPrefix(DynamicLayer):
+    """One layer of the captions' cached prefixes, read by question rows: row j attends to prefix row idx[j], then to
+    its own tokens. update() returns that concatenation and stores nothing (the question rows need no cache after
+    their forward), so one layer's gathered copy exists at a time, not the whole stack's."""
+
+    def __init__(self, layer, idx):
+        super().__init__()
+        self.keys, self.values, self.idx, self.is_initialized = layer.keys, layer.values, idx, True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys[self.idx], key_states], -2), torch.cat([self.values[self.idx], value_states], -2)
 
 
-def packed_forward(model, packs, pad_id):
-    """Final hidden states (C, L, D) of packed rows (pack_tree outputs), under their tree attention masks.
-    The rows' common first tokens (the chat template and, in the caprl format, the ~300-token instruction that every
-    caption is shown after) are computed once for the batch, as a KV cache the rows attend to, not once per row:
-    that is most of a caprl prompt's tokens before the caption. Their states come back as zeros (nothing is scored
-    there)."""
-    dev, dtype = model.device, model.dtype
-    first = packs[0][0]
-    K = next(k for k in range(len(first)) if any(p[2][k] != 0 or p[0][k] != first[k] for p in packs))
-    # K: the length of the rows' common prefix, within their captions' prefix (segment 0: plain causal)
-    past = None
-    if K > 0:  # one row of K tokens, its cache repeated for the C rows (a copy of K x C keys: cheap)
-        past = model.base_model(input_ids=torch.tensor([first[:K]], device=dev), use_cache=True).past_key_values
-        past.batch_repeat_interleave(len(packs))
-    L = max(len(p[0]) for p in packs) - K
-    ids = torch.full((len(packs), L), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(packs), L), dtype=torch.long)
-    allowed = torch.zeros((len(packs), L, K + L), dtype=torch.bool)  # columns: the K shared tokens, then the row
-    allowed[:, :, :K] = True  # every token sees the shared part
-    for b, (tids, tpos, tseg, parent, _, _) in enumerate(packs):
-        n = len(tids) - K
-        ids[b, :n], pos[b, :n] = torch.tensor(tids[K:]), torch.tensor(tpos[K:])
-        anc = torch.eye(len(parent), dtype=torch.bool)  # anc[s, a]: segment a is s or an ancestor of s
-        for sg, pa in enumerate(parent):
-            if sg:
-                anc[sg, pa] = True
-                anc[sg] |= anc[pa]
-        sg = torch.tensor(tseg[K:])
-        allowed[b, :n, K:K + n] = anc[sg][:, sg] & torch.ones(n, n, dtype=torch.bool).tril()
-        allowed[b, n:, K + n:] = torch.eye(L - n, dtype=torch.bool)  # padding attends to itself (no NaN)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-    h = model.base_model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                         past_key_values=past).last_hidden_state
-    return torch.nn.functional.pad(h, (0, 0, K, 0))  # (C, K + L, D): indexed like the packs
+def _additive(allowed, dtype):
+    """(n, T, S) bool -> the (n, 1, T, S) additive mask Hugging Face attention takes."""
+    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def caption_cache(model, prefixes, pad_id):
+    """KV cache (C rows) of the captions' prefixes (chat start + caption) and each prefix's length in that cache's
+    columns. Their common first K tokens (the chat template; in the caprl format also the ~300-token instruction
+    every caption is shown after) run once, as one row whose cache the C rows extend."""
+    dev = model.device
+    n = min(map(len, prefixes))
+    K = next((k for k in range(n) if any(p[k] != prefixes[0][k] for p in prefixes)), n)
+    past = DynamicCache()
+    if K:
+        past = model.base_model(input_ids=torch.tensor([prefixes[0][:K]], device=dev), use_cache=True).past_key_values
+    P = max(map(len, prefixes)) - K
+    if P == 0:  # every prefix is the common part (one distinct caption): its single row serves every question
+        return past, torch.zeros(len(prefixes), dtype=torch.long), [K] * len(prefixes)
+    past.batch_repeat_interleave(len(prefixes))
+    ids = torch.tensor([p[K:] + [pad_id] * (K + P - len(p)) for p in prefixes])
+    real = torch.tensor([len(p) - K for p in prefixes])[:, None, None]  # (C, 1, 1): tokens after the common part
+    col = torch.arange(P)
+    own = (col <= col[:, None]) & (col < real) | torch.eye(P, dtype=torch.bool)  # causal; padding sees itself
+    allowed = torch.cat([torch.ones(len(prefixes), P, K, dtype=torch.bool), own], -1)
+    model.base_model(input_ids=ids.to(dev), position_ids=(K + col).expand(len(prefixes), -1).to(dev),
+                     attention_mask=_additive(allowed, model.dtype).to(dev), past_key_values=past, use_cache=True)
+    return past, torch.arange(len(prefixes)), [len(p) for p in prefixes]
+
+
+def question_states(model, past, idx, lengths, rows, pad_id):
+    """Final hidden states (n, T, D) of question rows, each after its caption's cached prefix: past's row idx[j], of
+    lengths[j] tokens. rows: (ids, offsets after the prefix, segment ids): segment 0 is the question (causal), segment
+    k > 0 option k's tokens, which see the question and themselves, not the other options (cloze)."""
+    dev = model.device
+    T, Kp = max(len(r[0]) for r in rows), past.get_seq_length()
+    ids = torch.tensor([r[0] + [pad_id] * (T - len(r[0])) for r in rows])
+    pos = torch.tensor([[lengths[j] + o for o in r[1]] + [0] * (T - len(r[1])) for j, r in enumerate(rows)])
+    seg = torch.tensor([r[2] + [-1] * (T - len(r[2])) for r in rows])  # -1: padding
+    col = torch.arange(T)
+    own = (col <= col[:, None]) & (seg[:, None, :] >= 0) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    pre = (torch.arange(Kp) < torch.tensor(lengths)[:, None])[:, None, :].expand(-1, T, -1)  # the prefix's real part
+    allowed = torch.cat([pre, own | torch.eye(T, dtype=torch.bool)], -1)
+    cache = copy.copy(past)
+    cache.layers = [_ReadPrefix(layer, idx.to(dev)) for layer in past.layers]
+    return model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache if Kp else None,
+                            attention_mask=_additive(allowed, model.dtype).to(dev)).last_hidden_state
+
+
+def question_row(suffix, options):
+    """A question's tokens as one row: its suffix, then for cloze each option's tokens but the last (each predicts
+    the next one), every option placed right after the question. Returns (ids, offsets, segment ids)."""
+    ids, off, seg = list(suffix), list(range(len(suffix))), [0] * len(suffix)
+    for k, opt in enumerate(options, 1):
+        ids += opt[:-1]
+        off += range(len(suffix), len(suffix) + len(opt) - 1)
+        seg += [k] * (len(opt) - 1)
+    return ids, off, seg
 
 
 @torch.no_grad()
-def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32, questions_per_row=16):
+def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32, questions_per_forward=256):
     """Judge scores of every option of every row (row i = captions[i] asked questions[i], whose "options" are
     already shuffled and end with the abstain option): a list of (O_i,) tensors, higher = preferred.
     letter, caprl: the logit of each option's letter after "The answer is"; cloze: the option text's log-likelihood.
-    Each distinct caption is one packed row (see pack_tree): its prefix is computed once for all its questions,
-    with no KV-cache copies (expanding a cache to every question x option row costs more than the forward).
-    A caption asked more than `questions_per_row` questions gets several rows (the row's attention mask is
-    quadratic in its length: thousands of questions of one caption, as the leak filter asks, must not share one)."""
+    Two levels of shared prefixes: each distinct caption's prefix is computed once (caption_cache), then every
+    question is a short row that attends to its caption's cached prefix and to itself (question_states); for cloze
+    the options of a question share its row as branches. Captions go `captions_per_forward` at a time, questions
+    `questions_per_forward` at a time (thousands of questions of one caption, as the leak filter asks, are split)."""
     if not captions:
         return []
     if fmt == "cloze":  # option order does not matter to cloze: score each (caption, question) once
@@ -192,50 +207,72 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
         if len(uniq) < len(keys):
             z = option_logits(model, tok, [k[0] for k in uniq], [{"question": k[1], "options": list(k[2])}
                                                                    for k in uniq], fmt, captions_per_forward,
-                              questions_per_row)
-            table = {k: dict(zip(k[2], zk)) for k, zk in zip(uniq, z)}
-            return [torch.stack([table[k][o] for o in q["options"]]) for k, q in zip(keys, questions)]
-    dev = model.device
+                              questions_per_forward)
+            table = {k: dict(zip(k[2], zk.tolist())) for k, zk in zip(uniq, z)}
+            return [torch.tensor([table[k][o] for o in q["options"]]) for k, q in zip(keys, questions)]
+    dev, pad = model.device, tok.pad_token_id or 0
     W = model.get_output_embeddings().weight
     rows_of = {}
     for i, c in enumerate(captions):
         rows_of.setdefault(c, []).append(i)
-    out = [None] * len(captions)
-    groups = [(c, rows[k:k + questions_per_row]) for c, rows in rows_of.items()
-              for k in range(0, len(rows), questions_per_row)]
     answers = {o: answer_ids(tok, o) for o in {o for q in questions for o in q["options"]}} if fmt == "cloze" else {}
-    letter_ids = torch.tensor([_letter_id(tok, L) for L in LETTERS[:max(len(q["options"]) for q in questions)]]
-                              if fmt != "cloze" else [], dtype=torch.long, device=dev)
-    window = 8 * captions_per_forward  # groups tokenized and sorted at a time: bounded memory for big jobs
-    for w0 in range(0, len(groups), window):
-        packs = []
-        for cap, rows in groups[w0:w0 + window]:
-            branches, pre = [], None
-            for i in rows:
-                pre, suf = prompt_ids(tok, cap, questions[i]["question"], questions[i]["options"], fmt, pre)
-                branches.append((suf, [answers[o] for o in questions[i]["options"]] if fmt == "cloze" else []))
-            packs.append((rows, pack_tree(pre, branches)))
-        packs.sort(key=lambda p: len(p[1][0]))  # similar lengths share a forward: less padding (a third less here)
-        for g0 in range(0, len(packs), captions_per_forward):
-            chunk = packs[g0:g0 + captions_per_forward]
-            h = packed_forward(model, [p for _, p in chunk], tok.pad_token_id or 0)  # (C, L, D)
-            sel_b, sel_t, targets, owner = [], [], [], []  # cloze: every option token of the chunk, scored at once
-            for b, (rows, (_, _, _, _, lasts, opt_idx)) in enumerate(chunk):
-                for i, last, idx in zip(rows, lasts, opt_idx):
-                    if fmt != "cloze":  # letter, caprl: the logit of each option's letter
-                        out[i] = h[b, last].float() @ W[letter_ids[:len(questions[i]["options"])]].float().T
-                        continue
-                    out[i] = torch.zeros(len(idx))
-                    for k, (o, ix) in enumerate(zip(questions[i]["options"], idx)):
-                        sel_t += [last] + ix  # the state at `last` predicts the option's first token
-                        sel_b += [b] * (len(ix) + 1)
-                        targets += answers[o]
-                        owner += [(i, k)] * len(answers[o])
-            if targets:
-                lp = token_logprobs(h[sel_b, sel_t], W, torch.tensor(targets, device=dev)).float().cpu()
-                for (i, k), v in zip(owner, lp.tolist()):
-                    out[i][k] += v
+    letter_ids = W.new_tensor([_letter_id(tok, L) for L in LETTERS[:max(len(q["options"]) for q in questions)]]
+                              if fmt != "cloze" else [], dtype=torch.long)
+    suffixes, out = {}, [None] * len(captions)  # a question's suffix does not depend on the caption: tokenized once
+    distinct = list(rows_of)
+    window = 8 * captions_per_forward  # captions tokenized and sorted at a time: bounded memory for big jobs
+    for w0 in range(0, len(distinct), window):
+        prefix = {}
+        for c in distinct[w0:w0 + window]:
+            q = questions[rows_of[c][0]]
+            prefix[c] = prompt_ids(tok, c, q["question"], q["options"], fmt)[0]
+        caps = sorted(prefix, key=lambda c: len(prefix[c]))  # similar lengths share a forward: less padding
+        for c0 in range(0, len(caps), captions_per_forward):
+            chunk = caps[c0:c0 + captions_per_forward]
+            past, idx, lengths = caption_cache(model, [prefix[c] for c in chunk], pad)
+            work = []  # (row i, caption's index in chunk, question row)
+            for j, c in enumerate(chunk):
+                for i in rows_of[c]:
+                    q = questions[i]
+                    key = (q["question"], tuple(q["options"]))
+                    if key not in suffixes:
+                        suffixes[key] = prompt_ids(tok, c, q["question"], q["options"], fmt, prefix[c])[1]
+                    work.append((i, j, question_row(suffixes[key], [answers[o] for o in q["options"]]
+                                                    if fmt == "cloze" else [])))
+            work.sort(key=lambda w: len(w[2][0]))
+            for q0 in range(0, len(work), questions_per_forward):
+                part = work[q0:q0 + questions_per_forward]
+                js = [w[1] for w in part]
+                h = question_states(model, past, idx[js], [lengths[j] for j in js], [w[2] for w in part], pad)
+                _read_scores(h, W, part, questions, answers, letter_ids, out, fmt)
     return out
+
+
+def _read_scores(h, W, part, questions, answers, letter_ids, out, fmt):
+    """Fill out[i] for the question rows of `part` from their hidden states h (n, T, D)."""
+    n_suffix = [w[2][2].count(0) for w in part]
+    if fmt != "cloze":  # letter, caprl: each option's letter logit at the question's last token
+        z = (h[torch.arange(len(part)), torch.tensor(n_suffix) - 1].float() @ W[letter_ids].float().T).cpu()
+        for (i, _, _), zi in zip(part, z):
+            out[i] = zi[:len(questions[i]["options"])]
+        return
+    sel_b, sel_t, targets, owner, n_opt = [], [], [], [], 0  # every option token of the part, scored at once
+    for b, ((i, _, _), S) in enumerate(zip(part, n_suffix)):
+        start = S
+        for o in questions[i]["options"]:
+            a = answers[o]  # the question's last state predicts the option's first token, then each the next
+            sel_t += [S - 1] + list(range(start, start + len(a) - 1))
+            sel_b += [b] * len(a)
+            targets += a
+            owner += [n_opt] * len(a)
+            start += len(a) - 1
+            n_opt += 1
+    lp = token_logprobs(h[sel_b, sel_t], W, torch.tensor(targets, device=h.device)).float().cpu()
+    scores = torch.zeros(n_opt).index_add_(0, torch.tensor(owner), lp)
+    k = 0
+    for i, _, _ in part:
+        out[i] = scores[k:k + len(questions[i]["options"])]
+        k += len(questions[i]["options"])
 
 
 def score_questions(model, tok, captions, questions, fmt, mode, rng, temperature=0.6, return_choice=False):

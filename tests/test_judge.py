@@ -108,14 +108,14 @@ def test_caprl_prompt_is_the_papers_through_the_chat_template(tok, chat_judge_di
 
 
 @pytest.mark.parametrize("fmt", ["cloze", "caprl"])
-def test_many_questions_of_one_caption_split_over_rows_score_the_same(fmt, tiny_judge_dir):
-    """The leak filter asks thousands of questions of one (empty) caption: they are split over several packed
-    rows, which must not change any score."""
+def test_many_questions_of_one_caption_split_over_forwards_score_the_same(fmt, tiny_judge_dir):
+    """The leak filter asks thousands of questions of one (empty) caption: they are split over several forwards
+    over the one cached prefix, which must not change any score."""
     model, tok, _ = models.load_judge(tiny_judge_dir)
     rng = random.Random(4)
     qs = [{**q, "options": shuffle_options(q, rng)[0]} for i in range(3)
           for q in shapes.world_item(i, "test")["questions"]]
     with torch.no_grad():
-        one = option_logits(model, tok, [""] * len(qs), qs, fmt, questions_per_row=len(qs))
-        split = option_logits(model, tok, [""] * len(qs), qs, fmt, questions_per_row=3)
+        one = option_logits(model, tok, [""] * len(qs), qs, fmt, questions_per_forward=len(qs))
+        split = option_logits(model, tok, [""] * len(qs), qs, fmt, questions_per_forward=3)
     assert len(qs) > 6 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one, split))
