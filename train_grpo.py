@@ -29,8 +29,9 @@ The exact variant (each a flag; defaults in brackets):
 Memory (README, "Train a real captioner"): fp32 weights and AdamW state with bf16 autocast on a GPU, the judge in
 bf16 inference mode, fused log-probs + loss (no [tokens, vocabulary] logits; the gradient formed in the forward,
 logprobs.py), --micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1. The
-teacher-forced pass runs each image's prompt once under its G captions (models.completion_hidden), except with
---gradient-checkpointing 1 (it drops caches): then every caption row carries its own copy of the prompt.
+teacher-forced pass runs each image's prompt once with its G captions packed after it, padding-free
+(models.completion_hidden), except with --gradient-checkpointing 1 (it drops caches): then every caption row
+carries its own copy of the prompt. The loss and its log-probs cover the real tokens only.
 More than one GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel). Rank r samples and scores the
 step's images r*B/N ... (r+1)*B/N - 1 (their groups are whole, so advantages need no communication), the loss is
 normalised by the step's global token count and the gradients are summed over ranks (all-reduce), so N ranks make
@@ -289,26 +290,25 @@ for step in range(start, args.steps):
         loss_total, ent_sum = 0.0, 0.0
         for b0 in range(0, Bl, args.micro_batch_images):
             b1, rows = b0 + args.micro_batch_images, slice(b0 * G, (b0 + args.micro_batch_images) * G)
+            keep = mask[rows].bool()  # the real tokens: padding gets no vocabulary work
             with amp:  # the forward in bf16 on a GPU; log-probs themselves are fp32 (logprobs.py)
-                h = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)
-                flat = h.reshape(-1, h.shape[-1])  # (r*L, D)
+                flat = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)[keep]  # (n, D)
                 ref_logp = None
                 if ref_model is not None:
                     with torch.no_grad():
-                        hr = completion_states(ref_model, prompt, pos, nxt, tokens, mask, b0, b1)
-                        ref_logp = token_logprobs(hr.reshape(-1, hr.shape[-1]), ref_model.get_output_embeddings()
-                                                  .weight, tokens[rows].reshape(-1), args.temperature).view(h.shape[:2])
+                        hr = completion_states(ref_model, prompt, pos, nxt, tokens, mask, b0, b1)[keep]
+                        ref_logp = torch.zeros_like(old_logp[rows]).masked_scatter(keep, token_logprobs(
+                            hr, ref_model.get_output_embeddings().weight, tokens[rows][keep], args.temperature))
                 # policy_loss's sum, with its gradient formed in the forward (logprobs.py: 3 matmuls, not 4)
                 tl = flat_token_loss(old_logp[rows], adv[rows], loss_mask[rows], norm, args.eps_low, args.eps_high,
-                                     args.loss_aggregation, ref_logp, args.beta)
-                logp, loss = logprobs_and_loss(flat, W, tokens[rows].reshape(-1), tl, args.temperature)
-                st = policy_stats(logp.view(h.shape[:2]), old_logp[rows], adv[rows], loss_mask[rows], args.eps_low,
-                                  args.eps_high)
+                                     args.loss_aggregation, ref_logp, args.beta, keep)
+                lp, loss = logprobs_and_loss(flat, W, tokens[rows][keep], tl, args.temperature)
+                st = policy_stats(torch.zeros_like(old_logp[rows]).masked_scatter(keep, lp), old_logp[rows],
+                                  adv[rows], loss_mask[rows], args.eps_low, args.eps_high)
             loss.backward()
             loss_total += loss.item()
             stats = {k: stats[k] + st[k] for k in stats}
-            m = mask[rows].reshape(-1).bool()
-            ent_sum += token_entropy(flat.detach()[m], W, args.temperature).sum().item()
+            ent_sum += token_entropy(flat.detach(), W, args.temperature).sum().item()
         if world > 1:  # sum the ranks' gradients (their losses are parts of one sum); then every rank steps alike
             for p in params:
                 if p.grad is None:  # a parameter no loss reached on this rank: zeros, so every rank sends a tensor

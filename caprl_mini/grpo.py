@@ -68,11 +68,14 @@ def policy_loss(logp, old_logp, adv, mask, norm, eps_low=0.2, eps_high=0.28, agg
 
 
 def flat_token_loss(old_logp, adv, mask, norm, eps_low=0.2, eps_high=0.28, aggregation="token",
-                    ref_logp=None, beta=0.0):
-    """policy_loss's per-token terms, weighted, as a function of flat token rows (r*L of them), the token_loss
-    that logprobs.logprobs_and_loss takes: (lp (n,), rows slice) -> (n,). Same arguments as policy_loss."""
-    w = token_weights(mask, norm, aggregation, old_logp.dtype).reshape(-1)  # (r*L,)
-    old, a = old_logp.reshape(-1), adv[:, None].expand_as(old_logp).reshape(-1)
-    ref = ref_logp.reshape(-1) if ref_logp is not None else None
+                    ref_logp=None, beta=0.0, keep=None):
+    """policy_loss's per-token terms, weighted, as a function of flat token rows, the token_loss that
+    logprobs.logprobs_and_loss takes: (lp (n,), rows slice) -> (n,). Same arguments as policy_loss; the flat rows
+    are the (r, L) tokens where `keep` is True, in row-major order (default: all r*L; the trainer keeps the real
+    tokens, so padding costs no vocabulary work)."""
+    keep = torch.ones_like(old_logp, dtype=torch.bool) if keep is None else keep.bool()
+    w = token_weights(mask, norm, aggregation, old_logp.dtype)[keep]  # (n,)
+    old, a = old_logp[keep], adv[:, None].expand_as(old_logp)[keep]
+    ref = ref_logp[keep] if ref_logp is not None else None
     return lambda lp, rows: w[rows] * token_loss(lp, old[rows], a[rows], eps_low, eps_high,
                                                  None if ref is None else ref[rows], beta)

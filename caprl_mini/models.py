@@ -279,27 +279,39 @@ def with_completions(prompt, positions, next_pos, completion, completion_mask):
 
 def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, pixel_values, image_grid_thw,
                       completion, completion_mask, G):
-    """Teacher-forced hidden states (B*G, L, D), state j predicting completion token j, of B left-padded prompts
-    (B, P) with G right-padded completions each (B*G, L), rows grouped by image. Each prompt runs once: it fills a
-    KV cache, repeated G times (differentiable: the gradient of an image's G captions flows back into its one
-    prompt), and the completions run on top of it: B*P + B*G*L tokens forward and backward, where a batch of
-    prompt + completion rows costs B*G*(P + L) (real images put hundreds of tokens in P). Gradient checkpointing
-    drops caches inside the layers, so under it every row carries its own copy of the prompt."""
-    L = completion.shape[1]
-    if model.is_gradient_checkpointing:
+    """Teacher-forced hidden states (B*G, L, D), state j predicting completion token j (zeros past a completion's
+    end), of B left-padded prompts (B, P) with G right-padded completions each (B*G, L), rows grouped by image.
+    Each prompt runs once and fills a KV cache; its image's G completions follow it back to back in one packed row
+    (each attends to the prompt and to itself: a block-diagonal causal mask), so no prompt is repeated and no
+    padding is computed: B*P + (real completion tokens) forward and backward, where a batch of prompt + completion
+    rows costs B*G*(P + L) (real images put hundreds of tokens in P; captions stop at different lengths).
+    Gradient checkpointing drops caches inside the layers, and flash attention takes no custom mask: there every
+    row carries its own copy of the prompt."""
+    L, (R, D) = completion.shape[1], (completion.shape[0], model.config.get_text_config().hidden_size)
+    if model.is_gradient_checkpointing or model.config._attn_implementation not in ("sdpa", "eager"):
         pr = {"input_ids": input_ids.repeat_interleave(G, 0), "attention_mask": attention_mask.repeat_interleave(G, 0)}
         ids, am, ps = with_completions(pr, position_ids.repeat_interleave(G, 1), next_pos.repeat_interleave(G),
                                        completion, completion_mask)
         P = input_ids.shape[1]
         h, _ = policy_hidden(model, ids, am, ps, pixel_values, image_grid_thw, repeat=G, prompt_len=P)
-        return h[:, P - 1:P - 1 + L]
+        return h[:, P - 1:P - 1 + L] * completion_mask[..., None]
     cache = DynamicCache(config=model.config.get_text_config())
     hp, _ = policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, cache=cache)
-    cache.batch_repeat_interleave(G)  # (B, ...) -> (B*G, ...)
-    am = torch.cat([attention_mask.repeat_interleave(G, 0), completion_mask.to(attention_mask.dtype)], 1)
-    pos = (next_pos.repeat_interleave(G)[:, None] + torch.arange(L, device=completion.device))[None].expand(3, -1, -1)
-    hc, _ = policy_hidden(model, completion, am, pos, cache=cache)  # (B*G, L, D)
-    return torch.cat([hp[:, -1:].repeat_interleave(G, 0), hc[:, :-1]], 1)
+    lens = completion_mask.sum(1)
+    start = lens.view(-1, G).cumsum(1).view(-1) - lens  # each completion's offset in its image's packed row
+    r, j = completion_mask.bool().nonzero(as_tuple=True)  # the real tokens: row r, column j
+    b, col, S = r // G, start[r] + j, int(lens.view(-1, G).sum(1).max())
+    ids = completion.new_zeros((len(hp), S)).index_put_((b, col), completion[r, j])
+    pos = completion.new_zeros((len(hp), S)).index_put_((b, col), next_pos[b] + j)
+    seg = completion.new_full((len(hp), S), -1).index_put_((b, col), r)  # which completion (-1: padding)
+    k = torch.arange(S, device=ids.device)
+    own = (seg[:, :, None] == seg[:, None, :]) & (k <= k[:, None]) | (k == k[:, None])  # padding sees itself
+    mask = torch.cat([attention_mask.bool()[:, None].expand(-1, S, -1), own], -1)[:, None]  # (B, 1, S, P + S)
+    if model.config._attn_implementation == "eager":  # eager adds its mask; sdpa takes it as bool
+        mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    hc, _ = policy_hidden(model, ids, mask, pos[None].expand(3, -1, -1), cache=cache)  # (B, S, D)
+    prev = torch.where((j == 0)[:, None], hp[b, -1], hc[b, (col - 1).clamp(min=0)])  # the state before each token
+    return hp.new_zeros((R, L, D)).index_put((r, j), prev)
 
 
 def pad_right(seqs, pad_id):

@@ -128,7 +128,7 @@ class KVDecoder:
     head, n new tokens so far."""
 
     def __init__(self, model, prefix, G, prompt_mask, max_new_tokens):
-        self.lm = lm = model.model.language_model
+        self.lm = model.model.language_model
         self.kp = [layer.keys for layer in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
         self.vp = [layer.values for layer in prefix.layers]
         B, Hkv, _, d = self.kp[0].shape

@@ -90,6 +90,12 @@ def test_logprobs_and_loss_equals_naive_policy_loss(aggregation, monkeypatch):
     assert not lp.requires_grad and torch.allclose(lp, ref.reshape(-1), atol=1e-12, rtol=0)
     assert abs(floss.item() - loss.item()) < 1e-12
     assert torch.allclose(fh, gh, atol=1e-10, rtol=0) and torch.allclose(fW, gW, atol=1e-10, rtol=0)
+    # the trainer's way: only the real tokens' rows (keep = mask), padding gets no vocabulary work; same loss
+    keep = mask.bool().reshape(-1)
+    lp, kloss = logprobs_and_loss(h[keep], W, y[keep], flat_token_loss(*args, keep=mask), T, chunk)
+    kh, kW = torch.autograd.grad(2.5 * kloss, (h, W))
+    assert torch.allclose(lp, ref.reshape(-1)[keep], atol=1e-12, rtol=0) and abs(kloss.item() - loss.item()) < 1e-12
+    assert torch.allclose(kh, gh, atol=1e-10, rtol=0) and torch.allclose(kW, gW, atol=1e-10, rtol=0)
 
 
 def test_logprobs_and_loss_fp32_under_bf16_autocast():

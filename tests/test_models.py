@@ -96,10 +96,11 @@ def test_frozen_vision_tower_gets_no_gradient_and_no_optimizer_slot(tiny_policy_
 
 
 def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
-    """completion_hidden (each image's prompt once, its cache repeated G times) gives the teacher-forced states and
-    the gradients of with_completions' batch (every row its own prompt + completion): left-padded prompts of
-    different lengths, right-padded completions, G = 3, on all three architectures (Qwen3-VL: DeepStack in the
-    prompt); and completion_hidden under gradient checkpointing (its per-row path) the same."""
+    """completion_hidden (each image's prompt once, its G completions packed after it under a block-diagonal mask)
+    gives the teacher-forced states and the gradients of with_completions' batch (every row its own prompt +
+    completion): left-padded prompts of different lengths, right-padded completions of different lengths, G = 3, on
+    all three architectures (Qwen3-VL: DeepStack in the prompt); and completion_hidden under gradient checkpointing
+    (its per-row path) the same. Past a completion's end the states are zeros."""
     from test_sampling import mixed_images
     model, proc = models.load_policy(tiny_policy_dir)
     models.prepare_for_training(model)
@@ -129,6 +130,7 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
         lp = token_logprobs(h.reshape(-1, h.shape[-1]), model.get_output_embeddings().weight, comp.reshape(-1))
         (lp * cmask.reshape(-1)).sum().backward()
         states.append(h[cmask].detach())
+        assert not h[~cmask].any()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for k in (1, 2):
         assert (states[0] - states[k]).abs().max() < 1e-4
