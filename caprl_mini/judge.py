@@ -142,13 +142,18 @@ def _additive(allowed, dtype):
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def common_start(seqs, leave=0):
+    """Length of the longest common start of token lists seqs, leaving at least `leave` tokens of each."""
+    n = min(map(len, seqs)) - leave
+    return next((k for k in range(n) if any(s[k] != seqs[0][k] for s in seqs)), max(n, 0))
+
+
 def caption_cache(model, prefixes, pad_id):
     """KV cache (C rows) of the captions' prefixes (chat start + caption) and each prefix's length in that cache's
     columns. Their common first K tokens (the chat template; in the caprl format also the ~300-token instruction
     every caption is shown after) run once, as one row whose cache the C rows extend."""
     dev = model.device
-    n = min(map(len, prefixes))
-    K = next((k for k in range(n) if any(p[k] != prefixes[0][k] for p in prefixes)), n)
+    K = common_start(prefixes)
     past = DynamicCache()
     if K:
         past = model.base_model(input_ids=torch.tensor([prefixes[0][:K]], device=dev), use_cache=True).past_key_values
@@ -176,7 +181,8 @@ def question_states(model, past, idx, lengths, rows, pad_id):
     pos = torch.tensor([[lengths[j] + o for o in r[1]] + [0] * (T - len(r[1])) for j, r in enumerate(rows)])
     seg = torch.tensor([r[2] + [-1] * (T - len(r[2])) for r in rows])  # -1: padding
     col = torch.arange(T)
-    own = (col <= col[:, None]) & (seg[:, None, :] >= 0) & ((seg[:, None, :] == 0) | (seg[:, None, :] == seg[:, :, None]))
+    sj, si = seg[:, None, :], seg[:, :, None]  # the key's and the query's segment
+    own = (col <= col[:, None]) & (sj >= 0) & ((sj == 0) | (sj == si))
     pre = (torch.arange(Kp) < torch.tensor(lengths)[:, None])[:, None, :].expand(-1, T, -1)  # the prefix's real part
     allowed = torch.cat([pre, own | torch.eye(T, dtype=torch.bool)], -1)
     cache = copy.copy(past)
@@ -238,17 +244,20 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
         caps = sorted(prefix, key=lambda c: len(prefix[c]))  # similar lengths share a forward: less padding
         for c0 in range(0, len(caps), captions_per_forward):
             chunk = caps[c0:c0 + captions_per_forward]
-            past, idx, lengths = caption_cache(model, [prefix[c] for c in chunk], pad)
-            work = []  # (row i, caption's index in chunk, question row)
+            asked = [[] for _ in chunk]  # per caption: (row i, suffix ids, options' ids)
             for j, c in enumerate(chunk):
                 for i in rows_of[c]:
                     q = questions[i]
                     key = (q["question"], tuple(q["options"]))
                     if key not in suffixes:
                         suffixes[key] = prompt_ids(tok, c, q["question"], q["options"], fmt, prefix[c])[1]
-                    work.append((i, j, question_row(suffixes[key], [answers[o] for o in q["options"]]
-                                                    if fmt == "cloze" else [])))
-            work.sort(key=lambda w: len(w[2][0]))
+                    asked[j].append((i, suffixes[key], [answers[o] for o in q["options"]] if fmt == "cloze" else []))
+            # what every question of a caption starts with ("question: ") joins the caption's prefix: computed once
+            shared = [common_start([suf for _, suf, _ in a], leave=1) for a in asked]
+            past, idx, lengths = caption_cache(model, [prefix[c] + a[0][1][:n] for c, a, n in
+                                                       zip(chunk, asked, shared)], pad)
+            work = sorted(((i, j, question_row(suf[shared[j]:], opts)) for j, a in enumerate(asked)
+                           for i, suf, opts in a), key=lambda w: len(w[2][0]))  # (row i, caption in chunk, row)
             for q0 in range(0, len(work), questions_per_forward):
                 part = work[q0:q0 + questions_per_forward]
                 js = [w[1] for w in part]
