@@ -7,6 +7,7 @@ shipped tiny checkpoints, a checkpoint folder of a run, or a real hub id such as
 The built-in world's tokenizer is a byte-level BPE trained on the world's text, with Qwen's special tokens
 and chat template, so the tiny models speak the same protocol as real Qwen checkpoints.
 """
+import ctypes
 import json
 import os
 import re
@@ -43,9 +44,23 @@ class ImageProcessorOnly(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
+def keep_freed_memory():
+    """On a CPU, keep freed memory for reuse, as a caching allocator does on a GPU. glibc hands freed blocks of
+    128 KB and more back to the OS (unmapped, or trimmed off the heap) and maps them again at the next allocation,
+    so every forward's activations page-fault anew: 30% of the tiny judge's time in a training step, measured.
+    Blocks up to 32 MB now come from the heap and the heap is not trimmed (the process keeps its peak). A no-op
+    where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+
+
 def pick_device():
     """cuda > mps > cpu, and bf16 where the device supports it (else fp32). Says what it picked. Under torchrun
-    each process takes the GPU of its LOCAL_RANK."""
+    each process takes the GPU of its LOCAL_RANK. On a CPU, freed memory is kept for reuse (keep_freed_memory)."""
     if torch.cuda.is_available():
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
@@ -54,6 +69,7 @@ def pick_device():
         dev, dtype = torch.device("mps"), torch.float32
     else:
         dev, dtype = torch.device("cpu"), torch.float32
+        keep_freed_memory()
     print(f"device: {dev}, dtype: {dtype}")
     return dev, dtype
 
