@@ -52,6 +52,8 @@ args = parser.parse_args()
 dev = torch.device(args.device)
 torch.set_num_threads(args.threads)
 gpu = dev.type == "cuda"
+if not gpu:  # freed memory kept for reuse, as the trainer runs (models.pick_device); the same for both methods
+    models.keep_freed_memory()
 names = (args.models or ("3b" if gpu else "tiny,random")).split(",")
 C, N = args.captions or (64 if gpu else 8), args.questions
 dtype = torch.bfloat16 if gpu else torch.float32
