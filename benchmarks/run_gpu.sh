@@ -18,13 +18,8 @@ part() {  # name, seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? after ${SECONDS}s" >> "$OUT/$name.log"
   grep -v -E "Loading weights|it/s\]|^\s*$" "$OUT/$name.log" | tail -n 14 | cut -c1-400
 }
-# the static (CUDA-graph) decode against the written-out eager decode (KVDecoder): greedy captions must agree
-part check 90 python -c "
-import torch; from caprl_mini import models, shapes; from caprl_mini.sampling import sample
-m, p = models.load_policy(models.SFT_CAPTIONER); m = m.cuda()
-pr = {k: v.cuda() for k, v in models.encode_prompts(p, [shapes.world_item(i, 'test')['image'] for i in range(4)]).items()}
-a, b = (sample(m, pr, 2, 64, 0, static=s) for s in (False, True))
-print('greedy static == dynamic on', torch.cuda.get_device_name(), torch.equal(a['tokens'], b['tokens']))"
+# the GPU paths against the CPU ones (static decode, packed teacher forcing, the judge's cached prefixes): run first
+part check 120 python benchmarks/check_gpu.py
 part sampling 180 python benchmarks/bench_sampling.py --device cuda --repeats 2
 part real_step 210 python benchmarks/bench_real_step.py
 part logprobs 80 python benchmarks/bench_logprobs.py --device cuda

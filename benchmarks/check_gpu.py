@@ -1,0 +1,78 @@
+"""The GPU paths against the CPU ones, on the shipped models (fp32 both; the CPU paths are the ones the tests check
+exact against unshared references). Run first on a GPU machine (run_gpu.sh's `check` part):
+
+    python benchmarks/check_gpu.py                   # cuda against cpu
+    python benchmarks/check_gpu.py --device cpu      # the script itself, anywhere (cpu against cpu)
+
+  sampling   greedy captions of the static decode (StaticCache + CUDA graphs) == the written-out KVDecoder's;
+  teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
+             on the device against the CPU: max |state difference| over the real tokens, and the same with the
+             per-row path (prompt repeated per caption);
+  judge      option_logits (captions' prefixes cached, questions as rows reading them through reused buffers) on
+             the device against the CPU, cloze and letter: max |logit difference|.
+Prints one line per check and, last, one JSON object; exits 1 if a check fails (tolerance --atol).
+"""
+import argparse
+import json
+import random
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from caprl_mini import judge, models, shapes  # noqa: E402
+from caprl_mini.sampling import sample  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--device", default="cuda", help="the device checked against the CPU")
+parser.add_argument("--atol", type=float, default=1e-3, help="largest difference accepted (fp32, other kernels)")
+args = parser.parse_args()
+dev = torch.device(args.device)
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 both sides: kernels differ only
+results = {}
+
+# sampling and teacher forcing: the shipped captioner, 4 images x G = 3 captions
+policy, proc = models.load_policy(models.SFT_CAPTIONER)
+prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(4)])
+on = {k: v.to(dev) for k, v in prompt.items()}
+with torch.no_grad():
+    policy.to(dev)
+    kv, static = (sample(policy, on, 3, 64, 0, static=s) for s in (False, True))
+    results["sampling: greedy static == KVDecoder"] = bool(torch.equal(kv["tokens"], static["tokens"]))
+    tokens, mask = kv["tokens"], kv["mask"]
+    for name, checkpointing in (("packed", False), ("per-row", True)):
+        h = {}
+        for d in (torch.device("cpu"), dev):
+            policy.to(d)
+            if checkpointing:  # completion_hidden's other path: every caption row with its own prompt
+                policy.gradient_checkpointing_enable()
+            p = {k: v.to(d) for k, v in prompt.items()}
+            pos, nxt = models.rope_positions(policy, p["input_ids"], p["attention_mask"], p["image_grid_thw"])
+            h[d.type] = models.completion_hidden(policy, p["input_ids"], p["attention_mask"], pos, nxt,
+                                                 p["pixel_values"], p["image_grid_thw"], tokens.to(d), mask.to(d),
+                                                 3)[mask.to(d).bool()].cpu()
+            policy.gradient_checkpointing_disable()
+        results[f"teacher forcing, {name}: max |state difference|"] = (h["cpu"] - h[dev.type]).abs().max().item()
+
+# the judge: the shipped (cloze) judge, and a random one with single-token letters for the letter format
+rng = random.Random(0)
+items = [shapes.world_item(i, "test") for i in range(6)]
+captions = [shapes.human_caption(it["scene"], rng) for it in items for _ in range(2)]
+questions = [{**q, "options": judge.shuffle_options(q, rng)[0]} for it in items for _ in range(2)
+             for q in rng.sample(it["questions"], 4)]
+rows_c = [c for c in captions for _ in range(4)]
+letter_tok = models.letter_tokenizer()
+for fmt, (jm, jtok) in (("cloze", models.load_judge(models.JUDGE)[:2]),
+                        ("letter", models.build_tiny_judge(letter_tok))):
+    z = {}
+    for d in (torch.device("cpu"), dev):
+        z[d.type] = torch.cat(judge.option_logits(jm.to(d).eval(), jtok, rows_c, questions, fmt)).cpu()
+    results[f"judge, {fmt}: max |logit difference|"] = (z["cpu"] - z[dev.type]).abs().max().item()
+
+ok = all(v is True or (not isinstance(v, bool) and v <= args.atol) for v in results.values())
+name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+for k, v in results.items():
+    print(f"{k}: {v if isinstance(v, bool) else f'{v:.2e}'}")
+print(f"{'all checks passed' if ok else 'A CHECK FAILED'} on {name} (tolerance {args.atol})")
+print(json.dumps({"bench": "check_gpu", "device": name, "ok": ok, **results}))
+sys.exit(0 if ok else 1)
