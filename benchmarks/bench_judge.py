@@ -9,8 +9,8 @@ Workload: C captions of about --caption-tokens tokens (full captions of the buil
 concatenated), N questions each (drawn with replacement from the world's MCQs), posed as the reward poses them to
 a real judge (--format caprl: the paper's prompt, shuffled lettered options + abstain, the assistant turn
 pre-filled with "The answer is"), argmax reading.
-  judge.py  `score_questions(..., "caprl", "argmax")`: one packed forward per caption, its questions as branches
-            under a tree mask (the caption computed once), the letter logits read at each question's last token.
+  judge.py  `score_questions(..., "caprl", "argmax")`: each caption's prefix once into a KV cache (the instruction
+            once for all), every question a short row over it, the letter logits read at its last token.
   generate  per (caption, question) the same prompt ids (judge.prompt_ids, same option shuffle), left-padded in
             batches of --gen-batch, `generate(max_new_tokens=10, do_sample=False)`, the first letter A-J parsed.
             Also shown: the same with 1 new token, the least any generate-based scorer can do.
