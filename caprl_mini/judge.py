@@ -149,9 +149,9 @@ def common_start(seqs, leave=0):
 
 
 def caption_cache(model, prefixes, pad_id):
-    """KV cache (C rows) of the captions' prefixes (chat start + caption) and each prefix's length in that cache's
-    columns. Their common first K tokens (the chat template; in the caprl format also the ~300-token instruction
-    every caption is shown after) run once, as one row whose cache the C rows extend."""
+    """The captions' prefixes (chat start + caption) run into a KV cache. Returns (cache, each prefix's row in it,
+    each prefix's length). Their common first K tokens (the chat template; in the caprl format also the ~300-token
+    instruction every caption is shown after) run once, as one row whose cache the C rows extend."""
     dev = model.device
     K = common_start(prefixes)
     past = DynamicCache()
@@ -185,12 +185,13 @@ def question_states(model, past, idx, lengths, rows, pad_id):
     own = (col <= col[:, None]) & (sj >= 0) & ((sj == 0) | (sj == si))
     pre = (torch.arange(Kp) < torch.tensor(lengths)[:, None])[:, None, :].expand(-1, T, -1)  # the prefix's real part
     allowed = torch.cat([pre, own | torch.eye(T, dtype=torch.bool)], -1)
-    cache = copy.copy(past)
+    cache = None
     if Kp:
         k = past.layers[0].keys
         buf = [k.new_empty((len(rows), k.shape[1], Kp + T, k.shape[3])) for _ in range(2)]
+        cache = copy.copy(past)
         cache.layers = [_ReadPrefix(layer, idx.to(dev), buf) for layer in past.layers]
-    return model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache if Kp else None,
+    return model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache,
                             attention_mask=_additive(allowed, model.dtype).to(dev)).last_hidden_state
 
 
