@@ -141,12 +141,13 @@ def tiny_policy_config(tok, hidden=128, layers=4, heads=4, vision_hidden=64, vis
         out_hidden_size=hidden, window_size=56, fullatt_block_indexes=[vision_depth - 1], **patches), **common)
 
 
-def tiny_judge_config(tok, hidden=128, layers=4, heads=4, rms_norm_eps=1e-6):
+def tiny_judge_config(tok, hidden=128, layers=4, heads=4, rms_norm_eps=1e-6, kv_heads=None):
     """A Qwen2 config at toy scale. With heads=4 and the captioner's norm eps (1e-5) its weights can start from
-    the tiny captioner's language model (same shapes; text-only multimodal rope is plain rope)."""
+    the tiny captioner's language model (same shapes; text-only multimodal rope is plain rope). kv_heads < heads:
+    grouped-query attention, as the real Qwen judges."""
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL}
     return Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 3,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                        max_position_embeddings=512, rms_norm_eps=rms_norm_eps, bos_token_id=ids["<|endoftext|>"],
                        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=True)
 

@@ -33,7 +33,8 @@ def tiny_policy_dir(tok, tmp_path_factory, request):
 
 @pytest.fixture(scope="session")
 def tiny_judge_dir(tok, tmp_path_factory):
-    model, t = models.build_tiny_judge(tok, seed=2)
+    """A random tiny Qwen2 judge with grouped-query attention (2 query heads per key/value head), as the real ones."""
+    model, t = models.build_tiny_judge(tok, seed=2, kv_heads=2)
     path = str(tmp_path_factory.mktemp("judge"))
     models.save_model(model, t, path, meta={"format": "cloze"})
     return path
