@@ -94,7 +94,8 @@ def test_logprobs_and_loss_equals_naive_policy_loss(aggregation, monkeypatch):
     keep = mask.bool().reshape(-1)
     lp, kloss = logprobs_and_loss(h[keep], W, y[keep], flat_token_loss(*args, keep=mask), T, chunk)
     kh, kW = torch.autograd.grad(2.5 * kloss, (h, W))
-    assert torch.allclose(lp, ref.reshape(-1)[keep], atol=1e-12, rtol=0) and abs(kloss.item() - loss.item()) < 1e-12
+    assert torch.allclose(lp, ref.reshape(-1)[keep], atol=1e-12, rtol=0)
+    assert abs(kloss.item() - loss.item()) < 1e-12
     assert torch.allclose(kh, gh, atol=1e-10, rtol=0) and torch.allclose(kW, gW, atol=1e-10, rtol=0)
 
 
