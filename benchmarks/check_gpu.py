@@ -6,8 +6,9 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
 
   sampling   greedy captions of the static decode (StaticCache + CUDA graphs) == the written-out KVDecoder's;
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
-             on the device against the CPU: max |state difference| over the real tokens, and the same with the
-             per-row path (prompt repeated per caption);
+             on the device against the CPU: max |state difference| over the real tokens and the parameter
+             gradients of a fixed linear function of them, and the same with the per-row path (prompt repeated
+             per caption);
   judge      option_logits (captions' prefixes cached, questions as rows reading them through reused buffers) on
              the device against the CPU, cloze and letter: max |logit difference|.
 Prints one line per check and, last, one JSON object; exits 1 if a check fails (tolerance --atol).
@@ -38,21 +39,28 @@ on = {k: v.to(dev) for k, v in prompt.items()}
 with torch.no_grad():
     policy.to(dev)
     kv, static = (sample(policy, on, 3, 64, 0, static=s) for s in (False, True))
-    results["sampling: greedy static == KVDecoder"] = bool(torch.equal(kv["tokens"], static["tokens"]))
-    tokens, mask = kv["tokens"], kv["mask"]
-    for name, checkpointing in (("packed", False), ("per-row", True)):
-        h = {}
-        for d in (torch.device("cpu"), dev):
-            policy.to(d)
-            if checkpointing:  # completion_hidden's other path: every caption row with its own prompt
-                policy.gradient_checkpointing_enable()
-            p = {k: v.to(d) for k, v in prompt.items()}
-            pos, nxt = models.rope_positions(policy, p["input_ids"], p["attention_mask"], p["image_grid_thw"])
-            h[d.type] = models.completion_hidden(policy, p["input_ids"], p["attention_mask"], pos, nxt,
-                                                 p["pixel_values"], p["image_grid_thw"], tokens.to(d), mask.to(d),
-                                                 3)[mask.to(d).bool()].cpu()
-            policy.gradient_checkpointing_disable()
-        results[f"teacher forcing, {name}: max |state difference|"] = (h["cpu"] - h[dev.type]).abs().max().item()
+results["sampling: greedy static == KVDecoder"] = bool(torch.equal(kv["tokens"], static["tokens"]))
+tokens, mask = kv["tokens"], kv["mask"]
+D = policy.config.get_text_config().hidden_size
+weights = torch.randn(int(mask.sum()), D, generator=torch.Generator().manual_seed(0))  # a fixed linear readout
+for name, checkpointing in (("packed", False), ("per-row", True)):
+    h, grads = {}, {}
+    for d in (torch.device("cpu"), dev):
+        policy.to(d).zero_grad()
+        if checkpointing:  # completion_hidden's other path: every caption row with its own prompt
+            policy.gradient_checkpointing_enable()
+        p = {k: v.to(d) for k, v in prompt.items()}
+        pos, nxt = models.rope_positions(policy, p["input_ids"], p["attention_mask"], p["image_grid_thw"])
+        out = models.completion_hidden(policy, p["input_ids"], p["attention_mask"], pos, nxt, p["pixel_values"],
+                                       p["image_grid_thw"], tokens.to(d), mask.to(d), 3)[mask.to(d).bool()]
+        (out * weights.to(d)).sum().backward()  # the backward the trainer runs, through the same masks
+        h[d.type] = out.detach().cpu()
+        grads[d.type] = {n: q.grad.cpu() for n, q in policy.named_parameters() if q.grad is not None}
+        policy.gradient_checkpointing_disable()
+    results[f"teacher forcing, {name}: max |state difference|"] = (h["cpu"] - h[dev.type]).abs().max().item()
+    results[f"teacher forcing, {name}: max gradient difference / gradient scale"] = max(
+        ((grads["cpu"][n] - grads[dev.type][n]).abs().max() / grads["cpu"][n].abs().max().clamp(min=1e-12)).item()
+        for n in grads["cpu"])
 
 # the judge: the shipped (cloze) judge, and a random one with single-token letters for the letter format
 rng = random.Random(0)

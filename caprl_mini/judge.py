@@ -18,7 +18,7 @@ argmax, prob (probability mass on the gold option: expected accuracy, lowest var
 Cost: the caption is the shared prefix of all its questions. Each distinct caption's prefix (chat start + caption;
 its common start with the other captions once for all) is computed once into a KV cache, then every question is a
 short row over its caption's cached prefix (and, for cloze, every option a branch of that row under a tree mask):
-no token is computed twice, and no question attends to another's tokens.
+a caption is computed once for all its questions, and no question attends to another's tokens.
 Legend: C captions, Q questions (rows after expansion), O options, T tokens.
 """
 
@@ -148,6 +148,7 @@ def common_start(seqs, leave=0):
     return next((k for k in range(n) if any(s[k] != seqs[0][k] for s in seqs)), max(n, 0))
 
 
+@torch.no_grad()
 def caption_cache(model, prefixes, pad_id):
     """The captions' prefixes (chat start + caption) run into a KV cache. Returns (cache, each prefix's row in it,
     each prefix's length). Their common first K tokens (the chat template; in the caprl format also the ~300-token
@@ -171,6 +172,7 @@ def caption_cache(model, prefixes, pad_id):
     return past, torch.arange(len(prefixes)), [len(p) for p in prefixes]
 
 
+@torch.no_grad()
 def question_states(model, past, idx, lengths, rows, pad_id):
     """Final hidden states (n, T, D) of question rows, each after its caption's cached prefix: past's row idx[j], of
     lengths[j] tokens. rows: (ids, offsets after the prefix, segment ids): segment 0 is the question (causal), segment

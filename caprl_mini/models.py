@@ -299,13 +299,15 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     """Teacher-forced hidden states (B*G, L, D), state j predicting completion token j (zeros past a completion's
     end), of B left-padded prompts (B, P) with G right-padded completions each (B*G, L), rows grouped by image.
     Each prompt runs once and fills a KV cache; its image's G completions follow it back to back in one packed row
-    (each attends to the prompt and to itself: a block-diagonal causal mask), so no prompt is repeated and no
-    padding is computed: B*P + (real completion tokens) forward and backward, where a batch of prompt + completion
-    rows costs B*G*(P + L) (real images put hundreds of tokens in P; captions stop at different lengths).
+    (each attends to the prompt and to itself: a block-diagonal causal mask), so no prompt is repeated and an
+    image's captions carry no padding: B*P + B*S tokens forward and backward (S: the most caption tokens of an
+    image in the batch), where a batch of prompt + completion rows costs B*G*(P + L) (real images put hundreds of
+    tokens in P; captions stop at different lengths, L is the longest).
     Gradient checkpointing drops caches inside the layers, and flash attention takes no custom mask: there every
     row carries its own copy of the prompt."""
     L, (R, D) = completion.shape[1], (completion.shape[0], model.config.get_text_config().hidden_size)
-    if model.is_gradient_checkpointing or model.config._attn_implementation not in ("sdpa", "eager"):
+    attn = model.model.language_model.config._attn_implementation  # the text model's own (it may differ)
+    if model.is_gradient_checkpointing or attn not in ("sdpa", "eager"):
         pr = {"input_ids": input_ids.repeat_interleave(G, 0), "attention_mask": attention_mask.repeat_interleave(G, 0)}
         ids, am, ps = with_completions(pr, position_ids.repeat_interleave(G, 1), next_pos.repeat_interleave(G),
                                        completion, completion_mask)
@@ -318,13 +320,15 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     start = lens.view(-1, G).cumsum(1).view(-1) - lens  # each completion's offset in its image's packed row
     r, j = completion_mask.bool().nonzero(as_tuple=True)  # the real tokens: row r, column j
     b, col, S = r // G, start[r] + j, int(lens.view(-1, G).sum(1).max())
+    if S == 0:  # no completion token at all
+        return hp.new_zeros((R, L, D))
     ids = completion.new_zeros((len(hp), S)).index_put_((b, col), completion[r, j])
     pos = completion.new_zeros((len(hp), S)).index_put_((b, col), next_pos[b] + j)
     seg = completion.new_full((len(hp), S), -1).index_put_((b, col), r)  # which completion (-1: padding)
     k = torch.arange(S, device=ids.device)
     own = (seg[:, :, None] == seg[:, None, :]) & (k <= k[:, None]) | (k == k[:, None])  # padding sees itself
     mask = torch.cat([attention_mask.bool()[:, None].expand(-1, S, -1), own], -1)[:, None]  # (B, 1, S, P + S)
-    if model.config._attn_implementation == "eager":  # eager adds its mask; sdpa takes it as bool
+    if attn == "eager":  # eager adds its mask; sdpa takes it as bool
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     hc, _ = policy_hidden(model, ids, mask, pos[None].expand(3, -1, -1), cache=cache)  # (B, S, D)
     prev = torch.where((j == 0)[:, None], hp[b, -1], hc[b, (col - 1).clamp(min=0)])  # the state before each token

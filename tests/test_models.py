@@ -100,7 +100,8 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
     gives the teacher-forced states and the gradients of with_completions' batch (every row its own prompt +
     completion): left-padded prompts of different lengths, right-padded completions of different lengths, G = 3, on
     all three architectures (Qwen3-VL: DeepStack in the prompt); and completion_hidden under gradient checkpointing
-    (its per-row path) the same. Past a completion's end the states are zeros."""
+    (its per-row path) the same, and with the text model alone on eager attention (an additive mask; the top-level
+    config still says sdpa). Past a completion's end the states are zeros."""
     from test_sampling import mixed_images
     model, proc = models.load_policy(tiny_policy_dir)
     models.prepare_for_training(model)
@@ -111,8 +112,10 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
     comp = torch.randint(0, 100, (3 * G, L), generator=torch.Generator().manual_seed(0))
     cmask = (torch.arange(L)[None] < torch.randint(1, L + 1, (3 * G, 1), generator=torch.Generator().manual_seed(1)))
     states, grads = [], []
-    for way in ("prompt per row", "prompt once", "under gradient checkpointing"):
+    text_config = model.model.language_model.config
+    for way in ("prompt per row", "prompt once", "text model on eager attention", "under gradient checkpointing"):
         model.zero_grad()
+        text_config._attn_implementation = "eager" if way == "text model on eager attention" else "sdpa"
         if way == "prompt per row":
             pr = {k: prompt[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask")}
             ids, am, ps = models.with_completions(pr, pos.repeat_interleave(G, 1), nxt.repeat_interleave(G), comp,
@@ -132,7 +135,7 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
         states.append(h[cmask].detach())
         assert way == "prompt per row" or not h[~cmask].any()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    for k in (1, 2):
+    for k in (1, 2, 3):
         assert (states[0] - states[k]).abs().max() < 1e-4
         assert grads[0].keys() == grads[k].keys() and len(grads[0]) > 10
         for n in grads[0]:  # relative to the tensor's scale: these gradients reach 30, fp32 sums in another order
