@@ -239,8 +239,8 @@ def lr_at(step):
 
 
 def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
-    """Teacher-forced hidden states (r, L, D) predicting the completion tokens of images b0..b1 (G rows each), each
-    image's prompt run once (models.completion_hidden)."""
+    """Teacher-forced hidden states (n, D) predicting the n real completion tokens of images b0..b1 (G rows each),
+    each image's prompt run once (models.completion_hidden)."""
     rows = slice(b0 * G, b1 * G)  # b0, b1: this rank's images
     n_patch = prompt["image_grid_thw"].prod(-1)
     pv = prompt["pixel_values"][int(n_patch[:b0].sum()):int(n_patch[:b1].sum())]
@@ -292,11 +292,11 @@ for step in range(start, args.steps):
             b1, rows = b0 + args.micro_batch_images, slice(b0 * G, (b0 + args.micro_batch_images) * G)
             keep = mask[rows].bool()  # the real tokens: padding gets no vocabulary work
             with amp:  # the forward in bf16 on a GPU; log-probs themselves are fp32 (logprobs.py)
-                flat = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)[keep]  # (n, D)
+                flat = completion_states(model, prompt, pos, nxt, tokens, mask, b0, b1)  # (n, D)
                 ref_logp = None
                 if ref_model is not None:
                     with torch.no_grad():
-                        hr = completion_states(ref_model, prompt, pos, nxt, tokens, mask, b0, b1)[keep]
+                        hr = completion_states(ref_model, prompt, pos, nxt, tokens, mask, b0, b1)
                         ref_logp = torch.zeros_like(old_logp[rows]).masked_scatter(keep, token_logprobs(
                             hr, ref_model.get_output_embeddings().weight, tokens[rows][keep], args.temperature))
                 # policy_loss's sum, with its gradient formed in the forward (logprobs.py: 3 matmuls, not 4)

@@ -52,7 +52,7 @@ for name, checkpointing in (("packed", False), ("per-row", True)):
         p = {k: v.to(d) for k, v in prompt.items()}
         pos, nxt = models.rope_positions(policy, p["input_ids"], p["attention_mask"], p["image_grid_thw"])
         out = models.completion_hidden(policy, p["input_ids"], p["attention_mask"], pos, nxt, p["pixel_values"],
-                                       p["image_grid_thw"], tokens.to(d), mask.to(d), 3)[mask.to(d).bool()]
+                                       p["image_grid_thw"], tokens.to(d), mask.to(d), 3)
         (out * weights.to(d)).sum().backward()  # the backward the trainer runs, through the same masks
         h[d.type] = out.detach().cpu()
         grads[d.type] = {n: q.grad.cpu() for n, q in policy.named_parameters() if q.grad is not None}

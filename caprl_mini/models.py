@@ -296,8 +296,9 @@ def with_completions(prompt, positions, next_pos, completion, completion_mask):
 
 def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, pixel_values, image_grid_thw,
                       completion, completion_mask, G):
-    """Teacher-forced hidden states (B*G, L, D), state j predicting completion token j (zeros past a completion's
-    end), of B left-padded prompts (B, P) with G right-padded completions each (B*G, L), rows grouped by image.
+    """Teacher-forced hidden states (n, D) of the n real completion tokens (completion_mask's ones, row-major), each
+    the state predicting its token, of B left-padded prompts (B, P) with G right-padded completions each (B*G, L),
+    rows grouped by image: what the loss needs, no padding rows.
     Each prompt runs once and fills a KV cache; its image's G completions follow it back to back in one packed row
     (each attends to the prompt and to itself: a block-diagonal causal mask), so no prompt is repeated and an
     image's captions carry no padding: B*P + B*S tokens forward and backward (S: the most caption tokens of an
@@ -305,15 +306,14 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     tokens in P; captions stop at different lengths, L is the longest).
     Gradient checkpointing drops caches inside the layers, and flash attention takes no custom mask: there every
     row carries its own copy of the prompt."""
-    L, (R, D) = completion.shape[1], (completion.shape[0], model.config.get_text_config().hidden_size)
     attn = model.model.language_model.config._attn_implementation  # the text model's own (it may differ)
     if model.is_gradient_checkpointing or attn not in ("sdpa", "eager"):
         pr = {"input_ids": input_ids.repeat_interleave(G, 0), "attention_mask": attention_mask.repeat_interleave(G, 0)}
         ids, am, ps = with_completions(pr, position_ids.repeat_interleave(G, 1), next_pos.repeat_interleave(G),
                                        completion, completion_mask)
-        P = input_ids.shape[1]
+        P, L = input_ids.shape[1], completion.shape[1]
         h, _ = policy_hidden(model, ids, am, ps, pixel_values, image_grid_thw, repeat=G, prompt_len=P)
-        return h[:, P - 1:P - 1 + L] * completion_mask[..., None]
+        return h[:, P - 1:P - 1 + L][completion_mask.bool()]
     cache = DynamicCache(config=model.config.get_text_config())
     hp, _ = policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, cache=cache)
     lens = completion_mask.sum(1)
@@ -321,7 +321,7 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     r, j = completion_mask.bool().nonzero(as_tuple=True)  # the real tokens: row r, column j
     b, col, S = r // G, start[r] + j, int(lens.view(-1, G).sum(1).max())
     if S == 0:  # no completion token at all
-        return hp.new_zeros((R, L, D))
+        return hp.new_zeros((0, hp.shape[-1]))
     ids = completion.new_zeros((len(hp), S)).index_put_((b, col), completion[r, j])
     pos = completion.new_zeros((len(hp), S)).index_put_((b, col), next_pos[b] + j)
     seg = completion.new_full((len(hp), S), -1).index_put_((b, col), r)  # which completion (-1: padding)
@@ -331,8 +331,7 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     if attn == "eager":  # eager adds its mask; sdpa takes it as bool
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     hc, _ = policy_hidden(model, ids, mask, pos[None].expand(3, -1, -1), cache=cache)  # (B, S, D)
-    prev = torch.where((j == 0)[:, None], hp[b, -1], hc[b, (col - 1).clamp(min=0)])  # the state before each token
-    return hp.new_zeros((R, L, D)).index_put((r, j), prev)
+    return torch.where((j == 0)[:, None], hp[b, -1], hc[b, (col - 1).clamp(min=0)])  # the state before each token
 
 
 def pad_right(seqs, pad_id):

@@ -101,7 +101,7 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
     completion): left-padded prompts of different lengths, right-padded completions of different lengths, G = 3, on
     all three architectures (Qwen3-VL: DeepStack in the prompt); and completion_hidden under gradient checkpointing
     (its per-row path) the same, and with the text model alone on eager attention (an additive mask; the top-level
-    config still says sdpa). Past a completion's end the states are zeros."""
+    config still says sdpa)."""
     from test_sampling import mixed_images
     model, proc = models.load_policy(tiny_policy_dir)
     models.prepare_for_training(model)
@@ -123,17 +123,15 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
             P = prompt["input_ids"].shape[1]
             h, _ = models.policy_hidden(model, ids, am, ps, prompt["pixel_values"], prompt["image_grid_thw"],
                                         repeat=G, prompt_len=P)
-            h = h[:, P - 1:P - 1 + L]
+            h = h[:, P - 1:P - 1 + L][cmask]
         else:
             if way == "under gradient checkpointing":  # caches are dropped there: completion_hidden's other path
                 model.gradient_checkpointing_enable()
                 assert model.is_gradient_checkpointing
             h = models.completion_hidden(model, prompt["input_ids"], prompt["attention_mask"], pos, nxt,
                                          prompt["pixel_values"], prompt["image_grid_thw"], comp, cmask.long(), G)
-        lp = token_logprobs(h.reshape(-1, h.shape[-1]), model.get_output_embeddings().weight, comp.reshape(-1))
-        (lp * cmask.reshape(-1)).sum().backward()
-        states.append(h[cmask].detach())
-        assert way == "prompt per row" or not h[~cmask].any()
+        token_logprobs(h, model.get_output_embeddings().weight, comp[cmask]).sum().backward()
+        states.append(h.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for k in (1, 2, 3):
         assert (states[0] - states[k]).abs().max() < 1e-4
