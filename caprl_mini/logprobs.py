@@ -100,11 +100,13 @@ class _FusedLogProbLoss(torch.autograd.Function):
         gh = torch.empty_like(h, dtype=acc) if need_h else None
         gW = torch.zeros_like(W, dtype=acc) if need_W else None
         Wa = W.to(acc)  # converted once, not per chunk (no copy when W is already fp32)
+        buf = torch.empty(min(row_chunk, N), V, device=h.device, dtype=acc)  # the one big buffer, every chunk's
         with torch.autocast(h.device.type, enabled=False):  # fp32 matmuls even inside a bf16 autocast region
             for r0 in range(0, N, row_chunk):
                 r = slice(r0, min(r0 + row_chunk, N))
                 hr, yr = h[r].to(acc), y[r, None]
-                z = _chunk_logits(hr, Wa, 0, V, temperature)  # (n, V): the one big buffer, reused in place below
+                # (n, V) logits into buf (z = h @ W.T would hold the last chunk's z while making the next: 2 buffers)
+                z = torch.mm(hr, Wa.T, out=buf[:hr.shape[0]]).div_(temperature)
                 z -= z.amax(-1, keepdim=True)  # shifted for a stable exp
                 tgt = z.gather(1, yr)  # (n, 1)
                 s = z.exp_().sum(-1, keepdim=True)  # z now holds exp(logits - max)
