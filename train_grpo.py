@@ -43,7 +43,6 @@ never reaches the weights or a checkpoint; Ctrl-C (SIGINT) finishes the step, wr
 Simplified on purpose: no LoRA, no value model, no reward server.
 """
 import argparse
-import copy
 import itertools
 import json
 import math
@@ -128,7 +127,9 @@ parser.add_argument("--save-every", type=int, default=50, help="steps between ch
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--save-final", type=int, default=1, help="0: no final save (benchmarks of a step)")
 parser.add_argument("--seed", type=int, default=0, help="seed of everything random (images, rollouts, draws)")
-parser.add_argument("--eval-images", type=int, default=200, help="held-out images in the final evaluation (0: none)")
+parser.add_argument("--eval-images", type=int, default=200,
+                    help="images in the final evaluation: the built-in world's held-out split, or the first rows of "
+                         "--data, which holds none out (evaluate.py scores any other file); 0: none")
 parser.add_argument("--log-samples", type=int, default=4, help="captions per step written to samples.jsonl")
 args = parser.parse_args()
 if args.micro_batch_images < 1 or args.images_per_step % args.micro_batch_images:
@@ -153,9 +154,10 @@ pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 with user_errors():  # a mistyped model path: one line, not the hub client's traceback
     model, proc = load_policy(ckpt or args.policy, device, pdtype, **pixels)
     judge, jtok, meta = load_judge(args.judge, device, dtype)  # inference only, in the device's dtype
+    # KL's frozen initial policy, only when KL is on: from --policy, also when a resume loaded a checkpoint
+    ref_model = load_policy(args.policy, device, pdtype, **pixels)[0].requires_grad_(False) if args.beta > 0 else None
 params = prepare_for_training(model, args.gradient_checkpointing, args.freeze_vision)
 jfmt = args.judge_format or meta["format"]
-ref_model = copy.deepcopy(model).eval() if args.beta > 0 else None  # frozen initial policy, only when KL is on
 # fused on accelerators: no parameter-sized temporaries in the update (foreach's are GBs at 3B)
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type != "cpu")
 if ckpt:
@@ -362,15 +364,15 @@ if world > 1:
     dist.destroy_process_group()
     if rank > 0:
         sys.exit(0)  # rank 0 saves and evaluates
-print_skipped(skipped)
 if args.save_final:
     save_model(model, proc, final)
     save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped})
     print(f"saved {final}")
 if args.eval_images:
     model.eval()
-    eval_data = QAFile(args.data, args.image_root) if args.data else World("eval")
-    items = [eval_data[i] for i in range(min(args.eval_images, len(eval_data)))]
+    eval_data = data if args.data else World("eval")
+    with user_errors():  # --data: read as training read it (--skip-bad: bad rows and images stay out)
+        items = [load(i) if args.data else eval_data[i] for i in range(min(args.eval_images, len(eval_data)))]
     results = []
     for name, m in (("sft: " + args.policy, load_policy(args.policy, device, dtype, **pixels)),
                     ("grpo: " + final, (model, proc))):
@@ -381,3 +383,4 @@ if args.eval_images:
     json.dump({"captioners": results}, open(os.path.join(args.out, "eval", "results.json"), "w"), indent=1)
     print_table(results)
     print(f"wrote {os.path.join(args.out, 'eval', 'results.json')}")
+print_skipped(skipped)

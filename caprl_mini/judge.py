@@ -337,7 +337,7 @@ def caption_rewards(judge, tok, captions, items, n_draws, fmt, mode, rng, types=
     rngs = rng if isinstance(rng, list) else [rng] * len(captions)
     rows_c, rows_q, rows_rng = [], [], []
     for cap, item, r in zip(captions, items, rngs):
-        pool = [q for q in item["questions"] if types is None or q.get("type") in types] or item["questions"]
+        pool = [q for q in item["questions"] if types is None or q.get("type") in types]  # never a held-out type
         for _ in range(n_draws):
             rows_c.append(cap)
             rows_q.append(r.choice(pool))

@@ -258,8 +258,8 @@ def test_training_with_skip_bad_replaces_unreadable_images_and_lists_every_bad_r
     truncated_png(tmp_path / "1.png")
     qa = write(tmp_path / "qa.jsonl", *rows, row("3", answer="Z"))
     args = ["train_grpo.py", "--data", qa, "--steps", "3", "--images-per-step", "3", "--group-size", "2",
-            "--micro-batch-images", "1", "--max-new-tokens", "8", "--eval-images", "0", "--save-final", "0",
-            "--out", str(tmp_path / "run")]
+            "--micro-batch-images", "1", "--max-new-tokens", "8", "--eval-images", "3", "--save-final", "0",
+            "--out", str(tmp_path / "run")]  # the final evaluation reads --data as training did
     r = script(*args)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {qa}:4: answer 'Z'")
     r = script(*args, "--skip-bad")
@@ -268,6 +268,7 @@ def test_training_with_skip_bad_replaces_unreadable_images_and_lists_every_bad_r
     assert "skipped 2 bad rows / images (--skip-bad):" in r.stdout
     assert f"  {qa}:4: answer 'Z'" in r.stdout and f"  {qa}:2: cannot read image '1.png'" in r.stdout
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 3
+    assert len(json.load(open(tmp_path / "run" / "eval" / "results.json"))["captioners"]) == 2
 
 
 def test_a_mistyped_model_path_is_one_error_line(tmp_path):

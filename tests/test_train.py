@@ -31,7 +31,8 @@ def test_four_steps_equal_two_plus_resume_plus_two(tmp_path):
     """Weights and metrics of an interrupted-and-resumed run equal those of an uninterrupted one, exactly."""
     shipped("captioner")
     common = ["--judge", "oracle", "--images-per-step", "2", "--group-size", "4", "--max-new-tokens", "40",
-              "--eval-images", "0", "--lr", "1e-3", "--warmup-steps", "1", "--micro-batch-images", "1"]
+              "--eval-images", "0", "--lr", "1e-3", "--warmup-steps", "1", "--micro-batch-images", "1",
+              "--beta", "0.5"]  # KL on: the resumed run must keep the initial policy as its reference
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     run(*common, "--steps", "4", "--save-every", "2", "--out", a)
     run(*common, "--steps", "2", "--save-every", "2", "--out", b)  # stops after step 2 (a checkpoint at 2)
