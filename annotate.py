@@ -45,9 +45,7 @@ args = parser.parse_args()
 assert args.batch_size >= 1
 
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-device, dtype = pick_device()
-if device.type != "cpu" and world > 1:
-    device = torch.device(device.type, int(os.environ.get("LOCAL_RANK", 0)))
+device, dtype = pick_device()  # under torchrun: the GPU of this process's LOCAL_RANK
 skipped = [] if args.skip_bad else None  # --skip-bad: bad lines are listed here instead of stopping the run
 with user_errors():
     out, errors = CaptionFile(args.out), CaptionFile(args.out + ".errors.jsonl", field="error")

@@ -29,19 +29,24 @@ def _chunk_logits(h, W, v0, v1, temperature):
         return (h.to(_acc(h)) @ W[v0:v1].to(_acc(h)).T).div_(temperature)  # (n, v); in place: no second (n, v)
 
 
-def _lse_and_target(h, W, y, temperature, vocab_chunk):
-    """Online logsumexp over vocabulary chunks, and the target tokens' logits. h (n, D), y (n,)."""
+def _online(h, W, temperature, vocab_chunk, y=None):
+    """One pass over the vocabulary in chunks with a running max m: lse = m + log s, s = sum exp(z - m). With the
+    targets y (n,): (lse, their logits). Without: (lse, E_p[z]), t = sum exp(z - m) * z, for the entropy. h (n, D)."""
     n, V = h.shape[0], W.shape[0]
     m = torch.full((n,), -float("inf"), device=h.device, dtype=_acc(h))
-    s, tgt = torch.zeros_like(m), torch.zeros_like(m)
+    s, t = torch.zeros_like(m), torch.zeros_like(m)
     for v0 in range(0, V, vocab_chunk):
         z = _chunk_logits(h, W, v0, min(v0 + vocab_chunk, V), temperature)
         m_new = torch.maximum(m, z.amax(-1))
-        s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(-1)
+        scale, e = torch.exp(m - m_new), (z - m_new[:, None]).exp_()
+        s = s * scale + e.sum(-1)
+        if y is None:
+            t = t * scale + (e * z).sum(-1)
+        else:
+            inside = (y >= v0) & (y < v0 + z.shape[1])
+            t[inside] = z[inside, y[inside] - v0]
         m = m_new
-        inside = (y >= v0) & (y < v0 + z.shape[1])
-        tgt[inside] = z[inside, y[inside] - v0]
-    return m + torch.log(s), tgt
+    return m + torch.log(s), (t / s if y is None else t)
 
 
 class _FusedLogProbs(torch.autograd.Function):
@@ -51,7 +56,7 @@ class _FusedLogProbs(torch.autograd.Function):
         lse = torch.empty_like(out)
         for r0 in range(0, h.shape[0], row_chunk):
             r = slice(r0, r0 + row_chunk)
-            lse[r], tgt = _lse_and_target(h[r], W, y[r], temperature, vocab_chunk)
+            lse[r], tgt = _online(h[r], W, temperature, vocab_chunk, y[r])
             out[r] = tgt - lse[r]
         ctx.save_for_backward(h, W, y, lse)  # lse is (N,): the only thing kept besides the inputs
         ctx.cfg = (temperature, row_chunk, vocab_chunk)
@@ -151,18 +156,9 @@ def logprobs_and_loss(h, W, y, token_loss, temperature=1.0, row_chunk=256):
 @torch.no_grad()
 def token_entropy(h, W, temperature=1.0, row_chunk=1024, vocab_chunk=32768):
     """Entropy of softmax(h @ W.T / temperature) per row, online over vocabulary chunks, no gradient.
-    H = lse - E_p[z], accumulated as running max m, s = sum exp(z - m), t = sum exp(z - m) * z."""
+    H = lse - E_p[z] (_online)."""
     out = torch.empty(h.shape[0], device=h.device, dtype=_acc(h))
-    V = W.shape[0]
     for r0 in range(0, h.shape[0], row_chunk):
-        hr = h[r0:r0 + row_chunk]
-        m = torch.full((hr.shape[0],), -float("inf"), device=h.device, dtype=_acc(h))
-        s, t = torch.zeros_like(m), torch.zeros_like(m)
-        for v0 in range(0, V, vocab_chunk):
-            z = _chunk_logits(hr, W, v0, min(v0 + vocab_chunk, V), temperature)
-            m_new = torch.maximum(m, z.amax(-1))
-            scale = torch.exp(m - m_new)
-            e = torch.exp(z - m_new[:, None])
-            s, t, m = s * scale + e.sum(-1), t * scale + (e * z).sum(-1), m_new
-        out[r0:r0 + row_chunk] = m + torch.log(s) - t / s
+        lse, ez = _online(h[r0:r0 + row_chunk], W, temperature, vocab_chunk)
+        out[r0:r0 + row_chunk] = lse - ez
     return out

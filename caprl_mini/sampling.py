@@ -61,7 +61,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
         gens = [torch.Generator(dev).manual_seed(int(sd)) for sd in seeds]
     alive = torch.arange(R, device=dev)  # original row index of each row still decoding (dynamic decode)
     finished = torch.zeros(R, dtype=torch.bool, device=dev)  # rows past their EOS (static decode)
-    logits = step.logits(h)
+    logits = unembed(h, step.W)
     for t in range(max_new_tokens):
         if temperature > 0:
             lp = torch.log_softmax(logits / temperature, -1)
@@ -140,9 +140,6 @@ class KVDecoder:
         self.n = 0
         self.W = model.get_output_embeddings().weight.float()  # (V, D) fp32 once, not a per-step copy of bf16
 
-    def logits(self, h):
-        return unembed(h, self.W)
-
     def select(self, keep):
         """Keep only rows `keep` (finished rows leave): copies the new tokens' part of the cache, not the reserve."""
         for buf in (self.k, self.v):
@@ -193,7 +190,7 @@ class KVDecoder:
             h = rms_norm(x, layer.post_attention_layernorm)
             x = x + linear(m.act_fn(linear(h, m.gate_proj)) * linear(h, m.up_proj), m.down_proj)
         self.n += 1
-        return self.logits(rms_norm(x, lm.norm))
+        return unembed(rms_norm(x, lm.norm), self.W)
 
 
 def linear(x, layer):
@@ -258,9 +255,6 @@ class StaticDecoder:
         self.W.copy_(self.model.get_output_embeddings().weight)
         return self
 
-    def logits(self, h):
-        return unembed(h, self.W)
-
     def forward(self, tok, positions, cache_position):
         lm = self.model.model.language_model
         emb = torch.nn.functional.embedding(tok[:, None], lm.embed_tokens.weight)  # not lm.embed_tokens(): its
@@ -268,7 +262,7 @@ class StaticDecoder:
         out = lm(inputs_embeds=emb, attention_mask=self.mask,
                  position_ids=positions[None, :, None].expand(3, -1, 1), past_key_values=self.cache, use_cache=True,
                  cache_position=cache_position)
-        return self.logits(out.last_hidden_state[:, -1])
+        return unembed(out.last_hidden_state[:, -1], self.W)
 
     def __call__(self, tok, positions):
         """Next-token logits (R, V) after feeding tok (R,) at rotary positions (R,)."""
