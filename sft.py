@@ -50,12 +50,12 @@ import torch.nn.functional as F
 from caprl_mini import shapes
 from caprl_mini.data import (DataError, QAFile, caption_records, load_image, print_skipped, skip_bad,
                              user_errors)
+from caprl_mini.evaluation import caption_items, fact_totals
 from caprl_mini.judge import answer_ids, prompt_ids, score_questions
 from caprl_mini.logprobs import token_logprobs
 from caprl_mini.models import (JUDGE, SFT_CAPTIONER, build_tiny_judge, build_tiny_policy, build_tokenizer,
                                encode_prompts, load_judge, load_policy, pad_right, policy_hidden, rope_positions,
                                save_model, with_completions)
-from caprl_mini.sampling import decode, sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("stage", choices=["captioner", "judge", "eval"], help="what to train, or eval the pair")
@@ -108,6 +108,16 @@ def lr_at(step, total, peak):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
 
 
+def update(model, opt, loss, lr):
+    """One optimiser step at this learning rate, the model's gradient norm clipped to 1."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+
 def world_tokenizer():
     return build_tokenizer(shapes.world_text())
 
@@ -128,23 +138,14 @@ def cell_targets(scenes):
 def caption_eval(model, proc, n_images, split="eval"):
     """Greedy captions of held-out images -> per-attribute fact precision, recall (true facts stated / all true
     facts, pooled over images, as evaluate.py), caption length."""
+    items = [shapes.world_item(i, split) for i in range(n_images)]
     model.eval()
-    totals = {a: [0, 0] for a in ["position"] + shapes.ATTRIBUTES + ["count"]}
-    recall, n_tok = [], []
-    for i0 in range(0, n_images, 50):
-        items = [shapes.world_item(i, split) for i in range(i0, min(n_images, i0 + 50))]
-        out = sample(model, encode_prompts(proc, [it["image"] for it in items]), 1, 64, temperature=0)
-        for it, cap, m in zip(items, decode(proc, out), out["mask"]):
-            f = shapes.score_facts(cap, it["scene"])
-            for a, (c, n) in f["stated"].items():
-                totals[a][0] += c
-                totals[a][1] += n
-            recall.append((f["n_recalled"], f["n_true"]))
-            n_tok.append(int(m.sum()))
+    caps = [c[0] for c in caption_items(model, proc, items)]  # (caption, tokens) per image: greedy, 64 tokens
     model.train()
-    return {"precision_by_attribute": {a: c / n if n else None for a, (c, n) in totals.items()},  # None: never stated
-            "recall": sum(r for r, _ in recall) / sum(n for _, n in recall),
-            "mean_caption_tokens": sum(n_tok) / len(n_tok)}
+    f = fact_totals((cap, it["scene"]) for it, (cap, _) in zip(items, caps))
+    precision = {a: c / n if n else None for a, (c, n) in f["stated"].items()}  # None: never stated
+    return {"precision_by_attribute": precision, "recall": f["n_recalled"] / f["n_true"],
+            "mean_caption_tokens": sum(n for _, n in caps) / len(caps)}
 
 
 def world_batch(human):
@@ -217,13 +218,7 @@ def captioner_stage(model, proc, steps, human, seed, draw):
         if scenes is not None:  # per image token: occupied / shape / color / size
             logits, tgt = aux(feats).split(splits, -1), cell_targets(scenes)
             aux_loss = sum(F.cross_entropy(lg, tgt[:, k], ignore_index=-100) for k, lg in enumerate(logits))
-        loss = lm_loss + args.aux_weight * aux_loss
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, args.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(model, opt, lm_loss + args.aux_weight * aux_loss, lr_at(step, steps, args.lr))
         if step % 50 == 0:
             print(f"step {step} {'human' if human else 'full'} lm {lm_loss.item():.3f} aux {aux_loss.item():.3f} "
                   f"{time.time() - t0:.0f}s", flush=True)
@@ -302,12 +297,7 @@ def train_judge():
     t0 = time.time()
     for step in range(min(args.judge_steps, args.judge_stop_at or args.judge_steps)):
         loss = judge_loss(model, tok, W, D)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.judge_steps, args.lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        update(model, opt, loss, lr_at(step, args.judge_steps, args.lr))
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0:

@@ -164,14 +164,10 @@ if ckpt:
     state = load_trainer_state(ckpt)
     opt.load_state_dict(state["optimizer"])
     start, n_skipped = state["step"], state.get("skipped_updates", 0)
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        if rank == 0:
-            truncate_jsonl(os.path.join(args.out, name), start - 1)
     print(f"resumed from {ckpt} at step {start}")
-elif rank == 0:
+if rank == 0:  # the logs keep the steps before `start`: a fresh run (start 0) starts them empty
     for name in ("metrics.jsonl", "samples.jsonl"):
-        open(os.path.join(args.out, name), "w").close()
-if rank == 0:
+        truncate_jsonl(os.path.join(args.out, name), start - 1)
     json.dump(vars(args), open(os.path.join(args.out, "config.json"), "w"), indent=1)
 skipped = [] if args.skip_bad else None  # (where, reason) of every bad line and image left out
 with user_errors():

@@ -73,30 +73,46 @@ def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
            "heldout_types_accuracy": sum(held) / len(held) if held else None,
            "mean_caption_tokens": sum(n for caps in captions for _, n in caps) / max(1, sum(map(len, captions)))}
     if items and "scene" in items[0]:  # the built-in world: exact facts
-        correct = stated = recalled = true = 0
-        for it, caps in zip(items, captions):
-            for cap, _ in caps:
-                f = shapes.score_facts(cap, it["scene"])
-                correct += sum(c for c, _ in f["stated"].values())
-                stated += sum(n for _, n in f["stated"].values())
-                recalled, true = recalled + f["n_recalled"], true + f["n_true"]
-        res["fact_precision"] = correct / max(1, stated)
-        res["fact_recall"] = recalled / max(1, true)
+        f = fact_totals((cap, it["scene"]) for it, caps in zip(items, captions) for cap, _ in caps)
+        res["fact_precision"] = (sum(c for c, _ in f["stated"].values())
+                                 / max(1, sum(n for _, n in f["stated"].values())))
+        res["fact_recall"] = f["n_recalled"] / max(1, f["n_true"])
     return res
+
+
+def fact_totals(pairs):
+    """shapes.score_facts pooled over (caption, scene) pairs: {"stated": attribute -> [correct, stated],
+    "n_recalled", "n_true"}, so that precision and recall weigh every fact alike, not every caption."""
+    out = {"stated": {a: [0, 0] for a in ["position"] + shapes.ATTRIBUTES + ["count"]}, "n_recalled": 0, "n_true": 0}
+    for cap, scene in pairs:
+        f = shapes.score_facts(cap, scene)
+        for a, (c, n) in f["stated"].items():
+            out["stated"][a][0] += c
+            out["stated"][a][1] += n
+        out["n_recalled"], out["n_true"] = out["n_recalled"] + f["n_recalled"], out["n_true"] + f["n_true"]
+    return out
+
+
+def summary_rows(results):
+    """The summary table of print_table and the HTML report: rows (label, held-out type?, one value per captioner,
+    None where it has none); per-type rows are indented two spaces; a row nobody has (fact scores on real data) is
+    left out."""
+    types = dict.fromkeys(t for r in results for t in r.get("qa_accuracy_by_type", {}))
+    rows = [("QA accuracy", False, [r.get("qa_accuracy") for r in results])]
+    rows += [(f"  {t}", t in shapes.HELDOUT_TYPES, [r.get("qa_accuracy_by_type", {}).get(t) for r in results])
+             for t in types]
+    rows += [(label, False, [r.get(k) for r in results]) for label, k in [
+        ("held-out types", "heldout_types_accuracy"), ("best of n", "best_of_n_accuracy"),
+        ("fact precision", "fact_precision"), ("fact recall", "fact_recall"),
+        ("mean caption tokens", "mean_caption_tokens"), ("captions per image", "captions_per_image")]]
+    return [row for row in rows if any(v is not None for v in row[2])]
 
 
 def print_table(results):
     """Captioners side by side, one column each."""
     names = [r["path"] if len(r["path"]) <= 28 else "..." + r["path"][-25:] for r in results]
-    rows = [("qa_accuracy", "qa accuracy")]
-    rows += [(("qa_accuracy_by_type", t), f"  {t}{' (held out)' if t in shapes.HELDOUT_TYPES else ''}")
-             for t in results[0]["qa_accuracy_by_type"]]
-    rows += [("heldout_types_accuracy", "held-out types"), ("best_of_n_accuracy", "best of n captions"),
-             ("fact_precision", "fact precision"),
-             ("fact_recall", "fact recall"), ("mean_caption_tokens", "caption tokens")]
     print(f"{'':24s}" + "".join(f"{n:>30s}" for n in names))
-    for key, label in rows:
-        vals = [r[key[0]].get(key[1]) if isinstance(key, tuple) else r.get(key) for r in results]
-        if all(v is None for v in vals):
-            continue
-        print(f"{label:24s}" + "".join(f"{v:30.3f}" if v is not None else f"{'-':>30s}" for v in vals))
+    for label, held, vals in summary_rows(results):
+        print(f"{label + (' (held out)' if held else ''):24s}"
+              + "".join(f"{v:30.3f}" if v is not None else f"{'-':>30s}" for v in vals))
+

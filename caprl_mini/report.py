@@ -19,6 +19,7 @@ import re
 from html import escape
 
 from . import shapes
+from .evaluation import summary_rows
 
 DISPLAY = 168  # px: the world's 84x84 images shown at 2x, pixel for pixel
 CSS = """
@@ -28,7 +29,8 @@ h1 { font-size: 1.4em; } h2 { font-size: 1em; margin: 0 0 .4em; } h3 { font-size
 table.summary { border-collapse: collapse; margin-bottom: 2em; }
 table.summary th, table.summary td { border: 1px solid #bbb; padding: .25em .7em; }
 table.summary td { text-align: right; font-variant-numeric: tabular-nums; }
-table.summary th { text-align: left; background: #f3f3f3; overflow-wrap: anywhere; max-width: 18em; }
+table.summary th { text-align: left; background: #f3f3f3; overflow-wrap: anywhere; max-width: 18em;
+                   white-space: pre-wrap; }  /* pre-wrap: per-type rows keep their indent */
 .held { color: #8a5a00; font-size: .85em; }
 .item { display: flex; flex-wrap: wrap; gap: 1em; border-top: 1px solid #ccc; padding: 1em 0; }
 .item img { max-width: 320px; height: auto; border: 1px solid #ddd; }
@@ -49,19 +51,15 @@ def _png_uri(image):
 
 
 def _errors(clause, scene):
-    """What a clause states that is false, in words. The same rule as shapes.score_facts (a fact is true when
-    its cell holds an object, with that value), spelled out per fact so the page can say which one is wrong."""
-    parsed, truth = shapes.parse_caption(clause), {o["pos"]: o for o in scene}
+    """What a clause states that is false (shapes.score_facts' "wrong" facts), in words."""
     out = []
-    if parsed["count"] is not None and parsed["count"] != len(scene):
-        out.append(f"count: {parsed['count']} stated, {len(scene)} in the image")
-    for obj in parsed["objects"]:
-        real = truth.get(obj["pos"])
-        if real is None:  # nothing there (or no cell named): every fact of the clause is false
-            out.append(f"nothing at the {obj['pos']}" if obj["pos"] else "names no cell")
-            continue
-        out += [f"{a} at the {obj['pos']}: {obj[a]} stated, {real[a]} in the image"
-                for a in shapes.ATTRIBUTES if a in obj and obj[a] != real[a]]
+    for pos, attr, stated, real in shapes.score_facts(clause, scene)["wrong"]:
+        if attr == "count":
+            out.append(f"count: {stated} stated, {real} in the image")
+        elif attr == "position":  # nothing there (or no cell named): every fact of the clause is false
+            out.append(f"nothing at the {pos}" if pos else "names no cell")
+        elif real is not None:  # (an attribute at an empty cell: "nothing at" above says it)
+            out.append(f"{attr} at the {pos}: {stated} stated, {real} in the image")
     return out
 
 
@@ -104,23 +102,13 @@ def _number(v):
 
 
 def _summary_html(results):
-    """Rows = metrics, columns = captioners; a row nobody has (fact scores on real data) is left out."""
-    types = list(dict.fromkeys(t for r in results for t in r.get("qa_accuracy_by_type", {})))
-    rows = [("QA accuracy", lambda r: r.get("qa_accuracy"))]
-    rows += [(f"&nbsp;&nbsp;{escape(t)}" + (' <span class="held">held out</span>' if t in shapes.HELDOUT_TYPES
-              else ""), lambda r, t=t: r.get("qa_accuracy_by_type", {}).get(t)) for t in types]
-    rows += [(label, lambda r, k=k: r.get(k)) for label, k in [
-        ("held-out types", "heldout_types_accuracy"), ("best of n", "best_of_n_accuracy"),
-        ("fact precision", "fact_precision"), ("fact recall", "fact_recall"),
-        ("mean caption tokens", "mean_caption_tokens"), ("captions per image", "captions_per_image")]]
+    """Rows = metrics (evaluation.summary_rows), columns = captioners."""
     head = "<tr><th></th>" + "".join(f"<th>{escape(str(r['path']))}</th>" for r in results) + "</tr>"
     body = []
-    for label, get in rows:
-        vals = [get(r) for r in results]
-        if all(v is None for v in vals):
-            continue
+    for label, held, vals in summary_rows(results):
+        mark = ' <span class="held">held out</span>' if held else ""
         cells = "".join(f"<td>{_number(v)}</td>" for v in vals)
-        body.append(f"<tr><th>{label}</th>{cells}</tr>")
+        body.append(f"<tr><th>{escape(label)}{mark}</th>{cells}</tr>")
     return f'<table class="summary">{head}{"".join(body)}</table>'
 
 

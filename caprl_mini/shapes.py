@@ -136,31 +136,29 @@ def parse_caption(caption):
 def score_facts(caption, scene):
     """Exact fact precision / recall of a caption against its scene.
 
-    Stated facts: per parsed object its position and each attribute it names, plus the count if stated.
+    Stated facts: the count if stated, plus per parsed object its position and each attribute it names.
     A fact is true when the cell holds an object (position) with that value (attribute).
-    Returns per-attribute (correct, stated) counts and recall = true facts stated correctly / all true facts."""
+    Returns per-attribute (correct, stated) counts, recall = true facts stated correctly / all true facts, and
+    "wrong": each false fact as (cell, attribute, stated value, value in the image); the cell and value are None
+    where there is none (the count has no cell, an empty cell no value)."""
     parsed, truth = parse_caption(caption), {o["pos"]: o for o in scene}
-    stated = {a: [0, 0] for a in ["position"] + ATTRIBUTES + ["count"]}  # attr -> [correct, stated]
-    recalled = set()
+    facts = [(None, "count", parsed["count"], len(scene))] if parsed["count"] is not None else []
     for obj in parsed["objects"]:
-        real = truth.get(obj["pos"])
-        stated["position"][1] += 1
-        if real is not None:
-            stated["position"][0] += 1
-            recalled.add((obj["pos"], "position"))
-        for a in ATTRIBUTES:
-            if a in obj:
-                stated[a][1] += 1
-                if real is not None and real[a] == obj[a]:
-                    stated[a][0] += 1
-                    recalled.add((obj["pos"], a))
-    if parsed["count"] is not None:
-        stated["count"][1] += 1
-        if parsed["count"] == len(scene):
-            stated["count"][0] += 1
-            recalled.add((None, "count"))
+        real = truth.get(obj["pos"], {})
+        facts.append((obj["pos"], "position", obj["pos"], real.get("pos")))
+        facts += [(obj["pos"], a, obj[a], real.get(a)) for a in ATTRIBUTES if a in obj]
+    stated = {a: [0, 0] for a in ["position"] + ATTRIBUTES + ["count"]}  # attr -> [correct, stated]
+    recalled, wrong = set(), []
+    for pos, a, value, real in facts:
+        stated[a][1] += 1
+        if real is not None and value == real:  # a clause naming no cell: None == None, still false
+            stated[a][0] += 1
+            recalled.add((pos, a))
+        else:
+            wrong.append((pos, a, value, real))
     n_true = 4 * len(scene) + 1  # position, shape, color, size per object, plus the count
-    return {"stated": stated, "recall": len(recalled) / n_true, "n_recalled": len(recalled), "n_true": n_true}
+    return {"stated": stated, "recall": len(recalled) / n_true, "n_recalled": len(recalled), "n_true": n_true,
+            "wrong": wrong}
 
 
 # ---------------------------------------------------------------- MCQs
