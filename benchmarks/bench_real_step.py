@@ -4,6 +4,7 @@ arithmetic of the one-GPU plan.
     python benchmarks/bench_real_step.py --plan-only      # any machine: exact parameter counts (meta device) + plan
     python benchmarks/bench_real_step.py                  # one GPU: random weights in the real shapes, a full step
     python benchmarks/bench_real_step.py --scale tiny     # CPU smoke test of the same path at toy width
+    python benchmarks/bench_real_step.py --write-only DIR # only write DIR/policy, DIR/judge, DIR/qa.jsonl (bench_trl)
 
 Random weights, written out from the published configs (no download): the step's cost does not depend on what the
 weights say, as long as no caption stops early (a random model emits a given EOS token about once in 150k tokens).
@@ -34,6 +35,7 @@ parser.add_argument("--images", type=int, default=4, help="images per step")
 parser.add_argument("--group-size", type=int, default=8, help="G")
 parser.add_argument("--new-tokens", type=int, default=256, help="caption tokens per rollout")
 parser.add_argument("--image-side", type=int, default=896, help="images are S x S pixels: (S / 28)^2 image tokens")
+parser.add_argument("--write-only", default="", help="write the models and the QA file into this folder, run nothing")
 parser.add_argument("--extra", default="--gradient-checkpointing 1 --micro-batch-images 1",
                     help="memory flags passed to train_grpo.py")
 args = parser.parse_args()
@@ -88,7 +90,7 @@ if args.plan_only:
 
 # ---------------------------------------------------------------- one real step: random weights, train_grpo.py
 device, dtype = models.pick_device()
-work = tempfile.mkdtemp(prefix="real_step_")
+work = args.write_only or tempfile.mkdtemp(prefix="real_step_")
 with torch.device(device):
     torch.manual_seed(0)
     policy = AutoModelForImageTextToText.from_config(policy_cfg, dtype=dtype)
@@ -108,6 +110,9 @@ with open(os.path.join(work, "qa.jsonl"), "w") as f:
         item["image"].resize((args.image_side, args.image_side)).save(os.path.join(work, f"{i}.png"))
         qs = [{k: q[k] for k in ("question", "options", "answer")} for q in item["questions"]]
         f.write(json.dumps({"id": str(i), "image": f"{i}.png", "questions": qs}) + "\n")
+if args.write_only:
+    print(f"wrote {work}/policy, {work}/judge, {work}/qa.jsonl")
+    sys.exit(0)
 cmd = [sys.executable, os.path.join(ROOT, "train_grpo.py"), "--policy", os.path.join(work, "policy"),
        "--judge", os.path.join(work, "judge"), "--data", os.path.join(work, "qa.jsonl"), "--steps", "2",
        "--images-per-step", str(args.images), "--group-size", str(args.group_size), "--max-new-tokens",

@@ -2,14 +2,21 @@
 
     /work/trl-venv/bin/python benchmarks/bench_trl.py              # CPU: 4 runs of 4 steps each side (5-10 min)
     /work/trl-venv/bin/python benchmarks/bench_trl.py --threads 1   # on a machine shared with other jobs
+    python benchmarks/bench_trl.py --policy P --judge J --data qa.jsonl --images-per-step 4 --max-new-tokens 256 \
+        --micro-batch-images 1 --gradient-checkpointing 1 --zero-truncated 0 --rounds 1   # GPU, 3B-shaped models
+        (benchmarks/run_gpu.sh, part trl: bench_real_step.py --write-only writes P, J and qa.jsonl)
 
 TRL is not a dependency of the project: install it in a separate venv (benchmarks/README.md).
-Same work on both sides: the shipped tiny captioner (Qwen2.5-VL) and judge, B images x G captions per step from
-the built-in world (the same images at the same step on both sides), the chat prompt (image + the caption
+Same work on both sides: the shipped tiny captioner (Qwen2.5-VL) and judge (or --policy / --judge), B images x G
+captions per step from the built-in world or --data (the same images at the same step on both sides), the chat
+prompt (image + the caption
 instruction), sampling at temperature 1 with no top-k / top-p, stop at EOS or at --max-new-tokens, reward =
 caption_rewards (N = 8 question draws, the judge's format and "prob" reading, reward types only) times "not
-truncated" (the project's --zero-truncated 1), group-std advantages, clip 0.2 / 0.28, token-level (DAPO) loss,
-beta 0, AdamW lr 1e-4 after a 10-step linear warm-up, grad clip 1, one optimizer step per rollout, fp32 on a CPU.
+truncated" (the project's --zero-truncated, default 1), group-std advantages, clip 0.2 / 0.28, token-level (DAPO)
+loss, beta 0, AdamW lr 1e-4 after a 10-step linear warm-up, grad clip 1, one optimizer step per rollout, fp32 on a
+CPU, fp32 weights under bf16 autocast on a GPU (both sides). --micro-batch-images M: both sides run the update in
+B / M micro-batches of M x G captions (TRL: per-device batch M x G, B / M accumulation steps, one generation batch of
+B x G); without it the project runs its default (4) and TRL one batch of B x G.
 Both stop at EOS, so the captions each side samples differ: generated tokens per caption are reported next to
 captions/s.
 How each side runs: the project as `train_grpo.py --steps K --eval-images 0` in a subprocess, step_seconds read
@@ -36,10 +43,18 @@ parser.add_argument("--images-per-step", type=int, default=8, help="B (the proje
 parser.add_argument("--group-size", type=int, default=8, help="G (the project's default)")
 parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap (the project's default)")
 parser.add_argument("--threads", type=int, default=2, help="torch threads of each side")
+parser.add_argument("--policy", default="", help="captioner folder (default: the shipped one)")
+parser.add_argument("--judge", default="", help="judge folder (default: the shipped one)")
+parser.add_argument("--data", default="", help="QA JSONL (default: the built-in world)")
+parser.add_argument("--micro-batch-images", type=int, default=0, help="M (0: the project's default, TRL one batch)")
+parser.add_argument("--gradient-checkpointing", type=int, default=0, help="1: on both sides")
+parser.add_argument("--zero-truncated", type=int, default=1, help="1: a caption without EOS gets reward 0 (both)")
 parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # run the TRL side, print its steps
 parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 args = parser.parse_args()
 B, G = args.images_per_step, args.group_size
+M = args.micro_batch_images or B  # TRL's images per micro-batch (0: one batch of B x G)
+assert B % M == 0, "--images-per-step must be a multiple of --micro-batch-images"
 ENV = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -51,15 +66,17 @@ def trl_child():
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     from caprl_mini import shapes
-    from caprl_mini.data import World
+    from caprl_mini.data import QAFile, World
     from caprl_mini.judge import caption_rewards
     from caprl_mini.models import CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, load_judge, load_policy, pick_device
     torch.set_num_threads(args.threads)
     device, dtype = pick_device()  # as train_grpo.py: the judge on it in dtype; the policy fp32 (+ bf16 autocast)
-    model, proc = load_policy(SFT_CAPTIONER)  # the processor explicitly: AutoProcessor may return only a tokenizer
-    judge, jtok, meta = load_judge(JUDGE, device, dtype)
+    # the processor explicitly: without torchvision AutoProcessor may return only a tokenizer
+    model, proc = load_policy(args.policy or SFT_CAPTIONER)
+    judge, jtok, meta = load_judge(args.judge or JUDGE, device, dtype)
     eos = model.config.text_config.eos_token_id
-    world = World("train")
+    world = QAFile(args.data) if args.data else World("train")
+    types = None if args.data else shapes.REWARD_TYPES  # as train_grpo.py
     items = []  # train_grpo.py's images, step by step (its step_items: B draws from (seed, step)); with
     for step in range(args.steps + 1):  # shuffle_dataset=False TRL's step s takes prompts s*B ... s*B+B-1: the same
         rng = random.Random(f"{args.seed}:images:{step}")
@@ -80,8 +97,9 @@ def trl_child():
         t = time.perf_counter()
         caps = [c[-1]["content"].strip() for c in completions]
         r = caption_rewards(judge, jtok, caps, [items[i] for i in idx], 8, meta["format"], "prob",
-                            random.Random(f"{args.seed}:reward:{idx[0]}"), shapes.REWARD_TYPES)
-        r = [x * (ids[-1] == eos) for x, ids in zip(r.tolist(), completion_ids)]  # --zero-truncated 1
+                            random.Random(f"{args.seed}:reward:{idx[0]}"), types)
+        if args.zero_truncated:
+            r = [x * (ids[-1] == eos) for x, ids in zip(r.tolist(), completion_ids)]
         clock["reward"] += time.perf_counter() - t
         return r
 
@@ -97,31 +115,37 @@ def trl_child():
             self.t, clock["gen"], clock["reward"] = now, 0.0, 0.0
 
     cfg = GRPOConfig(  # train_grpo.py's defaults, one optimizer step per generation batch of B * G completions
-        output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=B * G, num_generations=G,
-        gradient_accumulation_steps=1, num_iterations=1, max_completion_length=args.max_new_tokens, temperature=1.0,
+        output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=M * G, num_generations=G,
+        gradient_accumulation_steps=B // M, steps_per_generation=B // M, num_iterations=1, max_completion_length=args.max_new_tokens, temperature=1.0,
         top_k=0, top_p=1.0, learning_rate=1e-4, warmup_steps=10, lr_scheduler_type="constant_with_warmup",
         weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", scale_rewards="group", epsilon=0.2,
         epsilon_high=0.28, shuffle_dataset=False, use_vllm=False, bf16=dtype == torch.bfloat16, fp16=False,
-        gradient_checkpointing=False,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
         logging_steps=10**6, report_to="none", save_strategy="no", disable_tqdm=True, seed=args.seed)
     trainer = GRPOTrainer(model=model, reward_funcs=caprl_reward, args=cfg, train_dataset=data,
                           processing_class=proc, callbacks=[StepClock()])
     trainer.train()
 
 
+SHARED = ["--steps", str(args.steps), "--images-per-step", str(B), "--group-size", str(G), "--max-new-tokens",
+          str(args.max_new_tokens), "--gradient-checkpointing", str(args.gradient_checkpointing), "--zero-truncated",
+          str(args.zero_truncated)]  # both sides' flags
+
+
 def run_trl(seed):
-    cmd = [sys.executable, __file__, "--child", "--seed", str(seed), "--steps", str(args.steps),
-           "--images-per-step", str(B), "--group-size", str(G), "--max-new-tokens", str(args.max_new_tokens),
-           "--threads", str(args.threads)]
+    cmd = [sys.executable, __file__, "--child", "--seed", str(seed), "--threads", str(args.threads),
+           "--micro-batch-images", str(M), "--policy", args.policy, "--judge", args.judge, "--data", args.data, *SHARED]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
     return [json.loads(l) for l in out.splitlines() if l.startswith('{"step_seconds"')]
 
 
 def run_project(seed):
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "train_grpo.py", "--steps", str(args.steps), "--eval-images", "0", "--save-every", "0",
-               "--images-per-step", str(B), "--group-size", str(G), "--max-new-tokens", str(args.max_new_tokens),
-               "--seed", str(seed), "--out", out]
+        cmd = [sys.executable, "train_grpo.py", "--eval-images", "0", "--save-every", "0", "--save-final", "0",
+               "--seed", str(seed), "--out", out, *SHARED]
+        for flag in ("policy", "judge", "data", "micro_batch_images"):  # given: as given; else the project's default
+            if getattr(args, flag):
+                cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
         subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT)
         rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     return [{"step_seconds": r["step_seconds"], "gen_seconds": r["gen_seconds"], "reward_seconds": r["reward_seconds"],

@@ -24,3 +24,8 @@ part sampling 180 python benchmarks/bench_sampling.py --device cuda --repeats 2
 part real_step 210 python benchmarks/bench_real_step.py
 part logprobs 80 python benchmarks/bench_logprobs.py --device cuda
 part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32
+# not in the default PARTS: needs TRL (benchmarks/README.md, "bench_trl.py on a GPU machine"); PARTS=trl runs it
+T=/tmp/trl_models
+part trl 540 bash -c "python -c 'import trl' && python benchmarks/bench_real_step.py --write-only $T &&
+  python benchmarks/bench_trl.py --policy $T/policy --judge $T/judge --data $T/qa.jsonl --images-per-step 4 \
+  --max-new-tokens 256 --micro-batch-images 1 --gradient-checkpointing 1 --zero-truncated 0 --rounds 1 --steps 3"
