@@ -67,7 +67,7 @@ def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
             k += n
         best.append(max(per_caption, default=0.0))
     held = [r for q, r in zip(rows_q, right) if q.get("type") in shapes.HELDOUT_TYPES]
-    res = {"n_images": len(items), "captions_per_image": len(captions[0]) if captions else 0,
+    res = {"n_images": len(items), "captions_per_image": sum(map(len, captions)) / max(1, len(captions)),
            "qa_accuracy": sum(right) / max(1, len(right)), "best_of_n_accuracy": sum(best) / max(1, len(best)),
            "qa_accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
            "heldout_types_accuracy": sum(held) / len(held) if held else None,
