@@ -59,7 +59,7 @@ from caprl_mini import shapes
 from caprl_mini.checkpoint import (latest_checkpoint, load_trainer_state, save_checkpoint, truncate_jsonl)
 from caprl_mini.data import DataError, QAFile, World, print_skipped, skip_bad, user_errors
 from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, print_table
-from caprl_mini.grpo import advantages, flat_token_loss, policy_stats
+from caprl_mini.grpo import advantages, flat_token_loss, policy_stats, zero_variance
 from caprl_mini.judge import caption_rewards
 from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs
 from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, completion_hidden, encode_prompts,
@@ -114,7 +114,7 @@ parser.add_argument("--drop-zero-std", type=int, default=0, help="1: drop groups
 parser.add_argument("--mask-truncated", type=int, default=0, help="1: no loss on captions cut at the length cap")
 parser.add_argument("--zero-truncated", type=int, default=1,
                     help="1: captions cut at the length cap (no EOS) get reward 0 (DAPO's overlong penalty, hard)")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
 # memory (README, "Train a real captioner")
 parser.add_argument("--policy-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="the policy's weights and optimizer state; compute runs in the device's dtype (bf16 autocast "
@@ -136,6 +136,8 @@ if args.micro_batch_images < 1 or args.images_per_step % args.micro_batch_images
     parser.error("--images-per-step must be a multiple of --micro-batch-images")
 if args.group_size < 2:
     parser.error("GRPO needs at least 2 captions per image (--group-size)")
+if args.temperature <= 0:  # greedy rollouts: no distribution to take log-probs under (the loss divides by it)
+    parser.error("--temperature must be > 0")
 
 # ---------------------------------------------------------------- setup
 world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun sets WORLD_SIZE, RANK, LOCAL_RANK
@@ -149,7 +151,17 @@ pdtype = torch.float32 if args.policy_dtype == "fp32" else torch.bfloat16
 amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != pdtype)  # mixed precision: fp32 weights, bf16 math
 os.makedirs(args.out, exist_ok=True)
 start, n_skipped = 0, 0
-ckpt = latest_checkpoint(args.out) if args.resume else None
+ckpt = latest_checkpoint(args.out)
+if ckpt and not args.resume:  # a fresh run would mix its checkpoints with these (and prune them by name)
+    parser.error(f"{args.out} holds an earlier run's checkpoints ({ckpt}): add --resume to continue it, or choose "
+                 "another --out")
+if ckpt:  # only flags that do not change the training may differ from the run's start (its config.json)
+    saved = json.load(open(os.path.join(args.out, "config.json")))
+    changed = [f"--{k.replace('_', '-')} {v} (was {saved[k]})" for k, v in vars(args).items() if k in saved
+               and saved[k] != v and k not in ("steps", "resume", "save_every", "save_final", "eval_images",
+                                               "log_samples", "micro_batch_images", "gradient_checkpointing")]
+    if changed:
+        parser.error(f"--resume with other flags than {args.out} was started with: {', '.join(changed)}")
 pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 with user_errors():  # a mistyped model path: one line, not the hub client's traceback
     model, proc = load_policy(ckpt or args.policy, device, pdtype, **pixels)
@@ -270,7 +282,7 @@ for step in range(start, args.steps):
         rewards = rewards * (~roll["truncated"]).float()
     t_reward = time.time() - t0 - t_gen
     adv = advantages(rewards, G, args.advantage)
-    zero_std = rewards.view(Bl, G).std(1) == 0  # (Bl,)
+    zero_std = zero_variance(rewards, G)  # (Bl,)
     loss_mask = mask.clone()
     if args.drop_zero_std:
         loss_mask *= (~zero_std).repeat_interleave(G)[:, None]
@@ -312,7 +324,7 @@ for step in range(start, args.steps):
                 if p.grad is None:  # a parameter no loss reached on this rank: zeros, so every rank sends a tensor
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")).item()  # inf: measure
         loss_total = all_sum(loss_total).item()
         skip_reason = None if finite_reward and math.isfinite(loss_total) and math.isfinite(grad_norm) else \
             "non-finite " + ("reward" if not finite_reward else "loss" if not math.isfinite(loss_total) else "gradient")
@@ -351,6 +363,8 @@ for step in range(start, args.steps):
     if rank == 0 and (interrupted or args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps):
         save_checkpoint(args.out, step + 1, model, proc, opt, extra={"skipped_updates": n_skipped})
     if interrupted:
+        if world > 1:  # every rank waits for rank 0's checkpoint: torchrun stops the group once one rank exits
+            dist.barrier()
         print(f"interrupted after step {step}: checkpoint written; continue with --resume", flush=True)
         sys.exit(130)
 

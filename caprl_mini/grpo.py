@@ -12,16 +12,24 @@ its forward pass (3 matmuls over the vocabulary instead of 4); `policy_loss` is 
 import torch
 
 
+def zero_variance(rewards, group_size):
+    """(B,) True where all G rewards of a group are equal, compared exactly: in floats their mean and std need not
+    come out 0 (8 rewards of 0.1 in fp32: std 7e-9, which std-scaling turns into advantages of 7e-5)."""
+    r = rewards.view(-1, group_size)
+    return (r == r[:, :1]).all(1)
+
+
 def advantages(rewards, group_size, scale="std", eps=1e-4):
     """Per-caption advantages from rewards (R,), rows grouped by image.
     scale="std": (r - mean) / (std + eps) per group (GRPO); scale="none": r - mean (Dr. GRPO, no length/std bias).
-    Zero-variance groups get advantage 0 either way."""
+    Zero-variance groups get advantage exactly 0 either way."""
     r = rewards.view(-1, group_size)  # (B, G)
     a = r - r.mean(1, keepdim=True)
     if scale == "std":
         a = a / (r.std(1, keepdim=True, unbiased=False) + eps)
     elif scale != "none":
         raise ValueError(f"unknown advantage scale {scale!r} (std, none)")
+    a[zero_variance(rewards, group_size)] = 0
     return a.reshape(-1)
 
 

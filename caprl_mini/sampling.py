@@ -40,7 +40,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     if set(getattr(model.model.language_model.config, "layer_types", None) or ["full_attention"]) != \
             {"full_attention"}:  # both decoders keep every position of a row (the released Qwen-VL models do)
         raise NotImplementedError("sample(): sliding-window attention layers are not supported (use_sliding_window)")
-    eos = model.config.text_config.eos_token_id
+    eos = model.generation_config.eos_token_id or model.config.text_config.eos_token_id  # generate's stop tokens
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=dev)
     eos = eos if stop_at_eos else eos[:0]  # no stop token: no row ever finishes early
     pos, next_pos = rope_positions(model, ids, am, prompt["image_grid_thw"])

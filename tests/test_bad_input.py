@@ -280,3 +280,19 @@ def test_a_mistyped_model_path_is_one_error_line(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope' / 'model'}: no such model folder, and not " \
                                                 "a hub id like Qwen/Qwen2.5-VL-3B-Instruct"
+
+
+def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path):
+    """A fresh run into a folder with checkpoints would prune them by name and mix with them; a resume with another
+    learning rate (or any flag that changes the training) would silently train another run. Both stop with one line."""
+    os.makedirs(tmp_path / "checkpoints" / "step_000002")
+    json.dump({"lr": 1e-6, "steps": 10, "out": str(tmp_path)}, open(tmp_path / "config.json", "w"))
+    r = script("train_grpo.py", "--out", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"train_grpo.py: error: {tmp_path} holds an earlier run's checkpoints ({tmp_path}/checkpoints/step_000002): "
+        "add --resume to continue it, or choose another --out")
+    r = script("train_grpo.py", "--out", str(tmp_path), "--resume", "--steps", "20")  # --steps may change
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"train_grpo.py: error: --resume with other flags than {tmp_path} was started with: --lr 0.0001 (was 1e-06)")
+    r = script("train_grpo.py", "--out", str(tmp_path / "new"), "--temperature", "0")
+    assert r.returncode == 2 and r.stderr.strip().endswith("error: --temperature must be > 0")

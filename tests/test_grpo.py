@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from caprl_mini.grpo import advantages, flat_token_loss, policy_loss
+from caprl_mini.grpo import advantages, flat_token_loss, policy_loss, zero_variance
 from caprl_mini.logprobs import logprobs_and_loss, token_logprobs
 
 
@@ -12,6 +12,10 @@ def test_advantages_per_group():
     s = advantages(r, 4, "std")
     assert torch.allclose(s[:4], (r[:4] - 0.5) / (r[:4].std(unbiased=False) + 1e-4))
     assert torch.all(s[4:] == 0)  # zero-variance group
+    tenths = torch.tensor([0.1] * 8 + [0.1] * 7 + [0.2])  # equal rewards whose fp32 mean and std are not exactly 0
+    assert zero_variance(tenths, 8).tolist() == [True, False]
+    for scale in ("std", "none"):
+        assert torch.all(advantages(tenths, 8, scale)[:8] == 0) and advantages(tenths, 8, scale)[15] > 0
 
 
 @pytest.mark.parametrize("fused", [False, True])  # token_logprobs -> policy_loss, or logprobs_and_loss (trainer)

@@ -178,7 +178,7 @@ def test_written_out_step_with_grouped_query_attention_and_bf16(tok, arch):
             if p.dim() == 2 and "visual" not in n:
                 p.mul_(4.0)
     model.eval()
-    model.config.text_config.eos_token_id = list(range(100, 140))  # any of 40 tokens ends a caption: rows end early
+    model.generation_config.eos_token_id = list(range(100, 140))  # any of 40 tokens ends a caption (as generate)
     prompt = models.encode_prompts(proc, mixed_images())
     a, b = (sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=s) for s in (False, True))
     assert a["mask"].sum(1).unique().numel() > 1  # rows really left at different steps
