@@ -324,7 +324,7 @@ for step in range(start, args.steps):
                 if p.grad is None:  # a parameter no loss reached on this rank: zeros, so every rank sends a tensor
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")).item()  # inf: measure
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")).item()  # 0: norm only
         loss_total = all_sum(loss_total).item()
         skip_reason = None if finite_reward and math.isfinite(loss_total) and math.isfinite(grad_norm) else \
             "non-finite " + ("reward" if not finite_reward else "loss" if not math.isfinite(loss_total) else "gradient")
