@@ -14,14 +14,13 @@ Under `torchrun --nproc_per_node N evaluate.py ...` rank r captions images r, r 
 captions, scores them and writes: the same results as one process (sampled captions are seeded per image).
 """
 import argparse
-import json
 import os
 
 import torch
 import torch.distributed as dist
 
 from caprl_mini.data import DataError, QAFile, World, print_skipped, read_captions, skip_bad, user_errors
-from caprl_mini.evaluation import caption_items, evaluate_captions, print_table
+from caprl_mini.evaluation import caption_items, evaluate_captions, write_results
 from caprl_mini.report import write_report
 from caprl_mini.models import CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, load_judge, load_policy, pick_device
 
@@ -103,11 +102,8 @@ for path in captioners + args.captions:
         caps = [[(c, n if n is not None else count(c)) for c, n in by_id[it["id"]]] for it in items]
     details.append([])
     results.append({"path": path, **evaluate_captions(judge, jtok, fmt, items, caps, args.seed, details[-1])})
-os.makedirs(args.out, exist_ok=True)
-json.dump({"captioners": results}, open(os.path.join(args.out, "results.json"), "w"), indent=1)
-print_table(results)
+write_results(args.out, results)
 print_skipped(skipped)
-print(f"wrote {os.path.join(args.out, 'results.json')}")
 if args.report:
     records = [{"id": it["id"], "image": it["image"], "scene": it.get("scene"),
                 "captioners": [{"name": r["path"], **d[i]} for r, d in zip(results, details)]}

@@ -56,9 +56,9 @@ import torch
 import torch.distributed as dist
 
 from caprl_mini import shapes
-from caprl_mini.checkpoint import (latest_checkpoint, load_trainer_state, save_checkpoint, truncate_jsonl)
+from caprl_mini.checkpoint import load_trainer_state, resume_checkpoint, save_checkpoint, truncate_jsonl
 from caprl_mini.data import DataError, QAFile, World, print_skipped, skip_bad, user_errors
-from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, print_table
+from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, write_results
 from caprl_mini.grpo import advantages, flat_token_loss, policy_stats, zero_variance
 from caprl_mini.judge import caption_rewards
 from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs
@@ -127,9 +127,8 @@ parser.add_argument("--save-every", type=int, default=50, help="steps between ch
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--save-final", type=int, default=1, help="0: no final save (benchmarks of a step)")
 parser.add_argument("--seed", type=int, default=0, help="seed of everything random (images, rollouts, draws)")
-parser.add_argument("--eval-images", type=int, default=200,
-                    help="images in the final evaluation: the built-in world's held-out split, or the first rows of "
-                         "--data, which holds none out (evaluate.py scores any other file); 0: none")
+parser.add_argument("--eval-images", type=int, default=200,  # evaluate.py scores any other file
+                    help="images in the final evaluation: the world's held-out split, or --data's first rows; 0: none")
 parser.add_argument("--log-samples", type=int, default=4, help="captions per step written to samples.jsonl")
 args = parser.parse_args()
 if args.micro_batch_images < 1 or args.images_per_step % args.micro_batch_images:
@@ -151,17 +150,12 @@ pdtype = torch.float32 if args.policy_dtype == "fp32" else torch.bfloat16
 amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != pdtype)  # mixed precision: fp32 weights, bf16 math
 os.makedirs(args.out, exist_ok=True)
 start, n_skipped = 0, 0
-ckpt = latest_checkpoint(args.out)
-if ckpt and not args.resume:  # a fresh run would mix its checkpoints with these (and prune them by name)
-    parser.error(f"{args.out} holds an earlier run's checkpoints ({ckpt}): add --resume to continue it, or choose "
-                 "another --out")
-if ckpt:  # only flags that do not change the training may differ from the run's start (its config.json)
-    saved = json.load(open(os.path.join(args.out, "config.json")))
-    changed = [f"--{k.replace('_', '-')} {v} (was {saved[k]})" for k, v in vars(args).items() if k in saved
-               and saved[k] != v and k not in ("steps", "resume", "save_every", "save_final", "eval_images",
-                                               "log_samples", "micro_batch_images", "gradient_checkpointing")]
-    if changed:
-        parser.error(f"--resume with other flags than {args.out} was started with: {', '.join(changed)}")
+try:  # a fresh run into a folder with checkpoints, or a resume with other training flags: refused
+    ckpt = resume_checkpoint(args.out, args.resume, vars(args), may_change=(
+        "steps", "resume", "save_every", "save_final", "eval_images", "log_samples", "micro_batch_images",
+        "gradient_checkpointing"))
+except ValueError as e:
+    parser.error(str(e))
 pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 with user_errors():  # a mistyped model path: one line, not the hub client's traceback
     model, proc = load_policy(ckpt or args.policy, device, pdtype, **pixels)
@@ -389,8 +383,5 @@ if args.eval_images:
         with amp:
             caps = caption_items(m[0], m[1], items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
         results.append({"path": name.split(": ", 1)[1], **evaluate_captions(judge, jtok, jfmt, items, caps)})
-    os.makedirs(os.path.join(args.out, "eval"), exist_ok=True)
-    json.dump({"captioners": results}, open(os.path.join(args.out, "eval", "results.json"), "w"), indent=1)
-    print_table(results)
-    print(f"wrote {os.path.join(args.out, 'eval', 'results.json')}")
+    write_results(os.path.join(args.out, "eval"), results)
 print_skipped(skipped)

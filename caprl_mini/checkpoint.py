@@ -64,6 +64,23 @@ def latest_checkpoint(run_dir):
     return ckpts[-1] if ckpts else None
 
 
+def resume_checkpoint(run_dir, resume, flags, may_change):
+    """The newest checkpoint of run_dir to continue from, or None. Refuses (ValueError) a folder that holds
+    checkpoints without `resume` (a fresh run would mix with them and prune them by name), and a resume whose
+    `flags` differ from the run's config.json in any flag not in `may_change` (it would silently train another run)."""
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt and not resume:
+        raise ValueError(f"{run_dir} holds an earlier run's checkpoints ({ckpt}): add --resume to continue it, or "
+                         "choose another --out")
+    if ckpt:
+        saved = json.load(open(os.path.join(run_dir, "config.json")))
+        changed = [f"--{k.replace('_', '-')} {v} (was {saved[k]})" for k, v in flags.items()
+                   if k in saved and saved[k] != v and k not in may_change]
+        if changed:
+            raise ValueError(f"--resume with other flags than {run_dir} was started with: {', '.join(changed)}")
+    return ckpt
+
+
 def load_trainer_state(path):
     return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
 

@@ -6,6 +6,8 @@ built-in world the captions are also parsed into facts and scored exactly: preci
 true) and recall (true facts that are stated), so a reward bought with hallucinations shows up here.
 """
 import hashlib
+import json
+import os
 import random
 
 
@@ -106,6 +108,17 @@ def summary_rows(results):
         ("fact precision", "fact_precision"), ("fact recall", "fact_recall"),
         ("mean caption tokens", "mean_caption_tokens"), ("captions per image", "captions_per_image")]]
     return [row for row in rows if any(v is not None for v in row[2])]
+
+
+def write_results(folder, results):
+    """folder/results.json, {"captioners": [one evaluate_captions record + "path" each]} (evaluate.py, and
+    train_grpo.py's final evaluation), and the table on the console."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "results.json")
+    with open(path, "w") as f:
+        json.dump({"captioners": results}, f, indent=1)
+    print_table(results)
+    print(f"wrote {path}")
 
 
 def print_table(results):
