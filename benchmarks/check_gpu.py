@@ -9,6 +9,9 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
              on the device against the CPU: max |state difference| over the real tokens and the parameter
              gradients of a fixed linear function of them, and the same with the per-row path (prompt repeated
              per caption);
+  loss       logprobs_and_loss (the trainer's GRPO loss, gradient formed in the forward) and token_entropy at Qwen's
+             vocabulary on the device against the CPU: max |log-prob difference|, the loss's and the gradients'
+             differences relative to their scale, max |entropy difference|;
   judge      option_logits (captions' prefixes cached, questions as rows reading them through reused buffers) on
              the device against the CPU, cloze and letter: max |logit difference|.
 Prints one line per check and, last, one JSON object; exits 1 if a check fails (tolerance --atol).
@@ -22,6 +25,8 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from caprl_mini import judge, models, shapes  # noqa: E402
+from caprl_mini.grpo import flat_token_loss  # noqa: E402
+from caprl_mini.logprobs import logprobs_and_loss, token_entropy  # noqa: E402
 from caprl_mini.sampling import sample  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,6 +66,25 @@ for name, checkpointing in (("packed", False), ("per-row", True)):
     results[f"teacher forcing, {name}: max gradient difference / gradient scale"] = max(
         ((grads["cpu"][n] - grads[dev.type][n]).abs().max() / grads["cpu"][n].abs().max().clamp(min=1e-12)).item()
         for n in grads["cpu"])
+
+# the trainer's loss: fused log-probs + GRPO loss, and the entropy, at Qwen's vocabulary (N = 600, D = 256)
+g = torch.Generator().manual_seed(1)
+h0, W0 = torch.randn(600, 256, generator=g), torch.randn(151936, 256, generator=g) * 0.05
+y, adv = torch.randint(0, 151936, (600,), generator=g), torch.randn(600, generator=g)  # a caption per token
+lp, loss, gh, gW, ent = {}, {}, {}, {}, {}
+for d in (torch.device("cpu"), dev):
+    h, W = h0.to(d).requires_grad_(), W0.to(d).requires_grad_()
+    old = torch.full((600, 1), -12.0, device=d)  # old log-probs: ratios far from 1, so the clip is exercised
+    lp_d, loss_d = logprobs_and_loss(h, W, y.to(d), flat_token_loss(old, adv.to(d), torch.ones(600, 1, device=d), 600),
+                                     temperature=0.7)
+    loss_d.backward()
+    lp[d.type], loss[d.type], gh[d.type], gW[d.type] = lp_d.cpu(), loss_d.item(), h.grad.cpu(), W.grad.cpu()
+    ent[d.type] = token_entropy(h.detach(), W.detach(), 0.7).cpu()
+rel = lambda a, b: ((a - b).abs().max() / a.abs().max()).item()  # noqa: E731
+results["loss: max |log-prob difference|"] = (lp["cpu"] - lp[dev.type]).abs().max().item()
+results["loss: loss and gradient differences / their scale"] = max(
+    abs(loss["cpu"] - loss[dev.type]) / abs(loss["cpu"]), rel(gh["cpu"], gh[dev.type]), rel(gW["cpu"], gW[dev.type]))
+results["loss: max |entropy difference|"] = (ent["cpu"] - ent[dev.type]).abs().max().item()
 
 # the judge: the shipped (cloze) judge, and a random one with single-token letters for the letter format
 rng = random.Random(0)
