@@ -357,10 +357,10 @@ def judge_eval(model, tok, meta, n_images, split="eval"):
             acc.setdefault(q["type"], []).append(float(r))
         for q, c in zip(missing, chose):
             abst.setdefault(q["type"], []).append(float(c == shapes.ABSTAIN))
-    mean = lambda d: sum(sum(v) for v in d.values()) / max(1, sum(len(v) for v in d.values()))
-    return {"full_caption_accuracy": mean(acc), "abstain_when_missing": mean(abst),
-            "by_type": {t: {"full_caption_accuracy": sum(acc[t]) / len(acc[t]),
-                            "abstain_when_missing": sum(abst.get(t, [0])) / max(1, len(abst.get(t, [])))}
+    mean = lambda v: sum(v) / len(v) if v else None  # None: no such question (no caption lacked that answer)
+    flat = lambda d: [x for v in d.values() for x in v]
+    return {"full_caption_accuracy": mean(flat(acc)), "abstain_when_missing": mean(flat(abst)),
+            "by_type": {t: {"full_caption_accuracy": mean(acc[t]), "abstain_when_missing": mean(abst.get(t, []))}
                         for t in acc}}
 
 
@@ -374,9 +374,9 @@ def evaluate_pair():
     json.dump(res, open(os.path.join(args.out, "warmstart.json"), "w"), indent=1)
     j, c = res["judge"], res["captioner"]
     print(f"judge ({args.eval_images} held-out images)      full-caption acc   abstain when missing")
-    for t, v in j["by_type"].items():
-        print(f"  {t:28s}  {v['full_caption_accuracy']:16.3f}   {v['abstain_when_missing']:18.3f}")
-    print(f"  {'all':28s}  {j['full_caption_accuracy']:16.3f}   {j['abstain_when_missing']:18.3f}")
+    num = lambda v, w: f"{v:{w}.3f}" if v is not None else f"{'-':>{w}s}"
+    for t, v in [*j["by_type"].items(), ("all", j)]:
+        print(f"  {t:28s}  {num(v['full_caption_accuracy'], 16)}   {num(v['abstain_when_missing'], 18)}")
     print("captioner fact precision: " + "  ".join(f"{a} {v:.3f}" if v is not None else f"{a} (never stated)"
                                                    for a, v in c["precision_by_attribute"].items()))
     print(f"captioner recall {c['recall']:.3f}, mean caption tokens {c['mean_caption_tokens']:.1f}")
