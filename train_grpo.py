@@ -56,7 +56,8 @@ import torch
 import torch.distributed as dist
 
 from caprl_mini import shapes
-from caprl_mini.checkpoint import load_trainer_state, resume_checkpoint, save_checkpoint, truncate_jsonl
+from caprl_mini.checkpoint import (load_trainer_state, resume_checkpoint, save_checkpoint, truncate_jsonl,
+                                   write_config)
 from caprl_mini.data import DataError, QAFile, World, print_skipped, skip_bad, user_errors
 from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, write_results
 from caprl_mini.grpo import advantages, flat_token_loss, policy_stats, zero_variance
@@ -150,10 +151,12 @@ pdtype = torch.float32 if args.policy_dtype == "fp32" else torch.bfloat16
 amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != pdtype)  # mixed precision: fp32 weights, bf16 math
 os.makedirs(args.out, exist_ok=True)
 start, n_skipped = 0, 0
-try:  # a fresh run into a folder with checkpoints, or a resume with other training flags: refused
+try:  # a fresh run into a folder with checkpoints, or a resume with other training flags: refused. Paths may
+    # differ (a moved folder); --steps too, except under the cosine schedule, which it would stretch
     ckpt = resume_checkpoint(args.out, args.resume, vars(args), may_change=(
-        "steps", "resume", "save_every", "save_final", "eval_images", "log_samples", "micro_batch_images",
-        "gradient_checkpointing"))
+        "resume", "out", "policy", "judge", "data", "image_root", "skip_bad", "decode", "save_every", "save_final",
+        "eval_images", "log_samples", "micro_batch_images", "gradient_checkpointing")
+        + (("steps",) if args.lr_schedule == "constant" else ()))
 except ValueError as e:
     parser.error(str(e))
 pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -174,7 +177,7 @@ if ckpt:
 if rank == 0:  # the logs keep the steps before `start`: a fresh run (start 0) starts them empty
     for name in ("metrics.jsonl", "samples.jsonl"):
         truncate_jsonl(os.path.join(args.out, name), start - 1)
-    json.dump(vars(args), open(os.path.join(args.out, "config.json"), "w"), indent=1)
+    write_config(args.out, vars(args))
 skipped = [] if args.skip_bad else None  # (where, reason) of every bad line and image left out
 with user_errors():
     data = QAFile(args.data, args.image_root, skipped) if args.data else World("train")
@@ -374,9 +377,9 @@ if args.save_final:
     print(f"saved {final}")
 if args.eval_images:
     model.eval()
-    eval_data = data if args.data else World("eval")
-    with user_errors():  # --data: read as training read it (--skip-bad: bad rows and images stay out)
-        items = [load(i) if args.data else eval_data[i] for i in range(min(args.eval_images, len(eval_data)))]
+    with user_errors():  # --data: read as training read it (--skip-bad: a bad image's replacement, once)
+        items = list({it["id"]: it for it in map(load, range(min(args.eval_images, len(data))))}.values()) \
+            if args.data else [World("eval")[i] for i in range(args.eval_images)]
     results = []
     for name, m in (("sft: " + args.policy, load_policy(args.policy, device, dtype, **pixels)),
                     ("grpo: " + final, (model, proc))):

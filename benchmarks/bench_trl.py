@@ -74,7 +74,8 @@ def trl_child():
     # the processor explicitly: without torchvision AutoProcessor may return only a tokenizer
     model, proc = load_policy(args.policy or SFT_CAPTIONER)
     judge, jtok, meta = load_judge(args.judge or JUDGE, device, dtype)
-    eos = model.config.text_config.eos_token_id
+    eos = model.generation_config.eos_token_id or model.config.text_config.eos_token_id  # as sampling.sample
+    eos = eos if isinstance(eos, list) else [eos]
     world = QAFile(args.data) if args.data else World("train")
     types = None if args.data else shapes.REWARD_TYPES  # as train_grpo.py
     items = []  # train_grpo.py's images, step by step (its step_items: B draws from (seed, step)); with
@@ -99,7 +100,7 @@ def trl_child():
         r = caption_rewards(judge, jtok, caps, [items[i] for i in idx], 8, meta["format"], "prob",
                             random.Random(f"{args.seed}:reward:{idx[0]}"), types)
         if args.zero_truncated:
-            r = [x * (ids[-1] == eos) for x, ids in zip(r.tolist(), completion_ids)]
+            r = [x * (ids[-1] in eos) for x, ids in zip(r.tolist(), completion_ids)]
         clock["reward"] += time.perf_counter() - t
         return r
 
@@ -116,7 +117,8 @@ def trl_child():
 
     cfg = GRPOConfig(  # train_grpo.py's defaults, one optimizer step per generation batch of B * G completions
         output_dir=tempfile.mkdtemp(), max_steps=args.steps, per_device_train_batch_size=M * G, num_generations=G,
-        gradient_accumulation_steps=B // M, steps_per_generation=B // M, num_iterations=1, max_completion_length=args.max_new_tokens, temperature=1.0,
+        gradient_accumulation_steps=B // M, steps_per_generation=B // M, num_iterations=1,
+        max_completion_length=args.max_new_tokens, temperature=1.0,
         top_k=0, top_p=1.0, learning_rate=1e-4, warmup_steps=10, lr_scheduler_type="constant_with_warmup",
         weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", scale_rewards="group", epsilon=0.2,
         epsilon_high=0.28, shuffle_dataset=False, use_vllm=False, bf16=dtype == torch.bfloat16, fp16=False,

@@ -72,13 +72,21 @@ def resume_checkpoint(run_dir, resume, flags, may_change):
     if ckpt and not resume:
         raise ValueError(f"{run_dir} holds an earlier run's checkpoints ({ckpt}): add --resume to continue it, or "
                          "choose another --out")
-    if ckpt:
+    if ckpt and os.path.exists(os.path.join(run_dir, "config.json")):  # write_config's: never half-written
         saved = json.load(open(os.path.join(run_dir, "config.json")))
         changed = [f"--{k.replace('_', '-')} {v} (was {saved[k]})" for k, v in flags.items()
                    if k in saved and saved[k] != v and k not in may_change]
         if changed:
             raise ValueError(f"--resume with other flags than {run_dir} was started with: {', '.join(changed)}")
     return ckpt
+
+
+def write_config(run_dir, flags):
+    """run_dir/config.json, every flag, atomically (a kill mid-write leaves the previous one)."""
+    path = os.path.join(run_dir, "config.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(flags, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def load_trainer_state(path):

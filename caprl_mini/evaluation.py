@@ -128,4 +128,3 @@ def print_table(results):
     for label, held, vals in summary_rows(results):
         print(f"{label + (' (held out)' if held else ''):24s}"
               + "".join(f"{v:30.3f}" if v is not None else f"{'-':>30s}" for v in vals))
-

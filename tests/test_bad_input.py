@@ -291,8 +291,11 @@ def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         f"train_grpo.py: error: {tmp_path} holds an earlier run's checkpoints ({tmp_path}/checkpoints/step_000002): "
         "add --resume to continue it, or choose another --out")
-    r = script("train_grpo.py", "--out", str(tmp_path), "--resume", "--steps", "20")  # --steps may change
+    r = script("train_grpo.py", "--out", f"{tmp_path}/", "--resume", "--steps", "20")  # --steps, paths may change
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-        f"train_grpo.py: error: --resume with other flags than {tmp_path} was started with: --lr 0.0001 (was 1e-06)")
+        f"train_grpo.py: error: --resume with other flags than {tmp_path}/ was started with: --lr 0.0001 (was 1e-06)")
+    json.dump({"lr_schedule": "cosine", "steps": 10}, open(tmp_path / "config.json", "w"))
+    r = script("train_grpo.py", "--out", str(tmp_path), "--resume", "--steps", "20", "--lr-schedule", "cosine")
+    assert r.returncode == 2 and r.stderr.strip().endswith("--steps 20 (was 10)")  # it would stretch the cosine
     r = script("train_grpo.py", "--out", str(tmp_path / "new"), "--temperature", "0")
     assert r.returncode == 2 and r.stderr.strip().endswith("error: --temperature must be > 0")
