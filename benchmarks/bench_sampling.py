@@ -49,6 +49,8 @@ parser.add_argument("--methods", default="", help="comma list of generate, sampl
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
 parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+parser.add_argument("--profile", default="", help="folder: also profile one sampler rollout per model (torch.profiler;"
+                                                  " the ops' table and, on a GPU, whether each step was a CUDA graph)")
 args = parser.parse_args()
 dev = torch.device(args.device)
 torch.set_num_threads(args.threads)
@@ -122,6 +124,23 @@ def rollout(model, prompt, mm, seed, method, n):
     return seq, int(torch.where(hit.any(1), hit.int().argmax(1) + 1, n).sum())
 
 
+def profile(model, prompt, mm, seed, name):
+    """One sampler rollout under torch.profiler: its ops by total time into <--profile>/sampler_<name>.txt, and a
+    line saying how many steps ran as one CUDA-graph replay (cudaGraphLaunch) out of the L - 1 decode steps."""
+    import os
+    from torch.profiler import ProfilerActivity
+    os.makedirs(args.profile, exist_ok=True)
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+        with torch.no_grad():
+            rollout(model, prompt, mm, seed, "sampler", L)
+        sync()
+    ops = prof.key_averages()
+    with open(os.path.join(args.profile, f"sampler_{name}.txt"), "w") as f:
+        f.write(ops.table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total", row_limit=40))
+    graphs = sum(e.count for e in ops if e.key == "cudaGraphLaunch")
+    print(f"profile ({name}): {args.profile}/sampler_{name}.txt; {graphs} CUDA-graph replays for {L - 1} decode steps")
+
+
 bandwidth = copy_bandwidth()
 results = {}
 methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-dynamic"] * gpu
@@ -146,6 +165,8 @@ for name in names:
             if r:
                 times[m, n].append(t)
                 rates[m, n].append(n_tokens / t)
+    if args.profile:
+        profile(model, prompt, mm, seed, name)
     t = {k: statistics.median(v) for k, v in times.items()}
     rate = {m: statistics.median(rates[m, L]) for m in methods}
     # decode-step floor: every language-model weight is read once per step (the tied unembedding is the

@@ -5,6 +5,8 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
     python benchmarks/check_gpu.py --device cpu      # the script itself, anywhere (cpu against cpu)
 
   sampling   greedy captions of the static decode (StaticCache + CUDA graphs) == the written-out KVDecoder's;
+             under bf16 autocast with fp32 weights (the trainer's setting), sampled captions' log-probs against
+             teacher forcing (bf16 rounding: tolerance 0.1, as tests/test_sampling.py);
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
              on the device against the CPU: max |state difference| over the real tokens and the parameter
              gradients of a fixed linear function of them, and the same with the per-row path (prompt repeated
@@ -26,7 +28,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from caprl_mini import judge, models, shapes  # noqa: E402
 from caprl_mini.grpo import flat_token_loss  # noqa: E402
-from caprl_mini.logprobs import logprobs_and_loss, token_entropy  # noqa: E402
+from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs  # noqa: E402
 from caprl_mini.sampling import sample  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,6 +47,14 @@ with torch.no_grad():
     policy.to(dev)
     kv, static = (sample(policy, on, 3, 64, 0, static=s) for s in (False, True))
 results["sampling: greedy static == KVDecoder"] = bool(torch.equal(kv["tokens"], static["tokens"]))
+with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):  # the trainer's setting: fp32 weights, bf16 math
+    out = sample(policy, on, 3, 64, 1.0, seeds=[0, 1, 2, 3], static=True)
+    pos, nxt = models.rope_positions(policy, on["input_ids"], on["attention_mask"], on["image_grid_thw"])
+    h = models.completion_hidden(policy, on["input_ids"], on["attention_mask"], pos, nxt, on["pixel_values"],
+                                 on["image_grid_thw"], out["tokens"], out["mask"], 3)
+    tf = token_logprobs(h, policy.get_output_embeddings().weight, out["tokens"][out["mask"].bool()])
+AMP = "sampling, bf16 autocast: max |static log-prob - teacher-forced|"
+results[AMP] = (tf - out["logprobs"][out["mask"].bool()]).abs().max().item()
 tokens, mask = kv["tokens"], kv["mask"]
 D = policy.config.get_text_config().hidden_size
 weights = torch.randn(int(mask.sum()), D, generator=torch.Generator().manual_seed(0))  # a fixed linear readout
@@ -101,7 +111,8 @@ for fmt, (jm, jtok) in (("cloze", models.load_judge(models.JUDGE)[:2]),
         z[d.type] = torch.cat(judge.option_logits(jm.to(d).eval(), jtok, rows_c, questions, fmt)).cpu()
     results[f"judge, {fmt}: max |logit difference|"] = (z["cpu"] - z[dev.type]).abs().max().item()
 
-ok = all(v is True or (not isinstance(v, bool) and v <= args.atol) for v in results.values())
+tolerance = lambda k: 0.1 if k == AMP else args.atol  # noqa: E731
+ok = all(v is True or (not isinstance(v, bool) and v <= tolerance(k)) for k, v in results.items())
 name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
 for k, v in results.items():
     print(f"{k}: {v if isinstance(v, bool) else f'{v:.2e}'}")

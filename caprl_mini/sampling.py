@@ -20,6 +20,7 @@ Legend: B images, G captions per image, R = B*G rows, P prompt length, L new tok
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import StaticLayer
 
 from .models import policy_hidden, rope_positions
 
@@ -228,6 +229,7 @@ class StaticDecoder:
 
     def __init__(self, model, rows, length):
         self.model, self.cache = model, StaticCache(config=model.config.get_text_config(), max_cache_len=length)
+        self.cache.layers = [CastingLayer(max_cache_len=length) for _ in self.cache.layers]
         dev = model.device
         self.mask = torch.ones((rows, length), dtype=torch.long, device=dev)  # prompt padding 0, the rest 1
         self.cache_position = torch.zeros(1, dtype=torch.long, device=dev)
@@ -240,12 +242,14 @@ class StaticDecoder:
 
     def start(self, prefix, G, prompt_mask):
         """Fill the cache with the prompt's (B rows, P positions) repeated G times; refresh the fp32 unembedding
-        (the policy changes between calls)."""
-        P = prompt_mask.shape[1]
+        (the policy changes between calls). The cache holds the step's compute dtype: the model's, or autocast's
+        (fp32 weights under bf16 autocast: the prompt's cache is fp32, the step's values bf16)."""
+        P, dev = prompt_mask.shape[1], prompt_mask.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else prefix.layers[0].keys.dtype
         for layer, src in zip(self.cache.layers, prefix.layers):
             k, v = src.keys.repeat_interleave(G, 0), src.values.repeat_interleave(G, 0)
-            if not layer.is_initialized:
-                layer.lazy_initialization(k, v)
+            if not layer.is_initialized or layer.dtype != dtype:
+                layer.lazy_initialization(k.to(dtype), v.to(dtype))
             layer.keys[:, :, :P].copy_(k)
             layer.values[:, :, :P].copy_(v)
             layer.cumulative_length.fill_(P)  # where the next token's key and value go
@@ -269,6 +273,15 @@ class StaticDecoder:
         logits = self.compiled(tok, positions, self.cache_position.clone())
         self.cache_position += 1
         return logits.clone()  # a CUDA-graph output is overwritten by the next replay
+
+
+class CastingLayer(StaticLayer):
+    """A StaticLayer that stores keys and values in its own dtype. Under bf16 autocast with fp32 weights a step's
+    keys come out fp32 (the rotary tables follow the fp32 residual stream) and its values bf16; stored in bf16, they
+    are rounded as autocast's attention would round them when reading."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return super().update(key_states.to(self.dtype), value_states.to(self.dtype), *args, **kwargs)
 
 
 def decode(proc, out):

@@ -170,8 +170,8 @@ def test_written_out_step_with_grouped_query_attention_and_bf16(tok, arch):
     """The real models share each key/value head among several query heads (3B: 16 query heads, 2 key/value heads);
     the other tests' tiny models do not. KVDecoder (the CPU path: shared-prefix attention, rows leaving at EOS)
     against Hugging Face's forward (StaticDecoder, eager) on a model with 2 query heads per key/value head: the same
-    rollout in fp32; under bf16 autocast (the trainer's mixed precision) the sampled tokens' log-probs stay within
-    bf16 rounding of the teacher-forced ones."""
+    rollout in fp32; under bf16 autocast (the trainer's mixed precision: fp32 weights) both decoders' sampled tokens'
+    log-probs stay within bf16 rounding of the teacher-forced ones."""
     model, proc = models.build_tiny_policy(tok, seed=2, arch=arch, heads=4, kv_heads=2)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -183,8 +183,52 @@ def test_written_out_step_with_grouped_query_attention_and_bf16(tok, arch):
     a, b = (sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=s) for s in (False, True))
     assert a["mask"].sum(1).unique().numel() > 1  # rows really left at different steps
     _assert_same_rollout(a, b)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=False)
-        with torch.no_grad():
-            tf = teacher_forced_logprobs(model, prompt, out, 4)
-    assert ((tf - out["logprobs"]) * out["mask"]).abs().max() < 0.1
+    for static in (False, True):  # the static cache keeps bf16 keys and values (the step makes fp32 keys)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=static)
+            with torch.no_grad():
+                tf = teacher_forced_logprobs(model, prompt, out, 4)
+        assert ((tf - out["logprobs"]) * out["mask"]).abs().max() < 0.1
+
+
+class _DeviceLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the devices of every op's tensors (arguments and results)."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs, out))
+        self.devices.append((str(func), {t.device.type for t in leaves if isinstance(t, torch.Tensor)}))
+        return out
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, monkeypatch):
+    """What a GPU needs from a decode step, checked without one: the model on the meta device (shapes, no data),
+    each decoder's step and the token draw run through. A tensor created on the CPU inside the step (a missing
+    device=) shows up as an op touching the CPU: on CUDA a device error, or a CUDA-graph skip in the compiled step;
+    an op that reads data (.item(), nonzero, a Python if on a tensor) fails on meta: on CUDA a host sync per token."""
+    from transformers import AutoModelForImageTextToText, DynamicCache
+    from caprl_mini import sampling
+    monkeypatch.setattr(sampling, "unembed", lambda h, W: h.float() @ W.T)  # autocast has no meta device
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(models.tiny_policy_config(tok, arch=arch, kv_heads=2))
+    model.eval()
+    cfg, (B, G, P) = model.config.get_text_config(), (2, 3, 11)
+    prefix, d = DynamicCache(config=cfg), cfg.hidden_size // cfg.num_attention_heads
+    for i in range(cfg.num_hidden_layers):
+        prefix.update(*(torch.empty(B, 2, P, d, device="meta") for _ in "kv"), i)
+    prompt_mask = torch.ones(B * G, P, dtype=torch.long, device="meta")
+    tokens, positions = torch.zeros(B * G, dtype=torch.long, device="meta"), torch.full((B * G,), P, device="meta")
+    with torch.no_grad():
+        for dec in (sampling.StaticDecoder(model, B * G, 32).start(prefix, G, prompt_mask),
+                    sampling.KVDecoder(model, prefix, G, prompt_mask, 8)):
+            dec(tokens, positions)
+            with _DeviceLog() as log:
+                logits = dec(tokens, positions + 1)
+                sampling.inverse_cdf(torch.log_softmax(logits, -1).exp(), torch.rand(B * G, device="meta"))
+            assert logits.device.type == "meta" and logits.shape == (B * G, cfg.vocab_size)
+            assert len(log.devices) > 100 and [op for op, d in log.devices if d != {"meta"}] == []
