@@ -14,6 +14,7 @@ Under `torchrun --nproc_per_node N evaluate.py ...` rank r captions images r, r 
 captions, scores them and writes: the same results as one process (sampled captions are seeded per image).
 """
 import argparse
+import gc
 import os
 
 import torch
@@ -79,6 +80,7 @@ for path in captioners:  # every rank captions its share; rank 0 keeps all capti
         dist.all_gather_object(parts, mine)
     captioned[path] = [parts[i % world][i // world] for i in range(len(items))]
     del model
+    gc.collect()  # the model and its static decoder reference each other: freed only by the cycle collector
 if world > 1:
     dist.destroy_process_group()
     if rank > 0:

@@ -43,6 +43,7 @@ never reaches the weights or a checkpoint; Ctrl-C (SIGINT) finishes the step, wr
 Simplified on purpose: no LoRA, no value model, no reward server.
 """
 import argparse
+import gc
 import itertools
 import json
 import math
@@ -377,14 +378,17 @@ if args.save_final:
     print(f"saved {final}")
 if args.eval_images:
     model.eval()
+    del opt, ref_model  # AdamW's state (8 bytes a parameter) and the KL reference are not needed to caption
     with user_errors():  # --data: read as training read it (--skip-bad: a bad image's replacement, once)
         items = list({it["id"]: it for it in map(load, range(min(args.eval_images, len(data))))}.values()) \
             if args.data else [World("eval")[i] for i in range(args.eval_images)]
     results = []
-    for name, m in (("sft: " + args.policy, load_policy(args.policy, device, dtype, **pixels)),
-                    ("grpo: " + final, (model, proc))):
+    for i, path in enumerate((args.policy, final)):  # the SFT policy, then the trained one
+        m = (model, proc) if i else load_policy(path, device, dtype, **pixels)
         with amp:
-            caps = caption_items(m[0], m[1], items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
-        results.append({"path": name.split(": ", 1)[1], **evaluate_captions(judge, jtok, jfmt, items, caps)})
+            caps = caption_items(*m, items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
+        results.append({"path": path, **evaluate_captions(judge, jtok, jfmt, items, caps)})
+        del m
+        gc.collect()  # the SFT policy and its static decoder reference each other: freed by the cycle collector
     write_results(os.path.join(args.out, "eval"), results)
 print_skipped(skipped)

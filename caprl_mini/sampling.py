@@ -74,7 +74,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
         tokens[alive, t], logps[alive, t] = tok, lp.gather(1, tok[:, None])[:, 0]
         done = torch.isin(tok, eos)
         if static:  # fixed batch: a row's length is set by its first EOS; ask the GPU whether all ended every 16 steps
-            lengths[done & ~finished] = t + 1
+            lengths.masked_fill_(done & ~finished, t + 1)
             finished |= done
             if t == max_new_tokens - 1 or (t % 16 == 15 and finished.all()):
                 break
@@ -216,7 +216,7 @@ class StaticDecoder:
     CUDA graphs (torch.compile mode="reduce-overhead"): one graph replay per token instead of hundreds of kernel
     launches. The prompt's cache (B rows) is copied in G times; new token t of the call is written at position P + t;
     positions past the call's own are masked by causality, so a cache longer than needed is only unused space.
-    Its memory (cache + an fp32 copy of the unembedding) stays allocated between calls."""
+    Its memory (the cache, and an fp32 copy of the unembedding of a bf16 model) stays allocated between calls."""
 
     @classmethod
     def get(cls, model, rows, length):
@@ -233,7 +233,8 @@ class StaticDecoder:
         dev = model.device
         self.mask = torch.ones((rows, length), dtype=torch.long, device=dev)  # prompt padding 0, the rest 1
         self.cache_position = torch.zeros(1, dtype=torch.long, device=dev)
-        self.W = model.get_output_embeddings().weight.detach().float().clone()
+        W = model.get_output_embeddings().weight
+        self.W = W if W.dtype == torch.float32 else W.detach().float()  # fp32: the parameter itself (no 1.2 GB copy)
         self.compiled = self.forward
         if dev.type == "cuda":  # buffers at fixed addresses are read in place by the graph, not copied in per replay
             for buf in (self.mask, self.W):
@@ -241,8 +242,8 @@ class StaticDecoder:
             self.compiled = torch.compile(self.forward, fullgraph=True, mode="reduce-overhead")
 
     def start(self, prefix, G, prompt_mask):
-        """Fill the cache with the prompt's (B rows, P positions) repeated G times; refresh the fp32 unembedding
-        (the policy changes between calls). The cache holds the step's compute dtype: the model's, or autocast's
+        """Fill the cache with the prompt's (B rows, P positions) repeated G times; refresh the fp32 unembedding if
+        it is a copy (the policy changes between calls). The cache holds the step's compute dtype: the model's, or autocast's
         (fp32 weights under bf16 autocast: the prompt's cache is fp32, the step's values bf16)."""
         P, dev = prompt_mask.shape[1], prompt_mask.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else prefix.layers[0].keys.dtype
@@ -256,7 +257,8 @@ class StaticDecoder:
         self.mask[:, :P].copy_(prompt_mask)
         self.mask[:, P:] = 1
         self.cache_position.fill_(P)
-        self.W.copy_(self.model.get_output_embeddings().weight)
+        if self.W is not self.model.get_output_embeddings().weight:
+            self.W.copy_(self.model.get_output_embeddings().weight)
         return self
 
     def forward(self, tok, positions, cache_position):
@@ -286,5 +288,5 @@ class CastingLayer(StaticLayer):
 
 def decode(proc, out):
     """Sampled tokens -> caption strings (special tokens and padding removed)."""
-    tok = getattr(proc, "tokenizer", proc)
-    return [tok.decode(t[m.bool()], skip_special_tokens=True).strip() for t, m in zip(out["tokens"], out["mask"])]
+    tok, tokens, mask = getattr(proc, "tokenizer", proc), out["tokens"].cpu(), out["mask"].cpu().bool()  # one copy
+    return [tok.decode(t[m], skip_special_tokens=True).strip() for t, m in zip(tokens, mask)]

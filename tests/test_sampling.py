@@ -132,6 +132,22 @@ def test_static_decode_equals_dynamic(tiny_policy_dir):
     assert decoders[0] is decoders[1]  # the shorter prompt reused the longer one's cache (its stale columns)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_decode_follows_weight_updates(dtype):
+    """The static decoder is kept on the model between calls; its fp32 unembedding is the parameter itself (fp32
+    weights) or a copy refreshed by every call (bf16): after an optimizer-like in-place update it samples what the
+    dynamic path samples from the new weights."""
+    model, proc = models.load_policy(shipped("captioner"), dtype=dtype)
+    prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(2)])
+    prompt["pixel_values"] = prompt["pixel_values"].to(dtype)
+    before = sample(model, prompt, 2, 24, 0, static=True)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.add_(torch.randn_like(model.get_output_embeddings().weight))
+    after, ref = (sample(model, prompt, 2, 24, 0, static=s) for s in (True, False))
+    assert not torch.equal(before["tokens"][:, :ref["tokens"].shape[1]], ref["tokens"])  # the update changed it
+    _assert_same_rollout(after, ref)
+
+
 def test_static_decode_with_eos_matches_teacher_forced():
     """Rows end at different steps and keep riding in the fixed batch: their log-probs still equal the teacher-forced
     ones, nothing after EOS is kept (padding), and greedy still equals generate."""
@@ -214,6 +230,7 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, m
     from transformers import AutoModelForImageTextToText, DynamicCache
     from caprl_mini import sampling
     monkeypatch.setattr(sampling, "unembed", lambda h, W: h.float() @ W.T)  # autocast has no meta device
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: False)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(models.tiny_policy_config(tok, arch=arch, kv_heads=2))
     model.eval()
