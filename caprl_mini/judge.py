@@ -139,7 +139,8 @@ class _ReadPrefix(DynamicLayer):
 
 def _additive(allowed, dtype):
     """(n, T, S) bool -> the (n, 1, T, S) additive mask Hugging Face attention takes."""
-    return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
+                                                                                      torch.finfo(dtype).min)[:, None]
 
 
 def common_start(seqs, leave=0):
@@ -162,13 +163,13 @@ def caption_cache(model, prefixes, pad_id):
     if P == 0:  # every prefix is the common part (one distinct caption): its single row serves every question
         return past, torch.zeros(len(prefixes), dtype=torch.long), [K] * len(prefixes)
     past.batch_repeat_interleave(len(prefixes))
-    ids = torch.tensor([p[K:] + [pad_id] * (K + P - len(p)) for p in prefixes])
-    real = torch.tensor([len(p) - K for p in prefixes])[:, None, None]  # (C, 1, 1): tokens after the common part
-    col = torch.arange(P)
-    own = (col <= col[:, None]) & (col < real) | torch.eye(P, dtype=torch.bool)  # causal; padding sees itself
-    allowed = torch.cat([torch.ones(len(prefixes), P, K, dtype=torch.bool), own], -1)
-    model.base_model(input_ids=ids.to(dev), position_ids=(K + col).expand(len(prefixes), -1).to(dev),
-                     attention_mask=_additive(allowed, model.dtype).to(dev), past_key_values=past, use_cache=True)
+    ids = torch.tensor([p[K:] + [pad_id] * (K + P - len(p)) for p in prefixes], device=dev)
+    real = torch.tensor([len(p) - K for p in prefixes], device=dev)[:, None, None]  # (C, 1, 1): after the common part
+    col = torch.arange(P, device=dev)  # the masks are built where they are used: (C, P, K + P) is large on a GPU
+    own = (col <= col[:, None]) & (col < real) | torch.eye(P, dtype=torch.bool, device=dev)  # padding sees itself
+    allowed = torch.cat([torch.ones(len(prefixes), P, K, dtype=torch.bool, device=dev), own], -1)
+    model.base_model(input_ids=ids, position_ids=(K + col).expand(len(prefixes), -1),
+                     attention_mask=_additive(allowed, model.dtype), past_key_values=past, use_cache=True)
     return past, torch.arange(len(prefixes)), [len(p) for p in prefixes]
 
 
@@ -179,22 +180,22 @@ def question_states(model, past, idx, lengths, rows, pad_id):
     k > 0 option k's tokens, which see the question and themselves, not the other options (cloze)."""
     dev = model.device
     T, Kp = max(len(r[0]) for r in rows), past.get_seq_length()
-    ids = torch.tensor([r[0] + [pad_id] * (T - len(r[0])) for r in rows])
-    pos = torch.tensor([[lengths[j] + o for o in r[1]] + [0] * (T - len(r[1])) for j, r in enumerate(rows)])
-    seg = torch.tensor([r[2] + [-1] * (T - len(r[2])) for r in rows])  # -1: padding
-    col = torch.arange(T)
+    ids = torch.tensor([r[0] + [pad_id] * (T - len(r[0])) for r in rows], device=dev)
+    pos = torch.tensor([[lengths[j] + o for o in r[1]] + [0] * (T - len(r[1])) for j, r in enumerate(rows)], device=dev)
+    seg = torch.tensor([r[2] + [-1] * (T - len(r[2])) for r in rows], device=dev)  # -1: padding
+    col = torch.arange(T, device=dev)
     sj, si = seg[:, None, :], seg[:, :, None]  # the key's and the query's segment
     own = (col <= col[:, None]) & (sj >= 0) & ((sj == 0) | (sj == si))
-    pre = (torch.arange(Kp) < torch.tensor(lengths)[:, None])[:, None, :].expand(-1, T, -1)  # the prefix's real part
-    allowed = torch.cat([pre, own | torch.eye(T, dtype=torch.bool)], -1)
+    pre = torch.arange(Kp, device=dev) < torch.tensor(lengths, device=dev)[:, None]  # the prefix's real part
+    allowed = torch.cat([pre[:, None, :].expand(-1, T, -1), own | torch.eye(T, dtype=torch.bool, device=dev)], -1)
     cache = None
     if Kp:
         k = past.layers[0].keys
         buf = [k.new_empty((len(rows), k.shape[1], Kp + T, k.shape[3])) for _ in range(2)]
         cache = copy.copy(past)
         cache.layers = [_ReadPrefix(layer, idx.to(dev), buf) for layer in past.layers]
-    return model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), past_key_values=cache,
-                            attention_mask=_additive(allowed, model.dtype).to(dev)).last_hidden_state
+    return model.base_model(input_ids=ids, position_ids=pos, past_key_values=cache,
+                            attention_mask=_additive(allowed, model.dtype)).last_hidden_state
 
 
 def question_row(suffix, options):

@@ -43,8 +43,8 @@ def _online(h, W, temperature, vocab_chunk, y=None):
         if y is None:
             t = t * scale + (e * z).sum(-1)
         else:
-            inside = (y >= v0) & (y < v0 + z.shape[1])
-            t[inside] = z[inside, y[inside] - v0]
+            inside = (y >= v0) & (y < v0 + z.shape[1])  # gather + where, not boolean indexing: no host sync
+            t = torch.where(inside, z.gather(1, (y - v0).clamp(0, z.shape[1] - 1)[:, None])[:, 0], t)
         m = m_new
     return m + torch.log(s), (t / s if y is None else t)
 
@@ -77,9 +77,8 @@ class _FusedLogProbs(torch.autograd.Function):
                 v1 = min(v0 + vocab_chunk, V)
                 p = _chunk_logits(hr, W, v0, v1, temperature).sub_(lse[r, None]).exp_()  # softmax chunk (n, v)
                 dz = p.mul_(-gr[:, None])  # d L / d logits for the chunk (in place: one (n, v) buffer)
-                inside = (yr >= v0) & (yr < v1)
-                rows = inside.nonzero().squeeze(-1)
-                dz[rows, yr[rows] - v0] += gr[rows]
+                inside = (yr >= v0) & (yr < v1)  # + g at each target inside the chunk (no nonzero: no host sync)
+                dz.scatter_add_(1, (yr - v0).clamp(0, v1 - v0 - 1)[:, None], (gr * inside)[:, None])
                 dz /= temperature
                 with torch.autocast(h.device.type, enabled=False):
                     if gh is not None:  # addmm_ accumulates in place: no (V, D)-chunk temporary
