@@ -72,7 +72,8 @@ seq = img_tok + 30 + args.new_tokens
 GiB = 2**30
 plan = [("policy weights, fp32", 4 * P), ("gradients, fp32 (update only)", 4 * P), ("AdamW m and v, fp32", 8 * P),
         ("bf16 copies of the weights under autocast", 2 * P), ("judge weights, bf16", 2 * J),
-        (f"rollout KV cache, bf16 ({rows} rows x {seq} tokens)", rows * seq * kv_per_token),
+        (f"static decode cache, bf16, kept ({rows} rows x {-(-seq // 128) * 128} positions)",
+         rows * -(-seq // 128) * 128 * kv_per_token),  # StaticDecoder rounds its length up to 128
         (f"naive logits of one micro-batch, fp32 ({args.group_size} x {args.new_tokens} x 151,936): avoided",
          args.group_size * args.new_tokens * 151936 * 4)]
 print(f"parameters: policy {P / 1e9:.3f} B (vision {Pv / 1e9:.3f} B), judge {J / 1e9:.3f} B")

@@ -20,7 +20,8 @@ part() {  # name, seconds, command...
 }
 # the GPU paths against the CPU ones (static decode, packed teacher forcing, the judge's cached prefixes): run first
 part check 120 python benchmarks/check_gpu.py
-part sampling 180 python benchmarks/bench_sampling.py --device cuda --repeats 2
+# perf_hints: says if CUDA graphs were skipped and why; --profile: the ops of one rollout, and graph replays per step
+part sampling 200 env TORCH_LOGS=perf_hints python benchmarks/bench_sampling.py --device cuda --repeats 2 --profile "$OUT"
 part real_step 210 python benchmarks/bench_real_step.py
 part logprobs 80 python benchmarks/bench_logprobs.py --device cuda
 part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32

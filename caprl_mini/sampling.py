@@ -243,8 +243,8 @@ class StaticDecoder:
 
     def start(self, prefix, G, prompt_mask):
         """Fill the cache with the prompt's (B rows, P positions) repeated G times; refresh the fp32 unembedding if
-        it is a copy (the policy changes between calls). The cache holds the step's compute dtype: the model's, or autocast's
-        (fp32 weights under bf16 autocast: the prompt's cache is fp32, the step's values bf16)."""
+        it is a copy (the policy changes between calls). The cache holds the step's compute dtype: the model's, or
+        autocast's (fp32 weights under bf16 autocast: the prompt's cache is fp32, the step's values bf16)."""
         P, dev = prompt_mask.shape[1], prompt_mask.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else prefix.layers[0].keys.dtype
         for layer, src in zip(self.cache.layers, prefix.layers):
