@@ -63,7 +63,7 @@ from caprl_mini.data import DataError, QAFile, World, print_skipped, skip_bad, u
 from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, write_results
 from caprl_mini.grpo import advantages, flat_token_loss, policy_stats, zero_variance
 from caprl_mini.judge import caption_rewards
-from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs
+from caprl_mini.logprobs import logprobs_and_loss, token_logprobs
 from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, completion_hidden, encode_prompts,
                                load_judge, load_policy, peak_memory_gib, pick_device, prepare_for_training,
                                rope_positions, save_model)
@@ -310,13 +310,13 @@ for step in range(start, args.steps):
                 # policy_loss's sum, with its gradient formed in the forward (logprobs.py: 3 matmuls, not 4)
                 tl = flat_token_loss(old_logp[rows], adv[rows], loss_mask[rows], norm, args.eps_low, args.eps_high,
                                      args.loss_aggregation, ref_logp, args.beta, keep)
-                lp, loss = logprobs_and_loss(flat, W, tokens[rows][keep], tl, args.temperature)
+                lp, loss, ent = logprobs_and_loss(flat, W, tokens[rows][keep], tl, args.temperature, entropy=True)
                 st = policy_stats(torch.zeros_like(old_logp[rows]).masked_scatter(keep, lp), old_logp[rows],
                                   adv[rows], loss_mask[rows], args.eps_low, args.eps_high)
             loss.backward()
             loss_total += loss.item()
             stats = {k: stats[k] + st[k] for k in stats}
-            ent_sum += token_entropy(flat.detach(), W, args.temperature).sum().item()
+            ent_sum += ent.sum().item()
         if world > 1:  # sum the ranks' gradients (their losses are parts of one sum); then every rank steps alike
             for p in params:
                 if p.grad is None:  # a parameter no loss reached on this rank: zeros, so every rank sends a tensor

@@ -10,6 +10,9 @@ reference + noise) with gradients w.r.t. the hidden states and the unembedding W
     naive       log_softmax(h @ W.T).gather(y) -> policy_loss
     fused       token_logprobs -> policy_loss            (chunked; backward recomputes the logits: 4 matmuls)
     fused+loss  logprobs_and_loss(flat_token_loss(...))  (gradient formed in the forward: 3 matmuls; the trainer's)
+With --entropy, two more: the trainer also logs each token's entropy,
+    +entropy    logprobs_and_loss(..., entropy=True)     (read off the loss's logits: the trainer's since 2026-11-27)
+    +apart      fused+loss, then a separate chunked entropy pass (a 4th matmul: the trainer's before)
 Reported: seconds (median of --repeats, the variants interleaved), peak memory above the inputs, the same less the
 gradients (every variant must hold grad h and grad W: at N = 1k the (V, D) grad W is most of every peak, so this
 column shows what the method itself needs), and the max |error| of the log-probs against a float64 reference.
@@ -39,7 +42,8 @@ parser.add_argument("--hidden", type=int, default=2048)
 parser.add_argument("--vocab", type=int, default=151936)
 parser.add_argument("--repeats", type=int, default=1)
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-parser.add_argument("--child", choices=["naive", "fused", "fused+loss"], help=argparse.SUPPRESS)  # CPU memory probe
+parser.add_argument("--entropy", action="store_true", help="also time the loss with the entropy (two ways)")
+parser.add_argument("--child", help=argparse.SUPPRESS)  # CPU memory probe: the variant to run
 args = parser.parse_args()
 dev = torch.device(args.device)
 N = args.tokens or (16384 if dev.type == "cuda" else 1024)
@@ -68,7 +72,19 @@ def variants(old):
 
     def fused_loss(h, W, y):
         return logprobs_and_loss(h, W, y, flat_token_loss(old, adv, mask, N))
-    return {"naive": naive, "fused": fused, "fused+loss": fused_loss}
+
+    def with_entropy(h, W, y):
+        return logprobs_and_loss(h, W, y, flat_token_loss(old, adv, mask, N), entropy=True)[:2]
+
+    def entropy_apart(h, W, y):
+        out = fused_loss(h, W, y)
+        with torch.no_grad():  # one more pass over the vocabulary, 256 rows at a time
+            for r in range(0, N, 256):
+                z = h[r:r + 256] @ W.T
+                (torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1)).sum().item()
+        return out
+    extra = {"+entropy": with_entropy, "+apart": entropy_apart} if args.entropy or args.child else {}
+    return {"naive": naive, "fused": fused, "fused+loss": fused_loss, **extra}
 
 
 def run(fn, h, W, y):
@@ -139,6 +155,9 @@ for k in fns:
 for k in ("fused", "fused+loss"):
     print(f"{k}: {t[k] / t['naive']:.2f}x naive's time, {mem['naive'] / mem[k]:.1f}x less peak memory "
           f"({work['naive'] / work[k]:.1f}x less without the gradients)")
+if args.entropy:
+    print(f"the loss with the entropy: +entropy {t['+entropy'] / t['fused+loss']:.2f}x fused+loss's time, "
+          f"+apart {t['+apart'] / t['fused+loss']:.2f}x")
 print(json.dumps({"bench": "logprobs", "device": name, "tokens": N, "hidden": args.hidden, "vocab": args.vocab,
                   "seconds": t, "peak_bytes": mem, "speedup": t["naive"] / t["fused+loss"],
                   "memory_reduction": mem["naive"] / mem["fused+loss"],

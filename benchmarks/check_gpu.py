@@ -11,7 +11,7 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
              on the device against the CPU: max |state difference| over the real tokens and the parameter
              gradients of a fixed linear function of them, and the same with the per-row path (prompt repeated
              per caption);
-  loss       logprobs_and_loss (the trainer's GRPO loss, gradient formed in the forward) and token_entropy at Qwen's
+  loss       logprobs_and_loss (the trainer's GRPO loss, gradient formed in the forward, and the entropy) at Qwen's
              vocabulary on the device against the CPU: max |log-prob difference|, the loss's and the gradients'
              differences relative to their scale, max |entropy difference|;
   judge      option_logits (captions' prefixes cached, questions as rows reading them through reused buffers) on
@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from caprl_mini import judge, models, shapes  # noqa: E402
 from caprl_mini.grpo import flat_token_loss  # noqa: E402
-from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs  # noqa: E402
+from caprl_mini.logprobs import logprobs_and_loss, token_logprobs  # noqa: E402
 from caprl_mini.sampling import sample  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,11 +85,11 @@ lp, loss, gh, gW, ent = {}, {}, {}, {}, {}
 for d in (torch.device("cpu"), dev):
     h, W = h0.to(d).requires_grad_(), W0.to(d).requires_grad_()
     old = torch.full((600, 1), -12.0, device=d)  # old log-probs: ratios far from 1, so the clip is exercised
-    lp_d, loss_d = logprobs_and_loss(h, W, y.to(d), flat_token_loss(old, adv.to(d), torch.ones(600, 1, device=d), 600),
-                                     temperature=0.7)
+    lp_d, loss_d, ent_d = logprobs_and_loss(h, W, y.to(d), flat_token_loss(old, adv.to(d), torch.ones(600, 1, device=d),
+                                                                           600), temperature=0.7, entropy=True)
     loss_d.backward()
     lp[d.type], loss[d.type], gh[d.type], gW[d.type] = lp_d.cpu(), loss_d.item(), h.grad.cpu(), W.grad.cpu()
-    ent[d.type] = token_entropy(h.detach(), W.detach(), 0.7).cpu()
+    ent[d.type] = ent_d.cpu()
 rel = lambda a, b: ((a - b).abs().max() / a.abs().max()).item()  # noqa: E731
 results["loss: max |log-prob difference|"] = (lp["cpu"] - lp[dev.type]).abs().max().item()
 results["loss: loss and gradient differences / their scale"] = max(

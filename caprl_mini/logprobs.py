@@ -1,4 +1,4 @@
-"""Fused, chunked per-token log-probabilities and entropy, without ever holding [N, V] logits.
+"""Fused, chunked per-token log-probabilities (and the loss and entropy), without ever holding [N, V] logits.
 
 Naive:  logits = h @ W.T / temperature          (N, V)   <- at N = 16k tokens and V = 152k this is 9.7 GB in fp32
         logp   = log_softmax(logits).gather(y)  (N,)     and autograd keeps the (N, V) softmax for backward.
@@ -29,9 +29,9 @@ def _chunk_logits(h, W, v0, v1, temperature):
         return (h.to(_acc(h)) @ W[v0:v1].to(_acc(h)).T).div_(temperature)  # (n, v); in place: no second (n, v)
 
 
-def _online(h, W, temperature, vocab_chunk, y=None):
-    """One pass over the vocabulary in chunks with a running max m: lse = m + log s, s = sum exp(z - m). With the
-    targets y (n,): (lse, their logits). Without: (lse, E_p[z]), t = sum exp(z - m) * z, for the entropy. h (n, D)."""
+def _online(h, W, temperature, vocab_chunk, y):
+    """One pass over the vocabulary in chunks with a running max m: lse = m + log s, s = sum exp(z - m); returns
+    (lse, the logits of the targets y (n,)). h (n, D)."""
     n, V = h.shape[0], W.shape[0]
     m = torch.full((n,), -float("inf"), device=h.device, dtype=_acc(h))
     s, t = torch.zeros_like(m), torch.zeros_like(m)
@@ -40,13 +40,10 @@ def _online(h, W, temperature, vocab_chunk, y=None):
         m_new = torch.maximum(m, z.amax(-1))
         scale, e = torch.exp(m - m_new), (z - m_new[:, None]).exp_()
         s = s * scale + e.sum(-1)
-        if y is None:
-            t = t * scale + (e * z).sum(-1)
-        else:
-            inside = (y >= v0) & (y < v0 + z.shape[1])  # gather + where, not boolean indexing: no host sync
-            t = torch.where(inside, z.gather(1, (y - v0).clamp(0, z.shape[1] - 1)[:, None])[:, 0], t)
+        inside = (y >= v0) & (y < v0 + z.shape[1])  # gather + where, not boolean indexing: no host sync
+        t = torch.where(inside, z.gather(1, (y - v0).clamp(0, z.shape[1] - 1)[:, None])[:, 0], t)
         m = m_new
-    return m + torch.log(s), (t / s if y is None else t)
+    return m + torch.log(s), t
 
 
 class _FusedLogProbs(torch.autograd.Function):
@@ -96,10 +93,11 @@ def token_logprobs(h, W, y, temperature=1.0, row_chunk=1024, vocab_chunk=32768):
 
 class _FusedLogProbLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, W, y, token_loss, temperature, row_chunk):
+    def forward(ctx, h, W, y, token_loss, temperature, row_chunk, entropy):
         N, V, acc = h.shape[0], W.shape[0], _acc(h)
         need_h, need_W = ctx.needs_input_grad[:2]
         logp = torch.empty(N, device=h.device, dtype=acc)
+        ent = torch.empty(N if entropy else 0, device=h.device, dtype=acc)
         loss = torch.zeros((), device=h.device, dtype=acc)
         gh = torch.empty_like(h, dtype=acc) if need_h else None
         gW = torch.zeros_like(W, dtype=acc) if need_W else None
@@ -115,6 +113,9 @@ class _FusedLogProbLoss(torch.autograd.Function):
                 tgt = z.gather(1, yr)  # (n, 1)
                 s = z.exp_().sum(-1, keepdim=True)  # z now holds exp(logits - max)
                 logp[r] = (tgt - s.log())[:, 0]
+                if entropy:  # H = log s - E_p[z - max] = log s - sum(e log e) / s, e = exp(z - max): what z holds now
+                    ez = sum(torch.xlogy(e, e).sum(-1) for e in z.split(16384, 1))  # 16k columns: small temporaries
+                    ent[r] = s[:, 0].log() - ez / s[:, 0]
                 with torch.enable_grad():  # dloss/dlogp of these rows only: a tiny graph on a detached leaf
                     lp = logp[r].detach().requires_grad_()
                     l = token_loss(lp, r)  # (n,)
@@ -129,35 +130,26 @@ class _FusedLogProbLoss(torch.autograd.Function):
                     torch.mm(dz, Wa, out=gh[r])
                 if need_W:  # addmm_ accumulates in place: no (V, D) temporary
                     gW.addmm_(dz.T, hr)
-        ctx.mark_non_differentiable(logp)
+        ctx.mark_non_differentiable(logp, ent)
         ctx.grads, ctx.dtypes = (gh, gW), (h.dtype, W.dtype)
-        return logp, loss
+        return logp, loss, ent
 
     @staticmethod
-    def backward(ctx, _, g):  # g: d(outer) / d(loss), a scalar; logp has no gradient
+    def backward(ctx, _, g, __):  # g: d(outer) / d(loss), a scalar; logp and the entropy have no gradient
         if ctx.grads is None:
             raise RuntimeError("logprobs_and_loss: backward runs once per forward (its gradients are handed over)")
         (gh, gW), ctx.grads = ctx.grads, None  # handed to autograd, not copied: W.grad can take the (V, D) buffer
         gh = gh.mul_(g).to(ctx.dtypes[0]) if gh is not None else None
         gW = gW.mul_(g).to(ctx.dtypes[1]) if gW is not None else None
-        return gh, gW, None, None, None, None
+        return gh, gW, None, None, None, None, None
 
 
-def logprobs_and_loss(h, W, y, token_loss, temperature=1.0, row_chunk=256):
+def logprobs_and_loss(h, W, y, token_loss, temperature=1.0, row_chunk=256, entropy=False):
     """(logp, loss): logp = log softmax(h @ W.T / temperature)[y] per row (N,), no gradient, and
     loss = sum over rows of token_loss(logp[rows], rows), differentiable w.r.t. h and W, with 3 matmuls.
-    Contract: token_loss(lp, rows) returns (n,) per-token losses of the rows `rows` (a slice of 0..N), each a
-    function of its own lp alone; tensors it closes over are constants (no gradient reaches them). A backward
-    runs once per call (no retain_graph). h (N, D), W (V, D), y (N,)."""
-    return _FusedLogProbLoss.apply(h, W, y, token_loss, float(temperature), row_chunk)
-
-
-@torch.no_grad()
-def token_entropy(h, W, temperature=1.0, row_chunk=1024, vocab_chunk=32768):
-    """Entropy of softmax(h @ W.T / temperature) per row, online over vocabulary chunks, no gradient.
-    H = lse - E_p[z] (_online)."""
-    out = torch.empty(h.shape[0], device=h.device, dtype=_acc(h))
-    for r0 in range(0, h.shape[0], row_chunk):
-        lse, ez = _online(h[r0:r0 + row_chunk], W, temperature, vocab_chunk)
-        out[r0:r0 + row_chunk] = lse - ez
-    return out
+    entropy=True: (logp, loss, entropy), each row's softmax entropy (no gradient) from the same logits, with no
+    fourth matmul. Contract: token_loss(lp, rows) returns (n,) per-token losses of the rows `rows` (a slice of
+    0..N), each a function of its own lp alone; tensors it closes over are constants (no gradient reaches them).
+    A backward runs once per call (no retain_graph). h (N, D), W (V, D), y (N,)."""
+    out = _FusedLogProbLoss.apply(h, W, y, token_loss, float(temperature), row_chunk, entropy)
+    return out if entropy else out[:2]

@@ -3,7 +3,7 @@ import torch
 
 from caprl_mini import logprobs
 from caprl_mini.grpo import flat_token_loss, policy_loss
-from caprl_mini.logprobs import logprobs_and_loss, token_entropy, token_logprobs
+from caprl_mini.logprobs import logprobs_and_loss, token_logprobs
 
 
 def naive(h, W, y, temperature):
@@ -34,11 +34,18 @@ def test_fused_fp32_close_to_float64():
 
 
 def test_entropy_equals_reference():
+    """The entropy logprobs_and_loss reads off the loss's logits, row chunks not dividing N, a vocabulary wider than
+    the 16k-column blocks it is summed in; its log-probs and loss are the same with or without it."""
     torch.manual_seed(2)
-    h, W = torch.randn(30, 8, dtype=torch.float64), torch.randn(77, 8, dtype=torch.float64)
+    h, W = torch.randn(30, 8, dtype=torch.float64), torch.randn(40000, 8, dtype=torch.float64)
+    y = torch.randint(0, 40000, (30,))
     p = torch.softmax(h @ W.T / 0.9, -1)
     ref = -(p * p.log()).sum(-1)
-    assert torch.allclose(token_entropy(h, W, 0.9, 4, 10), ref, atol=1e-12)
+    lp, loss, ent = logprobs_and_loss(h, W, y, lambda lp, rows: lp, 0.9, 7, entropy=True)
+    assert torch.allclose(ent, ref, atol=1e-12, rtol=0) and not ent.requires_grad
+    assert torch.allclose(lp, naive(h, W, y, 0.9), atol=1e-12, rtol=0)
+    lp2, loss2 = logprobs_and_loss(h, W, y, lambda lp, rows: lp, 0.9, 7)
+    assert torch.equal(lp, lp2) and torch.equal(loss, loss2)
 
 
 def test_logits_stay_fp32_inside_bf16_autocast():
@@ -50,7 +57,7 @@ def test_logits_stay_fp32_inside_bf16_autocast():
     ref = torch.log_softmax(h.double() @ W.double().T, -1).gather(1, y[:, None])[:, 0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lp = token_logprobs(h, W, y, vocab_chunk=48)
-        ent = token_entropy(h, W, vocab_chunk=48)
+        ent = logprobs_and_loss(h.detach(), W.detach(), y, lambda lp, rows: lp, row_chunk=16, entropy=True)[2]
     lp.sum().backward()
     assert lp.dtype == torch.float32 and (lp.double() - ref).abs().max() < 1e-4
     hd, Wd = h.detach().double().requires_grad_(), W.detach().double().requires_grad_()
