@@ -5,7 +5,8 @@ multiple-choice questions about the image it never sees.
                                                           # then SFT vs GRPO evaluated side by side (~5 min)
     python train_grpo.py --policy Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct --data qa.jsonl \
         --lr 1e-6 --warmup-steps 20 --lr-schedule cosine --judge-mode sample --max-new-tokens 1024 \
-        --max-pixels 1003520 --micro-batch-images 1 --gradient-checkpointing 1 --steps 500   # one 80 GB GPU (README)
+        --max-pixels 1003520 --images-per-step 16 --micro-batch-images 1 --gradient-checkpointing 1 --steps 500 \
+        --decode dynamic                                  # one 80 GB GPU: README's recipe and memory plan
     python train_grpo.py --steps 4 --save-every 2 --out runs/x && python train_grpo.py ... --resume
 
 The exact variant (each a flag; defaults in brackets):
@@ -378,7 +379,8 @@ if args.save_final:
     print(f"saved {final}")
 if args.eval_images:
     model.eval()
-    del opt, ref_model  # AdamW's state (8 bytes a parameter) and the KL reference are not needed to caption
+    del opt, ref_model  # AdamW's state (8 bytes a parameter) and the KL reference are not needed to caption,
+    model.__dict__.pop("_static_decoder", None)  # nor the rollouts' decode cache (evaluation batches differ)
     with user_errors():  # --data: read as training read it (--skip-bad: a bad image's replacement, once)
         items = list({it["id"]: it for it in map(load, range(min(args.eval_images, len(data))))}.values()) \
             if args.data else [World("eval")[i] for i in range(args.eval_images)]

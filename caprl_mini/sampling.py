@@ -57,6 +57,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
         step = StaticDecoder.get(model, R, ids.shape[1] + max_new_tokens).start(cache, G, am)
     else:
         step = KVDecoder(model, cache, G, am, max_new_tokens)
+    del cache  # the decoder holds the prompt's keys and values now (copied, or cast to its compute dtype)
     if temperature > 0:
         seeds = torch.randint(2**62, (ids.shape[0],)).tolist() if seeds is None else seeds
         gens = [torch.Generator(dev).manual_seed(int(sd)) for sd in seeds]
@@ -96,6 +97,15 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
             "truncated": truncated}
 
 
+def cache_dtype(prefix, device_type):
+    """What a decoder stores keys and values in: autocast's dtype inside autocast (with fp32 weights the prompt's
+    cache is fp32: the rotary tables follow the fp32 residual stream), else the prompt cache's own. Stored in bf16,
+    they are rounded as autocast's attention matmuls would round them when reading."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return prefix.layers[0].keys.dtype
+
+
 def inverse_cdf(probs, u):
     """Token k of each row with cdf(k - 1) <= u * total < cdf(k): an exact draw from probs (r, V) given uniform u (r,);
     what torch.multinomial does, with the uniforms supplied by the caller (right=True: a zero-probability token, an
@@ -130,8 +140,9 @@ class KVDecoder:
 
     def __init__(self, model, prefix, G, prompt_mask, max_new_tokens):
         self.lm = model.model.language_model
-        self.kp = [layer.keys for layer in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
-        self.vp = [layer.values for layer in prefix.layers]
+        dtype = cache_dtype(prefix, prompt_mask.device.type)
+        self.kp = [layer.keys.to(dtype) for layer in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
+        self.vp = [layer.values.to(dtype) for layer in prefix.layers]
         B, Hkv, _, d = self.kp[0].shape
         self.G, self.R = G, B * G
         self.k = [self.kp[0].new_empty((self.R, Hkv, max_new_tokens, d)) for _ in self.kp]  # new tokens, per row
@@ -222,7 +233,7 @@ class StaticDecoder:
     def get(cls, model, rows, length):
         """The model's decoder, rebuilt (and recompiled) only when the rows change or a longer cache is needed."""
         dec = model.__dict__.get("_static_decoder")
-        if dec is None or dec.mask.shape[0] != rows or dec.mask.shape[1] < length:
+        if dec is None or dec.mask.shape[0] != rows or dec.mask.shape[1] < length or dec.W.dtype != torch.float32:
             model.__dict__["_static_decoder"] = None  # free the old cache first
             dec = model.__dict__["_static_decoder"] = cls(model, rows, -(-length // 128) * 128)
         return dec
@@ -243,10 +254,9 @@ class StaticDecoder:
 
     def start(self, prefix, G, prompt_mask):
         """Fill the cache with the prompt's (B rows, P positions) repeated G times; refresh the fp32 unembedding if
-        it is a copy (the policy changes between calls). The cache holds the step's compute dtype: the model's, or
-        autocast's (fp32 weights under bf16 autocast: the prompt's cache is fp32, the step's values bf16)."""
-        P, dev = prompt_mask.shape[1], prompt_mask.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else prefix.layers[0].keys.dtype
+        it is a copy (the policy changes between calls). The cache holds cache_dtype(); a call in another dtype
+        than the last reallocates it (on CUDA: a new graph)."""
+        P, dtype = prompt_mask.shape[1], cache_dtype(prefix, prompt_mask.device.type)
         for layer, src in zip(self.cache.layers, prefix.layers):
             k, v = src.keys.repeat_interleave(G, 0), src.values.repeat_interleave(G, 0)
             if not layer.is_initialized or layer.dtype != dtype:
@@ -278,9 +288,8 @@ class StaticDecoder:
 
 
 class CastingLayer(StaticLayer):
-    """A StaticLayer that stores keys and values in its own dtype. Under bf16 autocast with fp32 weights a step's
-    keys come out fp32 (the rotary tables follow the fp32 residual stream) and its values bf16; stored in bf16, they
-    are rounded as autocast's attention would round them when reading."""
+    """A StaticLayer that stores keys and values in its own dtype (cache_dtype(): under bf16 autocast with fp32
+    weights a step's keys come out fp32 and its values bf16, both stored in bf16)."""
 
     def update(self, key_states, value_states, *args, **kwargs):
         return super().update(key_states.to(self.dtype), value_states.to(self.dtype), *args, **kwargs)

@@ -249,3 +249,11 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, m
                 sampling.inverse_cdf(torch.log_softmax(logits, -1).exp(), torch.rand(B * G, device="meta"))
             assert logits.device.type == "meta" and logits.shape == (B * G, cfg.vocab_size)
             assert len(log.devices) > 100 and [op for op, d in log.devices if d != {"meta"}] == []
+    # inside bf16 autocast (fp32 weights, so an fp32 prompt cache) both keep their keys and values in bf16: half the
+    # memory, and no per-step cast of the prompt's cache (the steps themselves run under autocast in the test above)
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: True)
+    monkeypatch.setattr(torch, "get_autocast_dtype", lambda *device: torch.bfloat16)
+    static = sampling.StaticDecoder(model, B * G, 32).start(prefix, G, prompt_mask)
+    kv = sampling.KVDecoder(model, prefix, G, prompt_mask, 8)
+    assert {t.dtype for layer in static.cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
+    assert {t.dtype for ts in (kv.kp, kv.vp, kv.k, kv.v) for t in ts} == {torch.bfloat16}
