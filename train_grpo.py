@@ -91,8 +91,8 @@ parser.add_argument("--group-size", type=int, default=8, help="G: captions sampl
 parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap in tokens")
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
 parser.add_argument("--decode", default="auto", choices=["auto", "static", "dynamic"],
-                    help="rollout decoding: static cache + CUDA-graph step, or growing cache dropping finished rows "
-                         "(auto: static on CUDA)")
+                    help="rollout decoding: static cache + CUDA-graph step (the cache stays allocated between "
+                         "rollouts), or buffers for the rollout only, finished rows dropped (auto: static on CUDA)")
 # reward
 parser.add_argument("--questions-per-caption", type=int, default=8, help="N: question draws per caption")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],

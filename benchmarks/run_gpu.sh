@@ -19,7 +19,8 @@ part() {  # name, seconds, command...
   grep -v -E "Loading weights|it/s\]|^\s*$" "$OUT/$name.log" | tail -n 14 | cut -c1-400
 }
 # the GPU paths against the CPU ones (static decode, packed teacher forcing, the judge's cached prefixes): run first
-part check 120 python benchmarks/check_gpu.py
+# check: two compiles of the static step (fp32, then fp32 weights under bf16 autocast)
+part check 180 python benchmarks/check_gpu.py
 # perf_hints: says if CUDA graphs were skipped and why; --profile: the ops of one rollout, and graph replays per step
 part sampling 200 env TORCH_LOGS=perf_hints python benchmarks/bench_sampling.py --device cuda --repeats 2 --profile "$OUT"
 part real_step 210 python benchmarks/bench_real_step.py
