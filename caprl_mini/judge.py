@@ -139,8 +139,8 @@ class _ReadPrefix(DynamicLayer):
 
 def _additive(allowed, dtype):
     """(n, T, S) bool -> the (n, 1, T, S) additive mask Hugging Face attention takes."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed,
-                                                                                      torch.finfo(dtype).min)[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def common_start(seqs, leave=0):

@@ -231,7 +231,8 @@ class StaticDecoder:
 
     @classmethod
     def get(cls, model, rows, length):
-        """The model's decoder, rebuilt (and recompiled) only when the rows change or a longer cache is needed."""
+        """The model's decoder, rebuilt (and recompiled) only when the rows change, a longer cache is needed or the
+        weights it reads in place were cast."""
         dec = model.__dict__.get("_static_decoder")
         if dec is None or dec.mask.shape[0] != rows or dec.mask.shape[1] < length or dec.W.dtype != torch.float32:
             model.__dict__["_static_decoder"] = None  # free the old cache first
