@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU row of BENCHMARKS.md in one run (about 10-12 minutes on one H100), logs under ${OUT:-runs/gpu}:
+# Every GPU row of BENCHMARKS.md (about 10-14 minutes on one H100), logs under ${OUT:-runs/gpu}:
 #   bash benchmarks/run_gpu.sh
 #   PARTS="real_step judge" bash benchmarks/run_gpu.sh     # only these parts
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
+# The limits add up to ~14 minutes. Where one command may run at most 10 minutes, split it in two calls on the same
+# warm machine, most telling first: PARTS="check sampling real_step", then PARTS="logprobs judge".
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
