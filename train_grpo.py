@@ -370,6 +370,10 @@ for step in range(start, args.steps):
 # ---------------------------------------------------------------- final save and side-by-side evaluation
 final = os.path.join(args.out, "final")
 if world > 1:
+    if skipped is not None:  # rank 0's summary lists every rank's bad rows and images, each once
+        parts = [None] * world
+        dist.all_gather_object(parts, skipped)
+        skipped = list(dict.fromkeys(s for part in parts for s in part))
     dist.destroy_process_group()
     if rank > 0:
         sys.exit(0)  # rank 0 saves and evaluates

@@ -50,6 +50,13 @@ def test_oracle_right_from_full_captions_and_abstains_when_missing(index):
     assert shapes.oracle_answer("", qs[0]) == shapes.ABSTAIN
 
 
+def test_oracle_refuses_questions_it_cannot_read():
+    """A QA file's free-text question (type "qa") is not the world's: a clear error, not a failed regex deep inside."""
+    q = {"question": "what is the man holding?", "options": ["a cup", "a pen"], "answer": "A", "type": "qa"}
+    with pytest.raises(ValueError, match="reads only the built-in world's questions .* of type 'qa'"):
+        shapes.oracle_answer("a red circle at the top left.", q)
+
+
 @pytest.mark.parametrize("index", range(40))
 def test_options_hold_the_answer_once_and_valid_distractors(index):
     item = shapes.world_item(index, "test")
