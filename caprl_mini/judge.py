@@ -302,6 +302,8 @@ def score_questions(model, tok, captions, questions, fmt, mode, rng, temperature
     (argmax / sample: 1.0 if the gold option is chosen else 0.0; prob: the probability of the gold option),
     or with return_choice the option text chosen (argmax / sample). rng: a random.Random, or one per row (then a
     row's option shuffle and sampled answer depend on its own generator only)."""
+    if return_choice and mode == "prob":
+        raise ValueError("return_choice needs a chosen option: judge mode argmax or sample, not prob")
     rngs = rng if isinstance(rng, list) else [rng] * len(questions)
     shuffled = [shuffle_options(q, r) for q, r in zip(questions, rngs)]
     posed = [{**q, "options": o} for q, (o, _) in zip(questions, shuffled)]

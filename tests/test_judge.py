@@ -29,6 +29,8 @@ def test_abstain_scores_zero_and_gold_scores_one():
         assert score_questions("oracle", None, [""] * len(qs), qs, "cloze", mode, rng) == [0.0] * len(qs)
     chosen = score_questions("oracle", None, [""] * len(qs), qs, "cloze", "argmax", rng, return_choice=True)
     assert chosen == [shapes.ABSTAIN] * len(qs)
+    with pytest.raises(ValueError, match="return_choice needs a chosen option"):  # prob chooses nothing
+        score_questions("oracle", None, [""] * len(qs), qs, "cloze", "prob", rng, return_choice=True)
     full = shapes.full_caption(item["scene"])
     r = caption_rewards("oracle", None, [full, ""], [item, item], 8, "cloze", "prob", rng, shapes.REWARD_TYPES)
     assert r.tolist() == [1.0, 0.0]
