@@ -88,7 +88,7 @@ parser.add_argument("--judge-heads", type=int, default=8, help="attention heads 
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
 parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW), 100 warm-up steps, cosine")
 parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-parser.add_argument("--eval-images", type=int, default=300, help="held-out images for evaluation")
+parser.add_argument("--eval-images", type=int, default=300, help="held-out images for evaluation (0: none while training)")
 parser.add_argument("--captioner", default=SFT_CAPTIONER, help="eval: the captioner to evaluate")
 parser.add_argument("--judge", default=JUDGE, help="eval: the judge to evaluate")
 parser.add_argument("--seed", type=int, default=0, help="seed for model init and data order")
@@ -222,8 +222,8 @@ def captioner_stage(model, proc, steps, human, seed, draw):
         if step % 50 == 0:
             print(f"step {step} {'human' if human else 'full'} lm {lm_loss.item():.3f} aux {aux_loss.item():.3f} "
                   f"{time.time() - t0:.0f}s", flush=True)
-        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
-            print(json.dumps(caption_eval(model, proc, 100)), flush=True)
+        if args.eval_images and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
+            print(json.dumps(caption_eval(model, proc, args.eval_images)), flush=True)
 
 
 def train_captioner():
@@ -277,6 +277,7 @@ def mixed_caption(scene, rng):
 def train_judge():
     if args.judge_init and os.path.isfile(os.path.join(args.judge_init, "judge.json")):  # go on training a judge
         model, tok, _ = load_judge(args.judge_init)
+        model.requires_grad_(True)  # load_judge loads for inference: frozen
     elif args.judge_init:  # start from a captioner's language model: a judge that already reads the world's language
         assert os.path.isdir(args.judge_init), f"{args.judge_init} not found: run `python sft.py captioner` first"
         cap, proc = load_policy(args.judge_init)
@@ -301,10 +302,10 @@ def train_judge():
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {time.time() - t0:.0f}s", flush=True)
         if (step + 1) % args.eval_every == 0:
-            model.eval()
-            print(json.dumps(judge_eval(model, tok, {"format": "cloze"}, 100)), flush=True)
+            if args.eval_images:
+                print(json.dumps(judge_eval(model.eval(), tok, {"format": "cloze"}, args.eval_images)), flush=True)
+                model.train()
             save_model(model, tok, args.out, meta={"format": "cloze"})  # usable while training goes on
-            model.train()
     save_model(model, tok, args.out, meta={"format": "cloze"})
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
 

@@ -110,7 +110,7 @@ def test_sft_on_caption_jsonl_learns_its_captions(tmp_path):
             f.write(json.dumps({"id": f"img{i}", "caption": "a large red star at the center."}) + "\n")
     out = str(tmp_path / "student")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "captioner", "--captions", caps, "--data", qa,
-                        "--out", out, "--caption-steps", "60", "--batch-size", "8", "--eval-every", "1000"],
+                        "--out", out, "--caption-steps", "60", "--batch-size", "8", "--eval-images", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from caprl_mini.evaluation import caption_items
@@ -118,3 +118,19 @@ def test_sft_on_caption_jsonl_learns_its_captions(tmp_path):
     model, proc = load_policy(out)
     got = caption_items(model.eval(), proc, [shapes.world_item(50, "test")])
     assert got[0][0][0] == "a large red star at the center."
+
+
+def test_sft_judge_goes_on_training_a_saved_judge(tmp_path):
+    """sft.py judge --judge-init <judge folder>, the second run that made the shipped judge: the loaded judge trains
+    (load_judge loads for inference, frozen: this failed at the first backward) and nothing is evaluated with
+    --eval-images 0."""
+    out = str(tmp_path / "judge")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sft.py"), "judge", "--judge-init", shipped("judge"),
+                        "--out", out, "--judge-steps", "2", "--batch-size", "4", "--eval-every", "1",
+                        "--eval-images", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert '"judge' not in r.stdout and "acc" not in r.stdout  # no evaluation printed
+    w0 = load_file(os.path.join(shipped("judge"), "model.safetensors"))
+    w1 = load_file(os.path.join(out, "model.safetensors"))
+    assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
