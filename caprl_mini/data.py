@@ -159,9 +159,9 @@ def load_image(ref, root, where=None):
         ref = ref.get("bytes") or ref.get("path")
     shown = repr(ref) if isinstance(ref, str) and len(ref) < 256 else "(inline data)"
     prefix = f"{where + ': ' if where else ''}cannot read image {shown}: "
-    if isinstance(ref, str) and not os.path.isabs(ref) and os.path.exists(os.path.join(root, ref)):
-        ref = os.path.join(root, ref)
-    if isinstance(ref, str) and os.path.isfile(ref):
+    if isinstance(ref, str) and os.path.exists(os.path.join(root, ref)):  # an absolute ref ignores root
+        ref = os.path.abspath(os.path.join(root, ref))
+    if isinstance(ref, str) and os.path.isabs(ref) and os.path.isfile(ref):  # never a same-named file elsewhere
         with open(ref, "rb") as f:
             raw = f.read()
     else:
@@ -211,10 +211,13 @@ class QAFile:
         image = row.get("image", row.get("images"))
         if isinstance(image, list):
             image = image[0] if image else None
-        if not isinstance(image, (str, dict)) or not isinstance(qs, list) or not qs:
+        if isinstance(image, dict):  # {"bytes": ...} or {"path": ...} as datasets exports them
+            image = image.get("bytes") or image.get("path")
+        if not isinstance(image, str) or not isinstance(qs, list) or not qs:
             raise DataError(f"{where}: needs 'image' (or 'images') and a non-empty 'questions' list "
                             "(or reward_model.ground_truth)")
-        out = {"id": str(row.get("id", where)), "image": image, "where": where,
+        # no id: "qa.jsonl:7", the same however the file's path is written (a resumed annotate.py matches it)
+        out = {"id": str(row.get("id", os.path.basename(where))), "image": image, "where": where,
                "questions": [_question(q, where) for q in qs]}
         if "scene" in row:  # the built-in world written out by write_world_qa: facts stay checkable
             out["scene"] = row["scene"]
@@ -290,7 +293,7 @@ def _record(line, where, field):
 class CaptionFile:
     """An append-only caption JSONL that survives kills and shares: records are appended with one write each under
     an exclusive lock (several processes, e.g. torchrun ranks, can append to one file), and reopening it drops a
-    line cut short by a kill, so a rerun knows exactly which ids are done. Every record holds an id and `field`
+    line cut short by a kill (a whole record missing only its newline is kept), so a rerun knows which ids are done. Every record holds an id and `field`
     (annotate.py's errors file holds "error" instead of "caption"); a bad line raises DataError."""
 
     def __init__(self, path, field="caption"):
@@ -300,8 +303,12 @@ class CaptionFile:
         with self._locked():
             with open(path, "rb") as f:
                 raw = f.read()
-            good = raw[:raw.rfind(b"\n") + 1]  # everything up to the last complete line
-            if len(good) < len(raw):
+            good, tail = raw[:raw.rfind(b"\n") + 1], raw[raw.rfind(b"\n") + 1:]  # tail: after the last newline
+            try:  # a whole record without its newline (a file edited by hand) is kept
+                _record(tail.decode("utf-8"), path, field)
+                good += tail + b"\n"
+                os.write(self.fd, b"\n")
+            except (UnicodeDecodeError, DataError):  # empty, or a line cut short by a kill: dropped
                 os.truncate(path, len(good))
         records = _read_lines(path, io.BytesIO(good), lambda line, where: _record(line, where, field), None)
         self.done = {str(rec["id"]) for rec in records}

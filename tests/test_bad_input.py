@@ -196,6 +196,19 @@ def test_caption_file_refuses_a_record_without_its_field_and_text_that_is_not_ut
         CaptionFile(path)
 
 
+def test_caption_file_keeps_a_last_record_without_its_newline(tmp_path):
+    """A file edited by hand often ends without a newline: its last record is whole and is kept (it was truncated
+    away as if cut by a kill), and the next append goes on a line of its own. A cut record is still dropped."""
+    path = tmp_path / "caps.jsonl"
+    path.write_bytes(b'{"id": "a", "caption": "one"}\n{"id": "b", "caption": "two"}')
+    f = CaptionFile(str(path))
+    f.append({"id": "c", "caption": "three"})
+    assert f.done == CaptionFile(str(path)).done == {"a", "b", "c"}
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c"]
+    path.write_bytes(b'{"id": "a", "caption": "one"}\n{"id": "b", "capt')
+    assert CaptionFile(str(path)).done == {"a"} and path.read_bytes() == b'{"id": "a", "caption": "one"}\n'
+
+
 def test_bad_list_file_lines_name_file_and_line_or_are_skipped(folder):
     path = write(folder / "list.txt", "img.png", b"caf\xe9.png", "img.png", "other.png")
     with pytest.raises(DataError, match=f"^{path}:2: not UTF-8 \\(byte 4 of the line is 0xe9\\)"):

@@ -63,6 +63,40 @@ def test_missing_image_names_file_and_line(tmp_path):
         qa[0]
 
 
+def test_relative_image_paths_resolve_against_the_root_only(tmp_path, monkeypatch):
+    """An image missing from the root is missing, even when the working folder holds one of the same name (it was
+    read from there, silently the wrong image)."""
+    (tmp_path / "data").mkdir()
+    img = image_file(tmp_path)  # tmp_path/img.png, not in tmp_path/data
+    monkeypatch.chdir(tmp_path)
+    qa = QAFile(write(tmp_path / "data", [good_row(img)]))
+    with pytest.raises(DataError, match=r"qa.jsonl:1: cannot read image 'img.png': no such file"):
+        qa[0]
+    assert QAFile(write(tmp_path / "data", [good_row(img)]), image_root=".")[0]["image"].size == (84, 84)
+
+
+def test_a_row_without_id_gets_the_same_id_however_the_path_is_written(tmp_path, monkeypatch):
+    """The default id is the file's name and line, not the path as typed: a resumed annotate.py or evaluate.py
+    --captions matches it whether the file is named qa.jsonl, ./qa.jsonl or by its absolute path."""
+    row = good_row(image_file(tmp_path))
+    del row["id"]
+    path = write(tmp_path, [row, row])
+    monkeypatch.chdir(tmp_path)
+    ids = [[r["id"] for r in QAFile(p).rows] for p in (path, "qa.jsonl", "./qa.jsonl")]
+    assert ids == [["qa.jsonl:1", "qa.jsonl:2"]] * 3
+
+
+def test_write_qa_rewrites_relative_image_paths_in_both_forms(tmp_path):
+    """reward.py filter writes its output elsewhere: a plain path and datasets' {"path": ...} both still load."""
+    from caprl_mini.data import write_qa
+    img = image_file(tmp_path)
+    qa = QAFile(write(tmp_path, [good_row(img, "a"), {**good_row(None, "b"), "image": {"path": img}}]))
+    (tmp_path / "out").mkdir()
+    write_qa(str(tmp_path / "out" / "f.jsonl"), qa.rows, qa.root)
+    out = QAFile(str(tmp_path / "out" / "f.jsonl"))
+    assert [out[i]["image"].size for i in range(2)] == [(84, 84)] * 2
+
+
 def test_caprl_qa_rows_with_paths_text_ground_truth_and_a_bad_row(tmp_path):
     """CapRL-QA rows exported to JSONL: image as a path (under --image-root), ground truth as a list or as JSON
     text; a row whose answer is not among its choices is rejected naming the file and line."""
