@@ -7,7 +7,9 @@
 
 score   --captions: JSONL of {"id", "caption"}; each id must be an id of --data (or of the built-in world:
         shapes-<split>-<index>). Writes {"id", "caption", "reward"} per line and prints the mean. The reward is
-        the function the trainer optimises (caprl_mini.judge.caption_rewards).
+        the function the trainer optimises (caprl_mini.judge.caption_rewards). A caption's question draws and
+        option shuffles depend on (--seed, its id) only: it scores the same wherever it stands in the file, and
+        captions of one image (e.g. two captioners') are asked the same questions.
 filter  the paper's leak filter: every question is asked --filter-asks times with an EMPTY caption, options
         shuffled each time; a question the judge still gets right in --max-blind-accuracy of the asks or more
         is answerable without the image (from priors or its own wording) and is dropped (paper: kept only when
@@ -116,8 +118,9 @@ if args.command == "filter":
     sys.exit(0)
 
 types = None if (args.data or args.all_types) else shapes.REWARD_TYPES
+rngs = [random.Random(f"{args.seed}:{cid}") for cid, _, _ in records]  # a caption's draws: (seed, its id) only
 rewards = caption_rewards(judge, jtok, [c for _, c, _ in records], [it for _, _, it in records],
-                          args.questions_per_caption, fmt, args.judge_mode, random.Random(args.seed), types)
+                          args.questions_per_caption, fmt, args.judge_mode, rngs, types)
 if args.out:
     with open(args.out, "w") as f:
         for (cid, cap, _), r in zip(records, rewards.tolist()):

@@ -1,6 +1,7 @@
 """reward.py as users run it: the leak filter on the built-in world with a deliberately leaky question type."""
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -34,3 +35,22 @@ def test_leak_filter_drops_the_leaky_type_and_keeps_the_others(tmp_path):
     assert f"{shapes.LEAKY_TYPE:16s} dropped" in printed
     # the written file is a valid QA file wherever it lives: images resolve, scenes survive
     assert after[0]["image"].size == (84, 84) and after[0]["scene"] == json.loads(json.dumps(before[0]["scene"]))
+
+
+def test_a_captions_reward_does_not_depend_on_the_other_lines(tmp_path):
+    """reward.py score: the same (id, caption) scores the same alone, after other lines and twice in one file (one
+    generator for the whole file made each line's question draws depend on every line before it)."""
+    item = shapes.world_item(5, "eval")  # 3 objects, 2 in the caption: the draws decide the reward
+    cap = shapes.human_caption(item["scene"], random.Random(1))  # partial: draws matter
+    line = {"id": item["id"], "caption": cap}
+    other = {"id": shapes.world_item(7, "eval")["id"], "caption": "a red circle at the center."}
+
+    def scores(*lines):
+        caps, out = str(tmp_path / "caps.jsonl"), str(tmp_path / "r.jsonl")
+        with open(caps, "w") as f:
+            f.write("".join(json.dumps(x) + "\n" for x in lines))
+        reward("score", "--captions", caps, "--judge", "oracle", "--judge-mode", "argmax", "--out", out)
+        return [json.loads(x)["reward"] for x in open(out)]
+
+    alone = scores(line)[0]
+    assert 0 < alone < 1 and scores(other, line)[1] == alone and scores(line, line) == [alone, alone]
