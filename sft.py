@@ -88,7 +88,8 @@ parser.add_argument("--judge-heads", type=int, default=8, help="attention heads 
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
 parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW), 100 warm-up steps, cosine")
 parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
-parser.add_argument("--eval-images", type=int, default=300, help="held-out images for evaluation (0: none while training)")
+parser.add_argument("--eval-images", type=int, default=300,
+                    help="held-out images for evaluation (0: none during training)")
 parser.add_argument("--captioner", default=SFT_CAPTIONER, help="eval: the captioner to evaluate")
 parser.add_argument("--judge", default=JUDGE, help="eval: the judge to evaluate")
 parser.add_argument("--seed", type=int, default=0, help="seed for model init and data order")

@@ -293,8 +293,9 @@ def _record(line, where, field):
 class CaptionFile:
     """An append-only caption JSONL that survives kills and shares: records are appended with one write each under
     an exclusive lock (several processes, e.g. torchrun ranks, can append to one file), and reopening it drops a
-    line cut short by a kill (a whole record missing only its newline is kept), so a rerun knows which ids are done. Every record holds an id and `field`
-    (annotate.py's errors file holds "error" instead of "caption"); a bad line raises DataError."""
+    line cut short by a kill (a whole record missing only its newline is kept), so a rerun knows which ids are
+    done. Every record holds an id and `field` (annotate.py's errors file holds "error" instead of "caption"); a
+    bad line raises DataError."""
 
     def __init__(self, path, field="caption"):
         self.path = path

@@ -134,7 +134,8 @@ def test_caption_file_survives_a_cut_at_any_byte(records, where):
     lines = [(json.dumps({"id": i, "caption": c}, ensure_ascii=False) + "\n").encode() for i, c in records]
     raw = b"".join(lines)
     cut = int(where * len(raw))
-    whole = [i for (i, _), end in zip(records, itertools.accumulate(map(len, lines))) if end - 1 <= cut]  # end - 1: all but the newline
+    ends = itertools.accumulate(map(len, lines))
+    whole = [i for (i, _), end in zip(records, ends) if end - 1 <= cut]  # end - 1: the record without its newline
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "caps.jsonl")
         with open(path, "wb") as f:
