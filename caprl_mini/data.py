@@ -305,11 +305,11 @@ class CaptionFile:
             with open(path, "rb") as f:
                 raw = f.read()
             good, tail = raw[:raw.rfind(b"\n") + 1], raw[raw.rfind(b"\n") + 1:]  # tail: after the last newline
-            try:  # a whole record without its newline (a file edited by hand) is kept
-                _record(tail.decode("utf-8"), path, field)
+            try:  # whole JSON without its newline (a file edited by hand): kept, and checked as every line is
+                json.loads(tail.decode("utf-8"))
                 good += tail + b"\n"
                 os.write(self.fd, b"\n")
-            except (UnicodeDecodeError, DataError):  # empty, or a line cut short by a kill: dropped
+            except ValueError:  # empty, or a line cut short by a kill (not JSON, or not UTF-8): dropped
                 os.truncate(path, len(good))
         records = _read_lines(path, io.BytesIO(good), lambda line, where: _record(line, where, field), None)
         self.done = {str(rec["id"]) for rec in records}

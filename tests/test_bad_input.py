@@ -207,6 +207,9 @@ def test_caption_file_keeps_a_last_record_without_its_newline(tmp_path):
     assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c"]
     path.write_bytes(b'{"id": "a", "caption": "one"}\n{"id": "b", "capt')
     assert CaptionFile(str(path)).done == {"a"} and path.read_bytes() == b'{"id": "a", "caption": "one"}\n'
+    path.write_bytes(b'{"id": "a", "caption": "one"}\n{"id": "b", "text": "two"}')  # whole, but not a record
+    with pytest.raises(DataError, match=f"^{path}:2: expected a JSON object with 'id' and 'caption'"):
+        CaptionFile(str(path))
 
 
 def test_bad_list_file_lines_name_file_and_line_or_are_skipped(folder):
