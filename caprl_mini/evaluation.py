@@ -40,8 +40,9 @@ def item_seed(seed, item_id):
 
 def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
     """captions: per item a list of (caption, tokens). Returns the results.json record (without "path"): QA
-    accuracy as the mean over all captions (Prism), and best-of-n, the mean over images of the best caption's
-    accuracy. With a list as `details`, appends per item {"captions": [{"caption", "answers": [...]}]} (the HTML
+    accuracy, the fraction of (caption, question) pairs answered right, over all captions (Prism's mean over n),
+    and best-of-n, the same fraction with each image's best caption alone (equal to it when n = 1: an image with
+    more questions weighs more in both). With a list as `details`, appends per item {"captions": [{"caption", "answers": [...]}]} (the HTML
     report's material)."""
     rng = random.Random(seed)
     rows_c, rows_q = [], []
@@ -58,7 +59,7 @@ def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
         per_caption = []
         for cap, _ in caps:
             n = len(it["questions"])
-            per_caption.append(sum(right[k:k + n]) / max(1, n))
+            per_caption.append(sum(right[k:k + n]))  # questions this caption answered right
             if details is not None:
                 answers = [{"question": q["question"], "options": q["options"] + [shapes.ABSTAIN], "type": q.get(
                     "type", "qa"), "gold": q["options"][LETTERS.index(q["answer"])], "chosen": c, "right": bool(r)}
@@ -70,7 +71,8 @@ def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
         best.append(max(per_caption, default=0.0))
     held = [r for q, r in zip(rows_q, right) if q.get("type") in shapes.HELDOUT_TYPES]
     res = {"n_images": len(items), "captions_per_image": sum(map(len, captions)) / max(1, len(captions)),
-           "qa_accuracy": sum(right) / max(1, len(right)), "best_of_n_accuracy": sum(best) / max(1, len(best)),
+           "qa_accuracy": sum(right) / max(1, len(right)),
+           "best_of_n_accuracy": sum(best) / max(1, sum(len(it["questions"]) for it, c in zip(items, captions) if c)),
            "qa_accuracy_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
            "heldout_types_accuracy": sum(held) / len(held) if held else None,
            "mean_caption_tokens": sum(n for caps in captions for _, n in caps) / max(1, sum(map(len, captions)))}

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+from caprl_mini import shapes
+from caprl_mini.evaluation import evaluate_captions
 from conftest import shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,3 +64,15 @@ def test_torchrun_two_ranks_evaluate_as_one_process(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     a, b = (json.load(open(os.path.join(d, "results.json")))["captioners"] for d in (one, two))
     assert a == b and a[0]["qa_accuracy"] > 0
+
+
+def test_best_of_n_weighs_images_as_qa_accuracy_does():
+    """Both pool (caption, question) pairs, so one caption per image gives best-of-n == QA accuracy also when images
+    have different numbers of questions (a mean over images weighed a 7-question image like a 19-question one, and
+    best-of-n came out below QA accuracy); with a full and an empty caption per image, best-of-n is the full one's."""
+    items = [shapes.world_item(i, "eval") for i in range(8)]  # 1 to 4 objects: 7 to 19 questions
+    full = [shapes.full_caption(it["scene"]) if len(it["scene"]) > 1 else "an image." for it in items]
+    one = evaluate_captions("oracle", None, "cloze", items, [[(c, 1)] for c in full])
+    assert 0 < one["qa_accuracy"] < 1 and one["best_of_n_accuracy"] == one["qa_accuracy"]
+    two = evaluate_captions("oracle", None, "cloze", items, [[(c, 1), ("", 1)] for c in full])
+    assert two["best_of_n_accuracy"] == one["qa_accuracy"] and two["qa_accuracy"] == one["qa_accuracy"] / 2
