@@ -185,6 +185,8 @@ def load_image(ref, root, where=None):
         raise DataError(prefix + "not an image (no image format recognises its bytes)") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, EOFError, ... depending on the format
         raise DataError(prefix + f"truncated or corrupt ({type(e).__name__}: {e})") from None
+    if max(img.size) > 200 * min(img.size):  # else the Qwen-VL processor raises mid-batch, whatever --skip-bad says
+        raise DataError(prefix + f"{img.width}x{img.height} pixels, sides over 200:1 (Qwen-VL's processors refuse it)")
     return to_rgb(img)
 
 

@@ -97,6 +97,7 @@ IMAGE_BAD = {
     "truncated": ("trunc.png", truncated_png, "truncated or corrupt"),
     "text named .jpg": ("text.jpg", lambda p: open(p, "w").write("not an image\n"), "not an image"),
     "empty file": ("empty.png", lambda p: open(p, "wb").close(), "the file is empty"),
+    "1 x 300 pixels": ("thin.png", lambda p: Image.new("RGB", (1, 300)).save(p), "1x300 pixels, sides over 200:1"),
 }
 
 
