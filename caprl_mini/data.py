@@ -106,6 +106,11 @@ def _json_object(line, where):
         raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: a line must be a JSON object")
+    try:  # JSON may escape half of a surrogate pair (an emoji cut by a UTF-16 tool): text no tokenizer can take
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: a \\u escape of a lone surrogate ({e.object[e.start]!r}), half of a character; "
+                        "fix the text") from None
     return obj
 
 

@@ -170,6 +170,7 @@ CAPTION_BAD = {
     "no id": ({"caption": "a red star."}, "expected a JSON object with 'id' and 'caption'"),
     "empty caption": ({"id": "b", "caption": " \n\t"}, "empty caption; delete the line (or skip it with --skip-bad)"),
     "tokens not a number": ({"id": "b", "caption": "x", "tokens": "many"}, "'tokens' must be a whole number"),
+    "lone surrogate": ('{"id": "b", "caption": "\\ud83c a star"}', "a \\u escape of a lone surrogate ('\\ud83c')"),
 }
 
 
