@@ -5,9 +5,9 @@
     torchrun --nproc_per_node 8 annotate.py --model runs/caprl3b/final --images list.txt --out caps.jsonl
 
 --images: a folder (every image file in it, recursively), a QA JSONL (its images and ids), or a text file with
-one image path per line. Each captioned image is appended and flushed as one JSON record
-{"id", "image", "caption", "tokens", "model", "temperature", "max_new_tokens"}; a rerun skips the ids already in
---out, so a killed run loses at most the batch in flight and never writes an id twice. Under torchrun, rank r of W
+one image path per line. Each captioned image is appended and flushed as one JSON record {"id", "image" (its path
+relative to --out's folder), "caption", "tokens", "model", "temperature", "max_new_tokens"}; a rerun skips the
+ids already in --out, so a killed run loses at most the batch in flight and never writes an id twice. Under torchrun, rank r of W
 takes the images whose position in the list is r mod W; all ranks append to the same file (one locked write per
 record). An image that cannot be read is skipped and recorded, with the reason, in OUT.errors.jsonl; reruns do not
 retry it (delete that file to retry). A bad line in a QA JSONL or list file stops the run with
@@ -22,7 +22,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from caprl_mini.data import CaptionFile, DataError, list_images, load_image, print_skipped, user_errors
+from caprl_mini.data import CaptionFile, DataError, list_images, load_image, print_skipped, rebase, user_errors
 from caprl_mini.evaluation import caption_items
 from caprl_mini.models import CAPTION_INSTRUCTION, load_policy, pick_device
 
@@ -42,7 +42,8 @@ parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad rows (QA JSONL / list file lines), list and count them in the summary instead of "
                     "stopping; unreadable images are always skipped and listed in OUT.errors.jsonl")
 args = parser.parse_args()
-assert args.batch_size >= 1
+if args.batch_size < 1:
+    parser.error("--batch-size must be at least 1")
 
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 device, dtype = pick_device()  # under torchrun: the GPU of this process's LOCAL_RANK
@@ -54,8 +55,10 @@ before = len(todo)
 todo = [im for im in todo if im[0] not in out.done and im[0] not in errors.done]
 print(f"rank {rank}/{world}: {before} images in this shard, {before - len(todo)} already done or failed, "
       f"{len(todo)} to caption")
-model, proc = load_policy(args.model, device, dtype, args.min_pixels, args.max_pixels)
+with user_errors():
+    model, proc = load_policy(args.model, device, dtype, args.min_pixels, args.max_pixels)
 model.eval()
+folder = os.path.dirname(os.path.abspath(args.out))
 settings = {"model": args.model, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
 n_ok = n_bad = 0
 t0 = time.time()
@@ -63,7 +66,8 @@ bar = tqdm(total=len(todo), unit="img", disable=rank != 0 and world > 1)
 for b0 in range(0, len(todo), args.batch_size):
     batch, items = todo[b0:b0 + args.batch_size], []
     for image_id, ref, root in batch:
-        shown = ref if isinstance(ref, str) and len(ref) < 1024 else None  # a path, not inline bytes / base64
+        # a path (not inline bytes / base64), written relative to --out's folder: sft.py --captions resolves it there
+        shown = rebase(ref, root, folder) if isinstance(ref, str) and len(ref) < 1024 else None
         try:
             items.append((image_id, shown, {"id": image_id, "image": load_image(ref, root)}))  # id: its sampling seed
         except (OSError, DataError) as e:  # unreadable (missing, empty, corrupt, too large): record it, go on

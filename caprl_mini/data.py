@@ -239,16 +239,21 @@ class QAFile:
                 "questions": row["questions"], **({"scene": row["scene"]} if "scene" in row else {})}
 
 
+def rebase(ref, root, folder):
+    """An image reference read relative to root, made relative to folder (where the file that lists it is
+    written), so that it resolves from there; absolute paths and inline data unchanged."""
+    if isinstance(ref, str) and not os.path.isabs(ref) and os.path.exists(os.path.join(root, ref)):
+        return os.path.relpath(os.path.join(root, ref), folder)
+    return ref
+
+
 def write_qa(path, rows, root):
     """QA JSONL from rows as QAFile holds them (CapRL-QA rows come out in the project's form). Relative image paths
     are rewritten relative to the new file's folder, so the file can live anywhere."""
     folder = os.path.dirname(os.path.abspath(path))
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for row in rows:
-            image = row["image"]
-            if isinstance(image, str) and os.path.exists(os.path.join(root, image)):
-                image = os.path.relpath(os.path.join(root, image), folder)
-            out = {"id": row["id"], "image": image, "questions": row["questions"]}
+            out = {"id": row["id"], "image": rebase(row["image"], root, folder), "questions": row["questions"]}
             f.write(json.dumps({**out, **({"scene": row["scene"]} if "scene" in row else {})}) + "\n")
     os.replace(path + ".tmp", path)
 

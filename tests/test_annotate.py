@@ -61,6 +61,8 @@ def test_two_torchrun_ranks_cover_every_image_once(tmp_path):
     annotate("--images", str(tmp_path / "imgs"), "--out", single, "--batch-size", "5")
     caps = lambda p: {json.loads(x)["id"]: json.loads(x)["caption"] for x in open(p)}  # noqa: E731
     assert caps(out) == caps(single)
+    # "image" resolves from the output's folder, as sft.py --captions reads it ("imgs/000.png", not "000.png")
+    assert all(os.path.isfile(tmp_path / json.loads(x)["image"]) for x in open(out))
 
 
 def test_unreadable_files_are_listed_with_a_reason_and_skipped(tmp_path):

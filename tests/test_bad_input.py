@@ -319,10 +319,15 @@ def test_a_mistyped_model_path_is_one_error_line(tmp_path):
     assert check_model_path("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"  # a hub id: the hub decides
     with pytest.raises(FileNotFoundError, match="needs a config.json"):
         check_model_path(str(tmp_path))
-    r = script("train_grpo.py", "--policy", str(tmp_path / "nope" / "model"), "--out", str(tmp_path / "run"))
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope' / 'model'}: no such model folder, and not " \
-                                                "a hub id like Qwen/Qwen2.5-VL-3B-Instruct"
+    nope = str(tmp_path / "nope" / "model")
+    Image.new("RGB", (28, 28)).save(tmp_path / "img.png")
+    for args in (["train_grpo.py", "--policy", nope, "--out", str(tmp_path / "run")],
+                 ["annotate.py", "--model", nope, "--images", str(tmp_path), "--out", str(tmp_path / "caps.jsonl")],
+                 ["evaluate.py", "--captioner", nope, "--images", "2", "--out", str(tmp_path / "eval")]):
+        r = script(*args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (args[0], r.stderr[-2000:])
+        assert r.stderr.strip().splitlines()[-1] == f"error: {nope}: no such model folder, and not a hub id like " \
+                                                    "Qwen/Qwen2.5-VL-3B-Instruct"
 
 
 def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path):
