@@ -51,6 +51,11 @@ captioners = args.captioner or ([] if args.captions else [SFT_CAPTIONER])
 captioned = {}  # captioner path -> per image a list of (caption, tokens)
 if args.captions_per_image > 1 and args.temperature == 0:
     parser.error("several captions per image need --temperature > 0")
+if args.images < 1 or args.captions_per_image < 1:
+    parser.error("--images and --captions-per-image must be at least 1")
+if not captioners and (args.captions_per_image > 1 or args.temperature > 0):  # they would be silently ignored
+    parser.error("--captions-per-image and --temperature set how a --captioner captions; --captions files are "
+                 "evaluated as they are")
 
 world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun
 device, dtype = pick_device()
@@ -98,6 +103,7 @@ for path in captioners + args.captions:
             by_id = read_captions(path, skipped)
             missing = [it["id"] for it in items if it["id"] not in by_id]
             if missing:
+                print_skipped(skipped)  # --skip-bad: the bad lines behind the missing ids
                 raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. "
                                 f"{missing[0]!r}")
         # not recorded: counted with the judge's tokenizer (the oracle: words), + 1 for the end token, as sampling

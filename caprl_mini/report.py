@@ -15,6 +15,7 @@ results: the results.json records, one per captioner ("path" is its name). recor
 """
 import base64
 import io
+import os
 import re
 from html import escape
 
@@ -132,5 +133,6 @@ def write_report(path, results, records):
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{escape(title)}</h1>{_summary_html(results)}\n"
             + "\n".join(_item_html(r) for r in records) + "\n</body></html>\n")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # --report sub/report.html
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)

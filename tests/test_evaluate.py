@@ -28,7 +28,7 @@ def test_captions_from_jsonl_score_as_the_captioner_that_wrote_them(tmp_path):
     with open(bare, "w") as f:
         f.writelines(json.dumps({"id": r["id"], "caption": r["caption"]}) + "\n" for r in map(json.loads, open(ann)))
     script("evaluate.py", "--data", qa, "--captioner", captioner, "--captions", ann, "--captions", bare, "--out", out,
-           "--report", "report.html")
+           "--report", "pages/report.html")  # a folder the report makes
     a, b, c = json.load(open(os.path.join(out, "results.json")))["captioners"]
     assert (a["path"], b["path"], c["path"]) == (captioner, ann, bare)
     assert {k: v for k, v in a.items() if k != "path"} == {k: v for k, v in b.items() if k != "path"} \
@@ -37,7 +37,7 @@ def test_captions_from_jsonl_score_as_the_captioner_that_wrote_them(tmp_path):
     imgs = []
     parser = HTMLParser()
     parser.handle_starttag = lambda tag, attrs: imgs.append(dict(attrs)) if tag == "img" else None
-    parser.feed(open(os.path.join(out, "report.html"), encoding="utf-8").read())
+    parser.feed(open(os.path.join(out, "pages", "report.html"), encoding="utf-8").read())
     assert len(imgs) == 12 and all(i["src"].startswith("data:image/png;base64,") for i in imgs)
 
 
@@ -76,3 +76,16 @@ def test_best_of_n_weighs_images_as_qa_accuracy_does():
     assert 0 < one["qa_accuracy"] < 1 and one["best_of_n_accuracy"] == one["qa_accuracy"]
     two = evaluate_captions("oracle", None, "cloze", items, [[(c, 1), ("", 1)] for c in full])
     assert two["best_of_n_accuracy"] == one["qa_accuracy"] and two["qa_accuracy"] == one["qa_accuracy"] / 2
+
+
+def test_flags_that_would_be_ignored_or_break_are_usage_errors(tmp_path):
+    """--captions files are evaluated as they are: sampling flags with them alone were silently ignored; zero images
+    or captions per image ended in a traceback or an accuracy of 0."""
+    caps = str(tmp_path / "caps.jsonl")
+    open(caps, "w").write(json.dumps({"id": "shapes-eval-0", "caption": "one object."}) + "\n")
+    for args, message in ((["--captions", caps, "--temperature", "1"], "--captions files are evaluated as they are"),
+                          (["--images", "0"], "--images and --captions-per-image must be at least 1"),
+                          (["--captions-per-image", "0"], "--images and --captions-per-image must be at least 1")):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args, "--out", str(tmp_path / "e")],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
