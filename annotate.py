@@ -6,14 +6,14 @@
 
 --images: a folder (every image file in it, recursively), a QA JSONL (its images and ids), or a text file with
 one image path per line. Each captioned image is appended and flushed as one JSON record {"id", "image" (its path
-relative to --out's folder), "caption", "tokens", "model", "temperature", "max_new_tokens"}; a rerun skips the
-ids already in --out, so a killed run loses at most the batch in flight and never writes an id twice. Under torchrun, rank r of W
-takes the images whose position in the list is r mod W; all ranks append to the same file (one locked write per
-record). An image that cannot be read is skipped and recorded, with the reason, in OUT.errors.jsonl; reruns do not
-retry it (delete that file to retry). A bad line in a QA JSONL or list file stops the run with
-`error: <file>:<line>: ...` (exit status 2); with --skip-bad it is left out, listed and counted.
-Captions are greedy by default; with --temperature > 0 an image's caption depends on (--seed, its id) only, not on
-the batching or the rank.
+relative to --out's folder), "caption", "tokens", "model", "temperature", "max_new_tokens"}; a rerun skips the ids
+already in --out, so a killed run loses at most the batch in flight and never writes an id twice. Under torchrun,
+rank r of W takes the images whose position in the list is r mod W; all ranks append to the same file (one locked
+write per record). An image that cannot be read is skipped and recorded, with the reason, in OUT.errors.jsonl;
+reruns do not retry it (delete that file to retry). A bad line in a QA JSONL or list file stops the run with `error:
+<file>:<line>: ...` (exit status 2); with --skip-bad it is left out, listed and counted. Captions are greedy by
+default; with --temperature > 0 an image's caption depends on (--seed, its id) only, not on the batching or the
+rank.
 """
 import argparse
 import os

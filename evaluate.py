@@ -8,8 +8,9 @@ exact fact precision / recall; several captioners side by side, optionally as on
     python evaluate.py --captions runs/annotations.jsonl --data runs/world/qa.jsonl   # captions made elsewhere
 
 --captions-per-image n reports the mean over all captions (Prism's number) and best-of-n (per image, the best
-caption's answers; both pool the questions, so with n = 1 they are equal). --captions JSONL ({"id", "caption"} per line, e.g. annotate.py's output, several lines per
-id allowed) evaluates captions without loading a captioner; every evaluated image's id must be in it.
+caption's answers; both pool the questions, so with n = 1 they are equal). --captions JSONL ({"id", "caption"} per
+line, e.g. annotate.py's output, several lines per id allowed) evaluates captions without loading a captioner; every
+evaluated image's id must be in it.
 Under `torchrun --nproc_per_node N evaluate.py ...` rank r captions images r, r + N, ...; rank 0 gathers the
 captions, scores them and writes: the same results as one process (sampled captions are seeded per image).
 """

@@ -39,11 +39,11 @@ def item_seed(seed, item_id):
 
 
 def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
-    """captions: per item a list of (caption, tokens). Returns the results.json record (without "path"): QA
-    accuracy, the fraction of (caption, question) pairs answered right, over all captions (Prism's mean over n),
-    and best-of-n, the same fraction with each image's best caption alone (equal to it when n = 1: an image with
-    more questions weighs more in both). With a list as `details`, appends per item {"captions": [{"caption", "answers": [...]}]} (the HTML
-    report's material)."""
+    """captions: per item a list of (caption, tokens). Returns the results.json record (without "path"): QA accuracy,
+    the fraction of (caption, question) pairs answered right, over all captions (Prism's mean over n), and
+    best-of-n, the same fraction with each image's best caption alone (equal to it when n = 1: an image with more
+    questions weighs more in both). With a list as `details`, appends per item {"captions": [{"caption", "answers":
+    [...]}]} (the HTML report's material)."""
     rng = random.Random(seed)
     rows_c, rows_q = [], []
     for it, caps in zip(items, captions):

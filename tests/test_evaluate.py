@@ -87,5 +87,6 @@ def test_flags_that_would_be_ignored_or_break_are_usage_errors(tmp_path):
                           (["--images", "0"], "--images and --captions-per-image must be at least 1"),
                           (["--captions-per-image", "0"], "--images and --captions-per-image must be at least 1")):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args, "--out", str(tmp_path / "e")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr[-2000:])
