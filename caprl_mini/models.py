@@ -331,7 +331,11 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     if attn == "eager":  # eager adds its mask; sdpa takes it as bool
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
     hc, _ = policy_hidden(model, ids, mask, pos[None].expand(3, -1, -1), cache=cache)  # (B, S, D)
-    return torch.where((j == 0)[:, None], hp[b, -1], hc[b, (col - 1).clamp(min=0)])  # the state before each token
+    # the state before each token; index_select, not hp[b, -1]: the backward of advanced indexing with repeated
+    # indices (every token of an image reads its prompt's last state) adds with atomics on a multi-threaded CPU, so
+    # the gradient's rounding, and every weight after it, changed from run to run (index_select's adds are ordered)
+    before = hc.flatten(0, 1).index_select(0, b * S + (col - 1).clamp(min=0))
+    return torch.where((j == 0)[:, None], hp[:, -1].index_select(0, b), before)
 
 
 def pad_right(seqs, pad_id):
