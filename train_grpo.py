@@ -24,9 +24,10 @@ The exact variant (each a flag; defaults in brackets):
             rho is 1 up to rounding (logged as ratio_mean); more updates reuse the rollout (PPO epochs);
   KL        none [beta 0, no reference model in memory]; with beta > 0, k3 against the frozen initial policy;
   extras    captions without EOS by the length cap get reward 0 [--zero-truncated 1] (measured: without it 17% of
-            greedy captions ran on, repeating and inventing objects) and can be masked out instead
-            (--mask-truncated 1); zero-variance groups counted (and dropped with --drop-zero-std 1);
-            AdamW, linear warm-up then constant lr; grad-norm clip 1.0.
+            greedy captions ran on, repeating and inventing objects); with --mask-truncated 1 they get no loss
+            (DAPO's overlong filtering; with --zero-truncated 1 their zeros still enter their group's mean and std);
+            zero-variance groups counted (and dropped with --drop-zero-std 1);
+            AdamW, linear warm-up then constant lr [constant] or cosine (--lr-schedule); grad-norm clip 1.0.
 Memory (README, "Train a real captioner"): fp32 weights and AdamW state with bf16 autocast on a GPU, the judge in
 bf16 inference mode, fused log-probs + loss (no [tokens, vocabulary] logits; the gradient formed in the forward,
 logprobs.py), --micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1. The
@@ -105,13 +106,13 @@ parser.add_argument("--length-bounds", type=int, nargs=2, default=None, metavar=
 parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper, 3B: 1e-6)")
 parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up steps (paper: 20)")
 parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
-                    help="after warm-up: constant, or cosine down to 0 at the last step (paper)")
+                    help="after warm-up: constant, or cosine down to 0 (reached one step after the last; paper)")
 parser.add_argument("--advantage", default="std", choices=["std", "none"], help="group advantage scaling")
 parser.add_argument("--loss-aggregation", default="token", choices=["token", "sequence"], help="see docstring")
 parser.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
 parser.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above 1 (DAPO clip-higher)")
 parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (k3, frozen initial policy); 0 = off")
-parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout")
+parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (at least 1)")
 parser.add_argument("--micro-batch-images", type=int, default=4, help="images (x G captions) per forward/backward")
 parser.add_argument("--drop-zero-std", type=int, default=0, help="1: drop groups whose rewards are all equal")
 parser.add_argument("--mask-truncated", type=int, default=0, help="1: no loss on captions cut at the length cap")
@@ -134,6 +135,8 @@ parser.add_argument("--eval-images", type=int, default=200,  # evaluate.py score
                     help="images in the final evaluation: the world's held-out split, or --data's first rows; 0: none")
 parser.add_argument("--log-samples", type=int, default=4, help="captions per step written to samples.jsonl")
 args = parser.parse_args()
+if args.updates_per_rollout < 1:
+    parser.error("--updates-per-rollout must be at least 1")
 if args.micro_batch_images < 1 or args.images_per_step % args.micro_batch_images:
     parser.error("--images-per-step must be a multiple of --micro-batch-images")
 if args.group_size < 2:
@@ -241,8 +244,8 @@ def load(i):
 
 def lr_at(step):
     warm = min(1.0, (step + 1) / max(1, args.warmup_steps))
-    if args.lr_schedule == "cosine":  # half a cosine from lr after warm-up to 0 at the last step
-        t = max(0, step + 1 - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    if args.lr_schedule == "cosine":  # half a cosine from lr after warm-up to 0, reached one step after the last
+        t = max(0, step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)  # (the last step still learns)
         return args.lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     return args.lr * warm
 

@@ -134,3 +134,14 @@ def test_sft_judge_goes_on_training_a_saved_judge(tmp_path):
     w0 = load_file(os.path.join(shipped("judge"), "model.safetensors"))
     w1 = load_file(os.path.join(out, "model.safetensors"))
     assert w0.keys() == w1.keys() and any(not torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_cosine_schedule_warms_up_then_decays_and_the_last_step_still_learns(tmp_path):
+    """--lr-schedule cosine, 1 warm-up step of 4: lr, lr, then half a cosine that would reach 0 one step after the
+    last (it reached 0 at the last step, whose rollout and update were then wasted)."""
+    out = str(tmp_path / "run")
+    run("--judge", "oracle", "--steps", "4", "--warmup-steps", "1", "--lr-schedule", "cosine", "--lr", "1e-3",
+        "--images-per-step", "1", "--group-size", "2", "--max-new-tokens", "4", "--micro-batch-images", "1",
+        "--eval-images", "0", "--save-final", "0", "--out", out)
+    lrs = [m["lr"] for m in metrics(out)]
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3 * 0.75, 1e-3 * 0.25])  # 0.5 (1 + cos(pi t)), t = 0, 0, 1/3, 2/3
