@@ -53,4 +53,4 @@ def test_a_captions_reward_does_not_depend_on_the_other_lines(tmp_path):
         return [json.loads(x)["reward"] for x in open(out)]
 
     alone = scores(line)[0]
-    assert 0 < alone < 1 and scores(other, line)[1] == alone and scores(line, line) == [alone, alone]
+    assert 0 < alone < 1 and scores(other, line, line)[1:] == [alone, alone]
