@@ -336,6 +336,8 @@ for step in range(start, args.steps):
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout needs the memory
+    if device.type == "cuda":  # the optimizer step is queued, not done: count it in the step's time
+        torch.cuda.synchronize()
     step_s = time.time() - t0
     r_all, n_all, tr_all = all_cat(rewards), all_cat(n_tok.float()), all_cat(roll["truncated"].float())
     n_mask, stats = all_sum(mask.sum()).item(), {k: all_sum(v).item() for k, v in stats.items()}

@@ -44,7 +44,8 @@ parser.add_argument("--format", default="caprl", choices=["caprl", "letter"],
                     help="caprl: the paper's prompt (instruction + two worked examples, ~300 tokens shared with the "
                     "caption); letter: the built-in world's short prompt")
 parser.add_argument("--caption-tokens", type=int, default=200, help="about this many tokens per caption")
-parser.add_argument("--gen-batch", type=int, default=64, help="rows per generate call (left-padded)")
+parser.add_argument("--gen-batch", type=int, default=0, help="rows per generate call, left-padded (0: 64 on CPU, "
+                    "where more was slower; 256 on GPU, the rows judge.py scores per forward)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
 parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -56,6 +57,7 @@ if not gpu:  # freed memory kept for reuse, as the trainer runs (models.pick_dev
     models.keep_freed_memory()
 names = (args.models or ("3b" if gpu else "tiny,random")).split(",")
 C, N = args.captions or (64 if gpu else 8), args.questions
+args.gen_batch = args.gen_batch or (256 if gpu else 64)
 dtype = torch.bfloat16 if gpu else torch.float32
 
 # the tests' tokenizer: the world's text plus lettered options, so that " A" ... " E" are single tokens

@@ -144,6 +144,8 @@ def profile(model, prompt, mm, seed, name):
 bandwidth = copy_bandwidth()
 results = {}
 methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-dynamic"] * gpu
+if methods[0] != "generate" or len(methods) < 2:  # the ratios are over generate's tokens/s
+    parser.error("--methods: generate first, then at least one of sampler, sampler-dynamic")
 for name in names:
     model, proc = build(name)
     images = [shapes.world_item(i, "test")["image"].resize((side, side)) for i in range(B)]

@@ -26,6 +26,7 @@ step and, as a check against other load on the machine, the fastest one. The las
 """
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -145,9 +146,10 @@ def run_project(seed):
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "train_grpo.py", "--eval-images", "0", "--save-every", "0", "--save-final", "0",
                "--seed", str(seed), "--out", out, *SHARED]
-        for flag in ("policy", "judge", "data", "micro_batch_images"):  # given: as given; else the project's default
+        for flag in ("policy", "judge", "data"):  # given: as given; else the project's default
             if getattr(args, flag):
-                cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+                cmd += ["--" + flag, getattr(args, flag)]
+        cmd += ["--micro-batch-images", str(args.micro_batch_images or math.gcd(B, 4))]  # its default 4, if it fits
         subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT)
         rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     return [{"step_seconds": r["step_seconds"], "gen_seconds": r["gen_seconds"], "reward_seconds": r["reward_seconds"],

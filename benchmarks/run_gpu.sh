@@ -14,10 +14,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
   date -u; } | tee "$OUT/machine.txt"
 part() {  # name, seconds, command...
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$2 t0=$SECONDS; shift 2
   [[ " ${PARTS:-check sampling real_step logprobs judge} " == *" $name "* ]] || return 0
   echo "== $name: $*"
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? after ${SECONDS}s" >> "$OUT/$name.log"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? after $((SECONDS - t0))s" >> "$OUT/$name.log"
   grep -v -E "Loading weights|it/s\]|^\s*$" "$OUT/$name.log" | tail -n 14 | cut -c1-400
 }
 # the GPU paths against the CPU ones (static decode, packed teacher forcing, the judge's cached prefixes): run first
