@@ -107,8 +107,8 @@ for path in captioners + args.captions:
                 print_skipped(skipped)  # --skip-bad: the bad lines behind the missing ids
                 raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. "
                                 f"{missing[0]!r}")
-        # not recorded: counted with the judge's tokenizer (the oracle: words), + 1 for the end token, as sampling
-        count = (lambda c: len(jtok.encode(c)) + 1) if jtok else (lambda c: len(c.split()) + 1)  # counts
+        # not recorded: the judge tokenizer's count (the oracle: words) + 1 for the end token, which sampling counts
+        count = (lambda c: len(jtok.encode(c)) + 1) if jtok else (lambda c: len(c.split()) + 1)
         caps = [[(c, n if n is not None else count(c)) for c, n in by_id[it["id"]]] for it in items]
     details.append([])
     results.append({"path": path, **evaluate_captions(judge, jtok, fmt, items, caps, args.seed, details[-1])})
