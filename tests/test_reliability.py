@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caprl_mini import checkpoint, models
+from caprl_mini import checkpoint, data, models
 from conftest import shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,11 +165,24 @@ def test_two_runs_of_one_seed_are_bitwise_equal(tmp_path):
 def test_torchrun_two_ranks_equal_one_process(tmp_path):
     """2 gloo ranks on the CPU, 2 images each, against 1 process with all 4 images per step: the same captions and
     rewards (rollouts seeded per image), the same loss and gradient norm, the same weights up to float rounding
-    of the gradient sum (summed in another order)."""
+    of the gradient sum (summed in another order). The images come from a QA file where every other one is
+    unreadable and one line is bad (--skip-bad): each image is replaced by the next readable one alike, and rank 0's
+    summary lists the bad rows and images any rank met, each once, as one process does (rank 1's were left out)."""
+    qa = str(tmp_path / "w" / "qa.jsonl")
+    data.write_world_qa(qa, 8, "train")
+    for row in data.QAFile(qa).rows[1::2]:
+        path = tmp_path / "w" / row["image"]
+        path.write_bytes(path.read_bytes()[:100])  # cut: truncated
+    with open(qa, "a") as f:  # and a bad line, which every rank reads
+        f.write('{"id": "bad", "image": "x.png", "questions": []}\n')
     a, b = str(tmp_path / "one"), str(tmp_path / "two")
-    args = [*COMMON[:-1], "2", "--images-per-step", "4", "--save-every", "0"]
-    finish(train(*args, "--out", a))
-    finish(train(*args, "--out", b, launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")))
+    args = [*COMMON[:-1], "2", "--images-per-step", "4", "--save-every", "0", "--data", qa, "--skip-bad"]
+    summary = lambda out: sorted(ln for ln in out.split("(--skip-bad):\n")[-1].splitlines()  # noqa: E731
+                                 if ln.startswith("  "))
+    one = finish(train(*args, "--out", a))
+    two = finish(train(*args, "--out", b, launcher=(sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node", "2")))
+    assert summary(one) == summary(two) and len(summary(one)) >= 3  # the bad line and at least two images
     ma, mb = metrics(a), metrics(b)
     for x, y in zip(ma, mb):
         assert x["reward_mean"] == y["reward_mean"] and x["caption_tokens_mean"] == y["caption_tokens_mean"]
