@@ -69,11 +69,13 @@ rows, img_tok = args.images * args.group_size, (args.image_side // 28) ** 2
 head_dim = text["hidden_size"] // text["num_attention_heads"]
 kv_per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * 2  # K and V, bf16
 seq = img_tok + 30 + args.new_tokens
+up = lambda n: -(-n // 128) * 128  # noqa: E731
 GiB = 2**30
 plan = [("policy weights, fp32", 4 * P), ("gradients, fp32 (update only)", 4 * P), ("AdamW m and v, fp32", 8 * P),
         ("bf16 copies of the weights under autocast", 2 * P), ("judge weights, bf16", 2 * J),
-        (f"static decode cache, bf16, kept ({rows} rows x {-(-seq // 128) * 128} positions)",
-         rows * -(-seq // 128) * 128 * kv_per_token),  # StaticDecoder rounds its length up to 128
+        (f"static decode buffers, bf16, kept ({args.images} prompts x {up(seq - args.new_tokens)} + {rows} rows x "
+         f"{up(args.new_tokens)} positions)", (args.images * up(seq - args.new_tokens) + rows * up(args.new_tokens))
+         * kv_per_token),  # the prompt once per image, each row's new tokens; lengths rounded up to 128
         (f"naive logits of one micro-batch, fp32 ({args.group_size} x {args.new_tokens} x 151,936): avoided",
          args.group_size * args.new_tokens * 151936 * 4)]
 print(f"parameters: policy {P / 1e9:.3f} B (vision {Pv / 1e9:.3f} B), judge {J / 1e9:.3f} B")

@@ -44,8 +44,8 @@ parser.add_argument("--image-size", type=int, default=0, help="square image side
                                                               "448 on GPU = 256 image tokens)")
 parser.add_argument("--stop-at-eos", type=int, default=0, help="1: both stop a caption at EOS (the real workload; "
                                                                  "tokens/s counts caption tokens), 0: fixed length")
-parser.add_argument("--methods", default="", help="comma list of generate, sampler, sampler-dynamic (default: all on "
-                                                  "GPU, the first two on CPU)")
+parser.add_argument("--methods", default="", help="comma list of generate, sampler, sampler-hf, sampler-dynamic "
+                                                  "(default: all on GPU, the first two on CPU)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
 parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -114,7 +114,7 @@ def rollout(model, prompt, mm, seed, method, n):
     """(R, n) new tokens and how many of them are caption tokens (up to and including EOS)."""
     if method.startswith("sampler"):  # "sampler": the default decode of the device, "sampler-dynamic": CPU's on GPU
         out = sample(model, prompt, G, n, 1.0, seeds=[next(seed) for _ in range(B)], stop_at_eos=bool(args.stop_at_eos),
-                     static=False if method == "sampler-dynamic" else None)
+                     static={"sampler": None, "sampler-dynamic": False, "sampler-hf": "hf"}[method])
         return out["tokens"], int(out["mask"].sum())
     fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
     seq = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
@@ -143,9 +143,9 @@ def profile(model, prompt, mm, seed, name):
 
 bandwidth = copy_bandwidth()
 results = {}
-methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-dynamic"] * gpu
+methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-hf", "sampler-dynamic"] * gpu
 if methods[0] != "generate" or len(methods) < 2:  # the ratios are over generate's tokens/s
-    parser.error("--methods: generate first, then at least one of sampler, sampler-dynamic")
+    parser.error("--methods: generate first, then at least one of sampler, sampler-hf, sampler-dynamic")
 for name in names:
     model, proc = build(name)
     images = [shapes.world_item(i, "test")["image"].resize((side, side)) for i in range(B)]

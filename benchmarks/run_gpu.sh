@@ -3,8 +3,8 @@
 #   bash benchmarks/run_gpu.sh
 #   PARTS="real_step judge" bash benchmarks/run_gpu.sh     # only these parts
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
-# The limits add up to ~14 minutes. Where one command may run at most 10 minutes, split it in two calls on the same
-# warm machine, most telling first: PARTS="check sampling real_step", then PARTS="logprobs judge".
+# The limits add up to ~15 minutes. Where one command may run at most 10 minutes, split it in two calls on the same
+# warm machine, most telling first: PARTS="check sampling", then PARTS="real_step logprobs judge".
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -22,10 +22,10 @@ part() {  # name, seconds, command...
 }
 # the GPU paths against the CPU ones (static decode, packed teacher forcing, the judge's cached prefixes): run first
 # check: two compiles of the static step (fp32, then fp32 weights under bf16 autocast)
-part check 180 python benchmarks/check_gpu.py
-# perf_hints: says if CUDA graphs were skipped and why; --profile: the ops of one rollout, and graph replays per step
-part sampling 200 env TORCH_LOGS=perf_hints python benchmarks/bench_sampling.py --device cuda --repeats 2 --profile "$OUT"
-part real_step 210 python benchmarks/bench_real_step.py
+part check 120 python benchmarks/check_gpu.py
+# perf_hints: says if CUDA graphs were skipped and why; recompiles: any recompile of the step; --profile: the ops of one rollout, and graph replays per step
+part sampling 300 env TORCH_LOGS=perf_hints,recompiles python benchmarks/bench_sampling.py --device cuda --repeats 2 --profile "$OUT"
+part real_step 240 python benchmarks/bench_real_step.py
 part logprobs 80 python benchmarks/bench_logprobs.py --device cuda
 part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32
 # not in the default PARTS: needs TRL (benchmarks/README.md, "bench_trl.py on a GPU machine"); PARTS=trl runs it

@@ -2,12 +2,11 @@
 
     prefill   each unique (image, prompt) once: vision tower + language model over the prompt, filling a cache;
     expand    the cache G times (rows grouped by image: row b*G + g is caption g of image b);
-    decode    all rows together, one token per step, until every row has emitted EOS or hit the length cap.
-              CPU (dynamic, KVDecoder): the decode step written out layer by layer over preallocated key/value
-              buffers (no per-step cache concatenation, no per-step mask building), and rows that finished
-              leave the batch, so they stop costing compute. GPU (static, StaticDecoder): Hugging Face's forward
-              over a StaticCache with a fixed batch, compiled into one CUDA-graph replay per token; finished rows
-              ride along, masked.
+    decode    all rows together, one token per step, until every row has emitted EOS or hit the length cap. The
+              step is written out layer by layer (KVDecoder) over preallocated key/value buffers, the prompt's kept
+              once per image (shared-prefix attention). CPU (dynamic): rows that finished leave the batch, so they
+              stop costing compute. GPU (static, fixed=True): a fixed batch and fixed shapes (finished rows ride
+              along, masked), the step compiled into one CUDA-graph replay per token.
 
 Returns the tokens, their mask (1 up to and including EOS) and the sampled tokens' log-probs under
 softmax(logits / temperature), the exact distribution sampled from: no top-k / top-p, so that the trainer's
@@ -33,8 +32,9 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     seeds: one int per image; the G captions of image b are drawn from a generator seeded with seeds[b] alone, so
     they do not depend on which other images share the batch (or the rank). None: seeds from torch's global RNG.
     stop_at_eos=False decodes exactly max_new_tokens per row, EOS included as ordinary text (benchmarks: fixed work).
-    static: decode with a preallocated cache and a fixed batch (finished rows ride along, masked), the step compiled
-    with CUDA graphs on a GPU; default: on CUDA. Otherwise KVDecoder, and finished rows leave the batch."""
+    static: a fixed batch (finished rows ride along, masked), the step compiled with CUDA graphs on a GPU; default:
+    on CUDA. Otherwise finished rows leave the batch. "hf": Hugging Face's forward over a StaticCache (StaticDecoder,
+    the GPU path before KVDecoder's fixed mode; kept for the benchmark's side-by-side)."""
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
     static = dev.type == "cuda" if static is None else static
@@ -53,10 +53,10 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     tokens = torch.full((R, max_new_tokens), model.config.text_config.pad_token_id or 0, dtype=torch.long, device=dev)
     logps = torch.zeros((R, max_new_tokens), device=dev)
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
-    if static:
+    if static == "hf":  # the old GPU path, Hugging Face's forward over a StaticCache (benchmarks only)
         step = StaticDecoder.get(model, R, ids.shape[1] + max_new_tokens).start(cache, G, am)
     else:
-        step = KVDecoder(model, cache, G, am, max_new_tokens)
+        step = KVDecoder.get(model, cache, G, am, max_new_tokens, fixed=static)
     del cache  # the decoder holds the prompt's keys and values now (copied, or cast to its compute dtype)
     if temperature > 0:
         seeds = torch.randint(2**62, (ids.shape[0],)).tolist() if seeds is None else seeds
@@ -133,24 +133,71 @@ class KVDecoder:
         (DynamicCache concatenates: a copy of the whole cache every token).
     The softmax runs over [prompt scores, new-token scores] together, so it is the same attention, not an
     approximation; tests/test_sampling.py checks the tokens and log-probs against Hugging Face's forward
-    (StaticDecoder, teacher forcing) and `generate`. At decode the three M-RoPE sections of a token share one
+    (StaticDecoder, teacher forcing) and `generate`.
+    fixed=True (the GPU path): the batch never shrinks and every step has the same shapes: attention reads all L
+    new-token positions with the ones not yet written masked, and the step's index is a tensor on the device. On
+    CUDA the step is compiled once (torch.compile mode="reduce-overhead": one CUDA-graph replay per token instead
+    of ~30 kernel launches a layer), and the decoder and its buffers stay on the model for the next call. At decode the three M-RoPE sections of a token share one
     position, so the rotary is the model's own rotary embedding evaluated there.
     Legend: R rows (B images x G), r rows still decoding, Hkv key/value heads, n_rep = query heads per key/value
     head, n new tokens so far."""
 
-    def __init__(self, model, prefix, G, prompt_mask, max_new_tokens):
-        self.lm = model.model.language_model
+    def __init__(self, model, B, G, P, L, dtype, fixed=False):
+        """Buffers for B images x G rows, P prompt positions, L new tokens, in dtype (start() fills them)."""
+        self.lm, self.G, self.R, self.fixed, self.dtype = model.model.language_model, G, B * G, fixed, dtype
+        a, dev = self.lm.layers[0].self_attn, model.device
+        self.P, self.L = P, L
+        shape = lambda rows, n: (rows, self.lm.config.num_key_value_heads, n, a.head_dim)  # noqa: E731
+        # zeros, not empty: masked positions get weight 0, and 0 x (NaN garbage) would still be NaN
+        self.kp = [torch.zeros(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
+        self.vp = [torch.zeros(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
+        self.k = [torch.zeros(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]  # per row
+        self.v = [torch.zeros(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]
+        self.pad = torch.ones((self.R, 1, 1, P), dtype=torch.bool, device=dev)  # prompt positions not attended
+        self.t = torch.zeros(1, dtype=torch.long, device=dev)  # the step: where the new key and value go
+        self.head = model.get_output_embeddings()
+        W = self.head.weight
+        self.W = W if W.dtype == torch.float32 else W.detach().float()  # fp32: the parameter itself, or a copy
+        self.compiled = self.forward
+        if fixed and dev.type == "cuda":  # buffers at fixed addresses are read in place by the graph, not copied in
+            for buf in self.kp + self.vp + self.k + self.v + [self.pad, self.t, self.W]:
+                torch._dynamo.mark_static_address(buf)
+            self.compiled = torch.compile(self.forward, fullgraph=True, mode="reduce-overhead")
+
+    @classmethod
+    def get(cls, model, prefix, G, prompt_mask, max_new_tokens, fixed=False):
+        """A decoder started on the prompt's cache. fixed: the model's own, kept between calls and rebuilt (on CUDA:
+        recompiled) only when the batch or dtype changes, a longer prompt or caption comes, or a W it aliased was
+        cast; its prompt and caption lengths are rounded up to 128 so that most calls fit."""
+        B, _, P, _ = prefix.layers[0].keys.shape
         dtype = cache_dtype(prefix, prompt_mask.device.type)
-        self.kp = [layer.keys.to(dtype) for layer in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
-        self.vp = [layer.values.to(dtype) for layer in prefix.layers]
-        B, Hkv, _, d = self.kp[0].shape
-        self.G, self.R = G, B * G
-        self.k = [self.kp[0].new_empty((self.R, Hkv, max_new_tokens, d)) for _ in self.kp]  # new tokens, per row
-        self.v = [self.kp[0].new_empty((self.R, Hkv, max_new_tokens, d)) for _ in self.kp]
-        self.rows = torch.arange(self.R, device=prompt_mask.device)  # original index of each row still decoding
-        self.pad = ~prompt_mask.bool()[:, None, None, :]  # (r, 1, 1, P): the prompt's left padding
-        self.n = 0
-        self.W = model.get_output_embeddings().weight.float()  # (V, D) fp32 once, not a per-step copy of bf16
+        if not fixed:
+            return cls(model, B, G, P, max_new_tokens, dtype).start(prefix, prompt_mask)
+        dec = model.__dict__.get("_static_decoder")
+        if dec is None or (dec.R, dec.G, dec.dtype, dec.W.dtype) != (B * G, G, dtype, torch.float32) or \
+                dec.P < P or dec.L < max_new_tokens:
+            model.__dict__["_static_decoder"] = None  # free the old buffers first
+            dec = cls(model, B, G, -(-P // 128) * 128, -(-max_new_tokens // 128) * 128, dtype, fixed=True)
+            model.__dict__["_static_decoder"] = dec
+        return dec.start(prefix, prompt_mask)
+
+    def start(self, prefix, prompt_mask):
+        """Take the prompt's keys and values (fixed: copied into the buffers' first P positions; else kept, cast to
+        the compute dtype), its padding (R, P), and refresh the fp32 unembedding if it is a copy."""
+        P = prompt_mask.shape[1]
+        if self.fixed:
+            for buf, src in ((self.kp, [x.keys for x in prefix.layers]), (self.vp, [x.values for x in prefix.layers])):
+                for b, x in zip(buf, src):
+                    b[:, :, :P].copy_(x)
+        else:
+            self.kp = [x.keys.to(self.dtype) for x in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
+            self.vp = [x.values.to(self.dtype) for x in prefix.layers]
+        self.pad.fill_(True)[:, 0, 0, :P].copy_(~prompt_mask.bool())
+        if self.fixed and self.W is not self.head.weight:  # bf16 weights: the policy changed since the last call
+            self.W.copy_(self.head.weight)
+        self.t.zero_()
+        self.n, self.rows = 0, torch.arange(self.R, device=prompt_mask.device)  # original index of each row
+        return self
 
     def select(self, keep):
         """Keep only rows `keep` (finished rows leave): copies the new tokens' part of the cache, not the reserve."""
@@ -175,18 +222,28 @@ class KVDecoder:
 
     def attention(self, q, a, i):
         """q (r, H, 1, d) of the new tokens over layer i's prompt (once per image) and new tokens (per row)."""
-        r, n = q.shape[0], self.n + 1
-        Kp, Vp, K, V = self.kp[i], self.vp[i], self.k[i][:, :, :n], self.v[i][:, :, :n]
+        r, Kp, Vp, K, V = q.shape[0], self.kp[i], self.vp[i], self.k[i], self.v[i]
+        if not self.fixed:  # only the new tokens so far (fixed: all L positions, the later ones masked below; a
+            K, V = K[:, :, :self.n + 1], V[:, :, :self.n + 1]  # Python int read there would recompile every step)
         q = q.view(r, K.shape[1], -1, q.shape[-1])  # (r, Hkv, n_rep, d): query head j * n_rep + e uses kv head j
         sp = self.by_row(self.by_image(q) @ Kp.transpose(-1, -2)).masked_fill_(self.pad, -float("inf"))
-        s = torch.cat([sp, q @ K.transpose(-1, -2)], -1) * a.scaling  # (r, Hkv, n_rep, P + n)
-        pp, pn = s.softmax(-1).split([Kp.shape[2], n], -1)
+        sn = q @ K.transpose(-1, -2)
+        if self.fixed:
+            sn = sn.masked_fill_(torch.arange(K.shape[2], device=q.device) > self.t, -float("inf"))
+        s = torch.cat([sp, sn], -1) * a.scaling  # (r, Hkv, n_rep, P + n)
+        pp, pn = s.softmax(-1).split([Kp.shape[2], K.shape[2]], -1)
         o = self.by_row(self.by_image(pp) @ Vp) + pn @ V  # (r, Hkv, n_rep, d)
         return o.reshape(r, -1)
 
     def __call__(self, tok, positions):
         """Next-token logits (r, V) after feeding tok (r,) at rotary positions (r,)."""
-        lm, r, t = self.lm, tok.shape[0], self.n
+        logits = self.compiled(tok, positions)
+        self.t += 1
+        self.n += 1
+        return logits.clone() if self.compiled is not self.forward else logits  # a graph's output is overwritten
+
+    def forward(self, tok, positions):
+        lm, r = self.lm, tok.shape[0]
         x = F.embedding(tok, lm.embed_tokens.weight)  # (r, D)
         cos, sin = (c[:, None] for c in lm.rotary_emb(x, positions[None, :, None].expand(3, -1, 1)))  # (r, 1, 1, d)
         for i, layer in enumerate(lm.layers):
@@ -196,12 +253,11 @@ class KVDecoder:
             k = linear(h, a.k_proj).view(r, -1, 1, a.head_dim)  # (r, Hkv, 1, d)
             if hasattr(a, "q_norm"):  # Qwen3-VL normalises each head's query and key
                 q, k = rms_norm(q, a.q_norm), rms_norm(k, a.k_norm)
-            self.k[i][:, :, t:t + 1] = k * cos + rotate_half(k) * sin
-            self.v[i][:, :, t:t + 1] = linear(h, a.v_proj).view(r, -1, 1, a.head_dim)
+            self.k[i].index_copy_(2, self.t, (k * cos + rotate_half(k) * sin).to(self.dtype))
+            self.v[i].index_copy_(2, self.t, linear(h, a.v_proj).view(r, -1, 1, a.head_dim).to(self.dtype))
             x = x + linear(self.attention(q * cos + rotate_half(q) * sin, a, i), a.o_proj)
             h = rms_norm(x, layer.post_attention_layernorm)
             x = x + linear(m.act_fn(linear(h, m.gate_proj)) * linear(h, m.up_proj), m.down_proj)
-        self.n += 1
         return unembed(rms_norm(x, lm.norm), self.W)
 
 
@@ -233,10 +289,10 @@ class StaticDecoder:
     def get(cls, model, rows, length):
         """The model's decoder, rebuilt (and recompiled) only when the rows change, a longer cache is needed or the
         weights it reads in place were cast."""
-        dec = model.__dict__.get("_static_decoder")
+        dec = model.__dict__.get("_hf_static_decoder")
         if dec is None or dec.mask.shape[0] != rows or dec.mask.shape[1] < length or dec.W.dtype != torch.float32:
-            model.__dict__["_static_decoder"] = None  # free the old cache first
-            dec = model.__dict__["_static_decoder"] = cls(model, rows, -(-length // 128) * 128)
+            model.__dict__["_hf_static_decoder"] = None  # free the old cache first
+            dec = model.__dict__["_hf_static_decoder"] = cls(model, rows, -(-length // 128) * 128)
         return dec
 
     def __init__(self, model, rows, length):

@@ -168,17 +168,23 @@ def test_static_decode_with_eos_matches_teacher_forced():
 def test_static_decode_step_traces_as_one_graph(tiny_policy_dir):
     """On CUDA the step is torch.compile(fullgraph=True): any graph break is an error there. Traced here with the
     eager backend (no code generation, no GPU), on a model prepared for training with gradient checkpointing (the
-    embedding's requires_grad_ hook broke the GPU run under torch 2.11; 2.13 traces it either way), and the traced
-    step must sample what the plain step samples."""
-    from caprl_mini.sampling import StaticDecoder
+    embedding's requires_grad_ hook broke the GPU run under torch 2.11; 2.13 traces it either way); the traced
+    step must sample what the plain step samples, with one graph for all steps."""
     model, proc = models.load_policy(tiny_policy_dir)
     models.prepare_for_training(model, gradient_checkpointing=True)
     model.eval()
     prompt = models.encode_prompts(proc, mixed_images())
     ref = sample(model, prompt, 2, 12, 0, static=True)
-    dec = StaticDecoder.get(model, 6, prompt["input_ids"].shape[1] + 12)
+    dec = model.__dict__["_static_decoder"]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     dec.compiled = torch.compile(dec.forward, fullgraph=True, backend="eager")
-    _assert_same_rollout(ref, sample(model, prompt, 2, 12, 0, static=True))
+    for _ in range(2):
+        _assert_same_rollout(ref, sample(model, prompt, 2, 12, 0, static=True))
+    assert model.__dict__["_static_decoder"] is dec
+    # one graph for every step of both calls: a Python value that changes per step (a step counter read in the
+    # step) would recompile, and on CUDA record a new graph, every token
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
@@ -196,10 +202,11 @@ def test_written_out_step_with_grouped_query_attention_and_bf16(tok, arch):
     model.eval()
     model.generation_config.eos_token_id = list(range(100, 140))  # any of 40 tokens ends a caption (as generate)
     prompt = models.encode_prompts(proc, mixed_images())
-    a, b = (sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=s) for s in (False, True))
+    a, b, c = (sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=s) for s in (False, True, "hf"))
     assert a["mask"].sum(1).unique().numel() > 1  # rows really left at different steps
     _assert_same_rollout(a, b)
-    for static in (False, True):  # the static cache keeps bf16 keys and values (the step makes fp32 keys)
+    _assert_same_rollout(a, c)
+    for static in (False, True, "hf"):  # the static cache keeps bf16 keys and values (the step makes fp32 keys)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=static)
             with torch.no_grad():
@@ -242,7 +249,8 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, m
     tokens, positions = torch.zeros(B * G, dtype=torch.long, device="meta"), torch.full((B * G,), P, device="meta")
     with torch.no_grad():
         for dec in (sampling.StaticDecoder(model, B * G, 32).start(prefix, G, prompt_mask),
-                    sampling.KVDecoder(model, prefix, G, prompt_mask, 8)):
+                    sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8, fixed=True),
+                    sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8)):
             dec(tokens, positions)
             with _DeviceLog() as log:
                 logits = dec(tokens, positions + 1)
@@ -254,6 +262,6 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, m
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: True)
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda *device: torch.bfloat16)
     static = sampling.StaticDecoder(model, B * G, 32).start(prefix, G, prompt_mask)
-    kv = sampling.KVDecoder(model, prefix, G, prompt_mask, 8)
+    kv, fixed = (sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8, fixed=f) for f in (False, True))
     assert {t.dtype for layer in static.cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
-    assert {t.dtype for ts in (kv.kp, kv.vp, kv.k, kv.v) for t in ts} == {torch.bfloat16}
+    assert {t.dtype for dec in (kv, fixed) for ts in (dec.kp, dec.vp, dec.k, dec.v) for t in ts} == {torch.bfloat16}
