@@ -70,7 +70,7 @@ for name, checkpointing in (("packed", False), ("per-row", True)):
                                        p["image_grid_thw"], tokens.to(d), mask.to(d), 3)
         (out * weights.to(d)).sum().backward()  # the backward the trainer runs, through the same masks
         h[d.type] = out.detach().cpu()
-        grads[d.type] = {n: q.grad.cpu() for n, q in policy.named_parameters() if q.grad is not None}
+        grads[d.type] = {n: q.grad.to("cpu", copy=True) for n, q in policy.named_parameters() if q.grad is not None}
         policy.gradient_checkpointing_disable()
     results[f"teacher forcing, {name}: max |state difference|"] = (h["cpu"] - h[dev.type]).abs().max().item()
     results[f"teacher forcing, {name}: max gradient difference / gradient scale"] = max(
