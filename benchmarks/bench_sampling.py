@@ -9,11 +9,12 @@
 Workload: B images x G captions each, temperature 1, exactly --new-tokens new tokens per caption (EOS ignored by
 both: `stop_at_eos=False` / `min_new_tokens`), so both do the same decode work. generate gets
 `num_return_sequences=G, do_sample=True, top_k=0, top_p=1` (plain sampling, as the sampler). The sampler runs
-the vision tower and the prompt once per image and expands its cache G times; generate expands the prompt G times
-before its prefill. On a GPU the sampler decodes over a static cache with a CUDA-graph step (StaticDecoder; its first
-call compiles, in the warm-up round); "sampler-dynamic" is the CPU path (growing cache, eager) on the GPU, to show
-what the graph buys. With --stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads
-them until the last row ends (the two sample different captions: compare tokens/s, caption tokens only).
+the vision tower and the prompt once per image and keeps the prompt's cache once per image (an image's G rows read
+it together); generate expands the prompt G times before its prefill. On a GPU the sampler decodes with a fixed
+batch and a CUDA-graph step (KVDecoder, fixed=True; its first call compiles, in the warm-up round);
+"sampler-dynamic" is the CPU path (rows leave at EOS, eager) on the GPU, to show what the graph buys. With
+--stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads them until the last row
+ends (the two sample different captions: compare tokens/s, caption tokens only).
 Reported: seconds (median of --repeats, all runs interleaved), new tokens per second, the prefill (time with 1
 new token), the decode step (time(L) - time(1)) / (L - 1), and the memory floor of a step: bytes of language-model
 weights + KV cache read per step over a measured copy bandwidth. Models other than the shipped captioner are
@@ -44,13 +45,14 @@ parser.add_argument("--image-size", type=int, default=0, help="square image side
                                                               "448 on GPU = 256 image tokens)")
 parser.add_argument("--stop-at-eos", type=int, default=0, help="1: both stop a caption at EOS (the real workload; "
                                                                  "tokens/s counts caption tokens), 0: fixed length")
-parser.add_argument("--methods", default="", help="comma list of generate, sampler, sampler-hf, sampler-dynamic "
-                                                  "(default: all on GPU, the first two on CPU)")
+parser.add_argument("--methods", default="", help="comma list of generate, sampler, sampler-dynamic (default: all on "
+                                                  "GPU, the first two on CPU)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
 parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 parser.add_argument("--profile", default="", help="folder: also profile one sampler rollout per model (torch.profiler;"
-                                                  " the ops' table and, on a GPU, whether each step was a CUDA graph)")
+                                                  " the ops' table and, on a GPU, whether each step was a CUDA graph; "
+                                                  "on the H100 it ran > 2 minutes unfinished: give it time)")
 args = parser.parse_args()
 dev = torch.device(args.device)
 torch.set_num_threads(args.threads)
@@ -114,7 +116,7 @@ def rollout(model, prompt, mm, seed, method, n):
     """(R, n) new tokens and how many of them are caption tokens (up to and including EOS)."""
     if method.startswith("sampler"):  # "sampler": the default decode of the device, "sampler-dynamic": CPU's on GPU
         out = sample(model, prompt, G, n, 1.0, seeds=[next(seed) for _ in range(B)], stop_at_eos=bool(args.stop_at_eos),
-                     static={"sampler": None, "sampler-dynamic": False, "sampler-hf": "hf"}[method])
+                     static=False if method == "sampler-dynamic" else None)
         return out["tokens"], int(out["mask"].sum())
     fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
     seq = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
@@ -143,9 +145,9 @@ def profile(model, prompt, mm, seed, name):
 
 bandwidth = copy_bandwidth()
 results = {}
-methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-hf", "sampler-dynamic"] * gpu
+methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-dynamic"] * gpu
 if methods[0] != "generate" or len(methods) < 2:  # the ratios are over generate's tokens/s
-    parser.error("--methods: generate first, then at least one of sampler, sampler-hf, sampler-dynamic")
+    parser.error("--methods: generate first, then at least one of sampler, sampler-dynamic")
 for name in names:
     model, proc = build(name)
     images = [shapes.world_item(i, "test")["image"].resize((side, side)) for i in range(B)]

@@ -83,7 +83,7 @@ h0, W0 = torch.randn(600, 256, generator=g), torch.randn(151936, 256, generator=
 y, adv = torch.randint(0, 151936, (600,), generator=g), torch.randn(600, generator=g)  # a caption per token
 lp, loss, gh, gW, ent = {}, {}, {}, {}, {}
 for d in (torch.device("cpu"), dev):
-    h, W = h0.to(d).requires_grad_(), W0.to(d).requires_grad_()
+    h, W = h0.to(d).detach().requires_grad_(), W0.to(d).detach().requires_grad_()
     old = torch.full((600, 1), -12.0, device=d)  # old log-probs: ratios far from 1, so the clip is exercised
     lp_d, loss_d, ent_d = logprobs_and_loss(h, W, y.to(d), flat_token_loss(old, adv.to(d), torch.ones(600, 1, device=d),
                                                                            600), temperature=0.7, entropy=True)

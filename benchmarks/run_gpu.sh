@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU row of BENCHMARKS.md (about 10-14 minutes on one H100), logs under ${OUT:-runs/gpu}:
+# Every GPU row of BENCHMARKS.md, logs under ${OUT:-runs/gpu}. On one H100 (2026-11-27 18:53-19:04 UTC): check 38 s,
+# sampling ~150 s (with a fourth method since removed), logprobs 28 s, judge 44 s at --repeats 1; real_step not run.
+# Usage:
 #   bash benchmarks/run_gpu.sh
 #   PARTS="real_step judge" bash benchmarks/run_gpu.sh     # only these parts
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
-# The limits add up to ~15 minutes. Where one command may run at most 10 minutes, split it in two calls on the same
+# The limits add up to ~14 minutes. Where one command may run at most 10 minutes, split it in two calls on the same
 # warm machine, most telling first: PARTS="check sampling", then PARTS="real_step logprobs judge".
 set -u
 cd "$(dirname "$0")/.."
@@ -23,11 +25,14 @@ part() {  # name, seconds, command...
 # the GPU paths against the CPU ones (static decode, packed teacher forcing, the judge's cached prefixes): run first
 # check: two compiles of the static step (fp32, then fp32 weights under bf16 autocast)
 part check 120 python benchmarks/check_gpu.py
-# perf_hints: says if CUDA graphs were skipped and why; recompiles: any recompile of the step; --profile: the ops of one rollout, and graph replays per step
-part sampling 300 env TORCH_LOGS=perf_hints,recompiles python benchmarks/bench_sampling.py --device cuda --repeats 2 --profile "$OUT"
+# perf_hints: says if CUDA graphs were skipped and why; recompiles: any recompile of the step (~150 s on the H100)
+part sampling 240 env TORCH_LOGS=perf_hints,recompiles python benchmarks/bench_sampling.py --device cuda --repeats 2
 part real_step 240 python benchmarks/bench_real_step.py
 part logprobs 80 python benchmarks/bench_logprobs.py --device cuda
 part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32
+# not in the default PARTS: the ops of one rollout and graph replays per step (torch.profiler: on the H100 it ran
+# over 2 minutes unfinished after the timed rounds, 2026-11-27)
+part profile 480 python benchmarks/bench_sampling.py --device cuda --repeats 1 --methods generate,sampler --profile "$OUT"
 # not in the default PARTS: needs TRL (benchmarks/README.md, "bench_trl.py on a GPU machine"); PARTS=trl runs it
 T=/tmp/trl_models
 part trl 540 bash -c "python -c 'import trl' && python benchmarks/bench_real_step.py --write-only $T &&

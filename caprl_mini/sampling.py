@@ -1,7 +1,8 @@
 """Hand-written, batched, KV-cached sampling of G captions per image.
 
     prefill   each unique (image, prompt) once: vision tower + language model over the prompt, filling a cache;
-    expand    the cache G times (rows grouped by image: row b*G + g is caption g of image b);
+    expand    the prompt's last state G times (rows grouped by image: row b*G + g is caption g of image b); its
+              cache stays once per image;
     decode    all rows together, one token per step, until every row has emitted EOS or hit the length cap. The
               step is written out layer by layer (KVDecoder) over preallocated key/value buffers, the prompt's kept
               once per image (shared-prefix attention). CPU (dynamic): rows that finished leave the batch, so they
@@ -18,8 +19,7 @@ Legend: B images, G captions per image, R = B*G rows, P prompt length, L new tok
 """
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, StaticCache
-from transformers.cache_utils import StaticLayer
+from transformers import DynamicCache
 
 from .models import policy_hidden, rope_positions
 
@@ -33,8 +33,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     they do not depend on which other images share the batch (or the rank). None: seeds from torch's global RNG.
     stop_at_eos=False decodes exactly max_new_tokens per row, EOS included as ordinary text (benchmarks: fixed work).
     static: a fixed batch (finished rows ride along, masked), the step compiled with CUDA graphs on a GPU; default:
-    on CUDA. Otherwise finished rows leave the batch. "hf": Hugging Face's forward over a StaticCache (StaticDecoder,
-    the GPU path before KVDecoder's fixed mode; kept for the benchmark's side-by-side)."""
+    on CUDA. Otherwise finished rows leave the batch."""
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
     static = dev.type == "cuda" if static is None else static
@@ -53,10 +52,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     tokens = torch.full((R, max_new_tokens), model.config.text_config.pad_token_id or 0, dtype=torch.long, device=dev)
     logps = torch.zeros((R, max_new_tokens), device=dev)
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
-    if static == "hf":  # the old GPU path, Hugging Face's forward over a StaticCache (benchmarks only)
-        step = StaticDecoder.get(model, R, ids.shape[1] + max_new_tokens).start(cache, G, am)
-    else:
-        step = KVDecoder.get(model, cache, G, am, max_new_tokens, fixed=static)
+    step = KVDecoder.get(model, cache, G, am, max_new_tokens, fixed=static)
     del cache  # the decoder holds the prompt's keys and values now (copied, or cast to its compute dtype)
     if temperature > 0:
         seeds = torch.randint(2**62, (ids.shape[0],)).tolist() if seeds is None else seeds
@@ -132,8 +128,8 @@ class KVDecoder:
       - the new tokens' keys and values go into buffers (r, Hkv, L, d) allocated once, a column written per step
         (DynamicCache concatenates: a copy of the whole cache every token).
     The softmax runs over [prompt scores, new-token scores] together, so it is the same attention, not an
-    approximation; tests/test_sampling.py checks the tokens and log-probs against Hugging Face's forward
-    (StaticDecoder, teacher forcing) and `generate`.
+    approximation; tests/test_sampling.py checks the tokens and log-probs against Hugging Face's forward (teacher
+    forcing) and `generate`.
     fixed=True (the GPU path): the batch never shrinks and every step has the same shapes: attention reads all L
     new-token positions with the ones not yet written masked, and the step's index is a tensor on the device. On
     CUDA the step is compiled once (torch.compile mode="reduce-overhead": one CUDA-graph replay per token instead
@@ -148,11 +144,12 @@ class KVDecoder:
         a, dev = self.lm.layers[0].self_attn, model.device
         self.P, self.L = P, L
         shape = lambda rows, n: (rows, self.lm.config.num_key_value_heads, n, a.head_dim)  # noqa: E731
-        # zeros, not empty: masked positions get weight 0, and 0 x (NaN garbage) would still be NaN
-        self.kp = [torch.zeros(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
-        self.vp = [torch.zeros(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
-        self.k = [torch.zeros(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]  # per row
-        self.v = [torch.zeros(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]
+        # fixed: zeros, not empty, as masked positions get weight 0 and 0 x (NaN garbage) would still be NaN
+        new = torch.zeros if fixed else torch.empty
+        self.kp = [new(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
+        self.vp = [new(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
+        self.k = [new(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]  # per row
+        self.v = [new(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]
         self.pad = torch.ones((self.R, 1, 1, P), dtype=torch.bool, device=dev)  # prompt positions not attended
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # the step: where the new key and value go
         self.head = model.get_output_embeddings()
@@ -275,81 +272,6 @@ def rms_norm(x, norm):
 def rotate_half(x):
     d = x.shape[-1] // 2
     return torch.cat((-x[..., d:], x[..., :d]), -1)
-
-
-class StaticDecoder:
-    """The decode step over a preallocated KV cache of R rows x S positions, kept on the model and reused by every
-    sample() call of that shape, so its buffers keep their addresses and, on CUDA, the step is compiled once with
-    CUDA graphs (torch.compile mode="reduce-overhead"): one graph replay per token instead of hundreds of kernel
-    launches. The prompt's cache (B rows) is copied in G times; new token t of the call is written at position P + t;
-    positions past the call's own are masked by causality, so a cache longer than needed is only unused space.
-    Its memory (the cache, and an fp32 copy of the unembedding of a bf16 model) stays allocated between calls."""
-
-    @classmethod
-    def get(cls, model, rows, length):
-        """The model's decoder, rebuilt (and recompiled) only when the rows change, a longer cache is needed or the
-        weights it reads in place were cast."""
-        dec = model.__dict__.get("_hf_static_decoder")
-        if dec is None or dec.mask.shape[0] != rows or dec.mask.shape[1] < length or dec.W.dtype != torch.float32:
-            model.__dict__["_hf_static_decoder"] = None  # free the old cache first
-            dec = model.__dict__["_hf_static_decoder"] = cls(model, rows, -(-length // 128) * 128)
-        return dec
-
-    def __init__(self, model, rows, length):
-        self.model, self.cache = model, StaticCache(config=model.config.get_text_config(), max_cache_len=length)
-        self.cache.layers = [CastingLayer(max_cache_len=length) for _ in self.cache.layers]
-        dev = model.device
-        self.mask = torch.ones((rows, length), dtype=torch.long, device=dev)  # prompt padding 0, the rest 1
-        self.cache_position = torch.zeros(1, dtype=torch.long, device=dev)
-        W = model.get_output_embeddings().weight
-        self.W = W if W.dtype == torch.float32 else W.detach().float()  # fp32: the parameter itself (no 1.2 GB copy)
-        self.compiled = self.forward
-        if dev.type == "cuda":  # buffers at fixed addresses are read in place by the graph, not copied in per replay
-            for buf in (self.mask, self.W):
-                torch._dynamo.mark_static_address(buf)
-            self.compiled = torch.compile(self.forward, fullgraph=True, mode="reduce-overhead")
-
-    def start(self, prefix, G, prompt_mask):
-        """Fill the cache with the prompt's (B rows, P positions) repeated G times; refresh the fp32 unembedding if
-        it is a copy (the policy changes between calls). The cache holds cache_dtype(); a call in another dtype
-        than the last reallocates it (on CUDA: a new graph)."""
-        P, dtype = prompt_mask.shape[1], cache_dtype(prefix, prompt_mask.device.type)
-        for layer, src in zip(self.cache.layers, prefix.layers):
-            k, v = src.keys.repeat_interleave(G, 0), src.values.repeat_interleave(G, 0)
-            if not layer.is_initialized or layer.dtype != dtype:
-                layer.lazy_initialization(k.to(dtype), v.to(dtype))
-            layer.keys[:, :, :P].copy_(k)
-            layer.values[:, :, :P].copy_(v)
-            layer.cumulative_length.fill_(P)  # where the next token's key and value go
-        self.mask[:, :P].copy_(prompt_mask)
-        self.mask[:, P:] = 1
-        self.cache_position.fill_(P)
-        if self.W is not self.model.get_output_embeddings().weight:
-            self.W.copy_(self.model.get_output_embeddings().weight)
-        return self
-
-    def forward(self, tok, positions, cache_position):
-        lm = self.model.model.language_model
-        emb = torch.nn.functional.embedding(tok[:, None], lm.embed_tokens.weight)  # not lm.embed_tokens(): its
-        # forward hook from gradient checkpointing (requires_grad_ on the output) cannot be compiled
-        out = lm(inputs_embeds=emb, attention_mask=self.mask,
-                 position_ids=positions[None, :, None].expand(3, -1, 1), past_key_values=self.cache, use_cache=True,
-                 cache_position=cache_position)
-        return unembed(out.last_hidden_state[:, -1], self.W)
-
-    def __call__(self, tok, positions):
-        """Next-token logits (R, V) after feeding tok (R,) at rotary positions (R,)."""
-        logits = self.compiled(tok, positions, self.cache_position.clone())
-        self.cache_position += 1
-        return logits.clone()  # a CUDA-graph output is overwritten by the next replay
-
-
-class CastingLayer(StaticLayer):
-    """A StaticLayer that stores keys and values in its own dtype (cache_dtype(): under bf16 autocast with fp32
-    weights a step's keys come out fp32 and its values bf16, both stored in bf16)."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return super().update(key_states.to(self.dtype), value_states.to(self.dtype), *args, **kwargs)
 
 
 def decode(proc, out):

@@ -190,9 +190,9 @@ def test_static_decode_step_traces_as_one_graph(tiny_policy_dir):
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
 def test_written_out_step_with_grouped_query_attention_and_bf16(tok, arch):
     """The real models share each key/value head among several query heads (3B: 16 query heads, 2 key/value heads);
-    the other tests' tiny models do not. KVDecoder (the CPU path: shared-prefix attention, rows leaving at EOS)
-    against Hugging Face's forward (StaticDecoder, eager) on a model with 2 query heads per key/value head: the same
-    rollout in fp32; under bf16 autocast (the trainer's mixed precision: fp32 weights) both decoders' sampled tokens'
+    the other tests' tiny models do not. KVDecoder, dynamic (rows leaving at EOS) and fixed, on a model with 2 query
+    heads per key/value head: the same rollout, and log-probs equal to Hugging Face's forward in fp32; under bf16
+    autocast (the trainer's mixed precision: fp32 weights) both decoders' sampled tokens'
     log-probs stay within bf16 rounding of the teacher-forced ones."""
     model, proc = models.build_tiny_policy(tok, seed=2, arch=arch, heads=4, kv_heads=2)
     with torch.no_grad():
@@ -202,11 +202,12 @@ def test_written_out_step_with_grouped_query_attention_and_bf16(tok, arch):
     model.eval()
     model.generation_config.eos_token_id = list(range(100, 140))  # any of 40 tokens ends a caption (as generate)
     prompt = models.encode_prompts(proc, mixed_images())
-    a, b, c = (sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=s) for s in (False, True, "hf"))
+    a, b = (sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=s) for s in (False, True))
     assert a["mask"].sum(1).unique().numel() > 1  # rows really left at different steps
     _assert_same_rollout(a, b)
-    _assert_same_rollout(a, c)
-    for static in (False, True, "hf"):  # the static cache keeps bf16 keys and values (the step makes fp32 keys)
+    with torch.no_grad():  # Hugging Face's forward over the whole sequences gives the same log-probs
+        assert ((teacher_forced_logprobs(model, prompt, a, 4) - a["logprobs"]) * a["mask"]).abs().max() < 1e-5
+    for static in (False, True):  # the static cache keeps bf16 keys and values (the step makes fp32 keys)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=static)
             with torch.no_grad():
@@ -248,8 +249,7 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, m
     prompt_mask = torch.ones(B * G, P, dtype=torch.long, device="meta")
     tokens, positions = torch.zeros(B * G, dtype=torch.long, device="meta"), torch.full((B * G,), P, device="meta")
     with torch.no_grad():
-        for dec in (sampling.StaticDecoder(model, B * G, 32).start(prefix, G, prompt_mask),
-                    sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8, fixed=True),
+        for dec in (sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8, fixed=True),
                     sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8)):
             dec(tokens, positions)
             with _DeviceLog() as log:
@@ -261,7 +261,5 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, m
     # memory, and no per-step cast of the prompt's cache (the steps themselves run under autocast in the test above)
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: True)
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda *device: torch.bfloat16)
-    static = sampling.StaticDecoder(model, B * G, 32).start(prefix, G, prompt_mask)
     kv, fixed = (sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8, fixed=f) for f in (False, True))
-    assert {t.dtype for layer in static.cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
     assert {t.dtype for dec in (kv, fixed) for ts in (dec.kp, dec.vp, dec.k, dec.v) for t in ts} == {torch.bfloat16}
