@@ -240,6 +240,15 @@ def script(*args):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
 
 
+def scripts(*arglists):
+    """Run the scripts side by side (their starts are mostly imports); each one's last stderr line, all exited 2."""
+    procs = [subprocess.Popen([sys.executable, *a], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}) for a in arglists]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [2] * len(procs), [err for _, err in outs]
+    return [err.strip().splitlines()[-1] for _, err in outs]
+
+
 @pytest.mark.parametrize("name", ["reward.py", "sft.py", "annotate.py", "train_grpo.py", "evaluate.py"])
 def test_scripts_end_bad_input_with_one_error_line_and_status_2(folder, name):
     qa = write(folder / "qa.jsonl", row("a"), row("b", answer="Z"))
@@ -307,17 +316,18 @@ def test_a_mistyped_model_path_is_one_error_line(tmp_path):
 def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path):
     """A fresh run into a folder with checkpoints would prune them by name and mix with them; a resume with another
     learning rate (or any flag that changes the training) would silently train another run. Both stop with one line."""
-    os.makedirs(tmp_path / "checkpoints" / "step_000002")
-    json.dump({"lr": 1e-6, "steps": 10, "out": str(tmp_path)}, open(tmp_path / "config.json", "w"))
-    r = script("train_grpo.py", "--out", str(tmp_path))
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-        f"train_grpo.py: error: {tmp_path} holds an earlier run's checkpoints ({tmp_path}/checkpoints/step_000002): "
-        "add --resume to continue it, or choose another --out")
-    r = script("train_grpo.py", "--out", f"{tmp_path}/", "--resume", "--steps", "20")  # --steps, paths may change
-    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
-        f"train_grpo.py: error: --resume with other flags than {tmp_path}/ was started with: --lr 0.0001 (was 1e-06)")
-    json.dump({"lr_schedule": "cosine", "steps": 10}, open(tmp_path / "config.json", "w"))
-    r = script("train_grpo.py", "--out", str(tmp_path), "--resume", "--steps", "20", "--lr-schedule", "cosine")
-    assert r.returncode == 2 and r.stderr.strip().endswith("--steps 20 (was 10)")  # it would stretch the cosine
-    r = script("train_grpo.py", "--out", str(tmp_path / "new"), "--temperature", "0")
-    assert r.returncode == 2 and r.stderr.strip().endswith("error: --temperature must be > 0")
+    for name, config in (("a", {"lr": 1e-6, "steps": 10, "out": "elsewhere"}), ("b", {"lr_schedule": "cosine",
+                                                                                    "steps": 10})):
+        os.makedirs(tmp_path / name / "checkpoints" / "step_000002")
+        json.dump(config, open(tmp_path / name / "config.json", "w"))
+    a, b = tmp_path / "a", tmp_path / "b"
+    errors = scripts(["train_grpo.py", "--out", str(a)],  # the four at once: ~7 s of imports each
+                     ["train_grpo.py", "--out", f"{a}/", "--resume", "--steps", "20"],  # --steps, paths may change
+                     ["train_grpo.py", "--out", str(b), "--resume", "--steps", "20", "--lr-schedule", "cosine"],
+                     ["train_grpo.py", "--out", str(tmp_path / "new"), "--temperature", "0"])
+    assert errors[0] == (f"train_grpo.py: error: {a} holds an earlier run's checkpoints ({a}/checkpoints/step_000002):"
+                         " add --resume to continue it, or choose another --out")
+    assert errors[1] == (f"train_grpo.py: error: --resume with other flags than {a}/ was started with: "
+                         "--lr 0.0001 (was 1e-06)")
+    assert errors[2].endswith("--steps 20 (was 10)")  # it would stretch the cosine
+    assert errors[3].endswith("error: --temperature must be > 0")
