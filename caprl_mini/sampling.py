@@ -148,17 +148,18 @@ class KVDecoder:
         shape = lambda rows, n: (rows, self.lm.config.num_key_value_heads, n, a.head_dim)  # noqa: E731
         # fixed: zeros, not empty, as masked positions get weight 0 and 0 x (NaN garbage) would still be NaN
         new = torch.zeros if fixed else torch.empty
+        # the prompt's keys and values, once per image: fixed, buffers of P positions; else start() takes the cache's
         self.kp = [new(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
         self.vp = [new(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
-        self.k = [new(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]  # per row
+        self.k = [new(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]  # new tokens, per row
         self.v = [new(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]
         self.pad = torch.ones((self.R, 1, 1, P), dtype=torch.bool, device=dev)  # prompt positions not attended
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # the step: where the new key and value go
         self.head = model.get_output_embeddings()
         W = self.head.weight
         self.W = W if W.dtype == torch.float32 else W.detach().float()  # fp32: the parameter itself, or a copy
-        self.compiled = self.forward
-        if fixed and dev.type == "cuda":  # buffers at fixed addresses are read in place by the graph, not copied in
+        self.compiled, self.graphed = self.forward, fixed and dev.type == "cuda"
+        if self.graphed:  # buffers at fixed addresses are read in place by the graph, not copied in per replay
             for buf in self.kp + self.vp + self.k + self.v + [self.pad, self.t, self.W]:
                 torch._dynamo.mark_static_address(buf)
             self.compiled = torch.compile(self.forward, fullgraph=True, mode="reduce-overhead")
@@ -239,7 +240,7 @@ class KVDecoder:
         logits = self.compiled(tok, positions)
         self.t += 1
         self.n += 1
-        return logits.clone() if self.compiled is not self.forward else logits  # a graph's output is overwritten
+        return logits.clone() if self.graphed else logits  # a CUDA graph's output is overwritten by its next replay
 
     def forward(self, tok, positions):
         lm, r = self.lm, tok.shape[0]
