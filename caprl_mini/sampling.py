@@ -146,13 +146,11 @@ class KVDecoder:
         a, dev = self.lm.layers[0].self_attn, model.device
         self.P, self.L = P, L
         shape = lambda rows, n: (rows, self.lm.config.num_key_value_heads, n, a.head_dim)  # noqa: E731
-        # fixed: zeros, not empty, as masked positions get weight 0 and 0 x (NaN garbage) would still be NaN
-        new = torch.zeros if fixed else torch.empty
         # the prompt's keys and values, once per image: fixed, buffers of P positions; else start() takes the cache's
-        self.kp = [new(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
-        self.vp = [new(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
-        self.k = [new(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]  # new tokens, per row
-        self.v = [new(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]
+        self.kp = [torch.empty(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
+        self.vp = [torch.empty(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
+        self.k = [torch.empty(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]  # new tokens, per row
+        self.v = [torch.empty(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]
         self.pad = torch.ones((self.R, 1, 1, P), dtype=torch.bool, device=dev)  # prompt positions not attended
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # the step: where the new key and value go
         self.head = model.get_output_embeddings()
@@ -183,12 +181,16 @@ class KVDecoder:
 
     def start(self, prefix, prompt_mask):
         """Take the prompt's keys and values (fixed: copied into the buffers' first P positions; else kept, cast to
-        the compute dtype), its padding (R, P), and refresh the fp32 unembedding if it is a copy."""
+        the compute dtype), its padding (R, P), and refresh the fp32 unembedding if it is a copy. Fixed: every other
+        position is zeroed, as masked positions get weight 0, and 0 x (garbage: NaN, inf) would still be NaN."""
         P = prompt_mask.shape[1]
         if self.fixed:
             for buf, src in ((self.kp, [x.keys for x in prefix.layers]), (self.vp, [x.values for x in prefix.layers])):
                 for b, x in zip(buf, src):
                     b[:, :, :P].copy_(x)
+                    b[:, :, P:].zero_()
+            for b in self.k + self.v:
+                b.zero_()
         else:
             self.kp = [x.keys.to(self.dtype) for x in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
             self.vp = [x.values.to(self.dtype) for x in prefix.layers]

@@ -116,7 +116,8 @@ def _assert_same_rollout(a, b, tokens=True):
 def test_static_decode_equals_dynamic(tiny_policy_dir):
     """The GPU path (preallocated cache, fixed batch; eager here) samples what the CPU path samples: greedy with
     EOS, sampled with and without EOS (the same random draws), and one decoder reused by calls whose prompts have other
-    lengths (stale cache columns from the longer call must not leak into the shorter one)."""
+    lengths (stale cache columns from the longer call must not leak into the shorter one, nor garbage left in the
+    buffers: NaN here)."""
     model, proc = models.load_policy(tiny_policy_dir)
     long_prompt = models.encode_prompts(proc, mixed_images())
     short_prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"].resize((168, 112))
@@ -129,6 +130,8 @@ def test_static_decode_equals_dynamic(tiny_policy_dir):
             a, b = (sample(model, prompt, 2, 12, 1.0, [3, 4, 5], stop_at_eos=stop, static=s) for s in (False, True))
             _assert_same_rollout(a, b)
         decoders.append(model.__dict__["_static_decoder"])
+        for buf in decoders[-1].kp + decoders[-1].vp + decoders[-1].k + decoders[-1].v:
+            buf.fill_(float("nan"))  # what the next call finds must not matter: 0 x NaN in a masked position is NaN
     assert decoders[0] is decoders[1]  # the shorter prompt reused the longer one's cache (its stale columns)
 
 
