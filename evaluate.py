@@ -86,7 +86,7 @@ for path in captioners:  # every rank captions its share; rank 0 keeps all capti
         dist.all_gather_object(parts, mine)
     captioned[path] = [parts[i % world][i // world] for i in range(len(items))]
     del model
-    gc.collect()  # the model and its static decoder reference each other: freed only by the cycle collector
+    gc.collect()  # whatever of it sits in a reference cycle goes now, not at the collector's next run
 if world > 1:
     dist.destroy_process_group()
     if rank > 0:

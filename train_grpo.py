@@ -400,6 +400,6 @@ if args.eval_images:
             caps = caption_items(*m, items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
         results.append({"path": path, **evaluate_captions(judge, jtok, jfmt, items, caps)})
         del m
-        gc.collect()  # the SFT policy and its static decoder reference each other: freed by the cycle collector
+        gc.collect()  # whatever of it sits in a reference cycle goes now, not at the collector's next run
     write_results(os.path.join(args.out, "eval"), results)
 print_skipped(skipped)

@@ -156,11 +156,13 @@ class KVDecoder:
         self.head = model.get_output_embeddings()
         W = self.head.weight
         self.W = W if W.dtype == torch.float32 else W.detach().float()  # fp32: the parameter itself, or a copy
-        self.compiled, self.graphed = self.forward, fixed and dev.type == "cuda"
+        # the step as a plain function of (decoder, tok, positions): a bound method kept on self would be a reference
+        # cycle, and a dropped decoder's buffers would wait for the cycle collector
+        self.compiled, self.graphed = KVDecoder.forward, fixed and dev.type == "cuda"
         if self.graphed:  # buffers at fixed addresses are read in place by the graph, not copied in per replay
             for buf in self.kp + self.vp + self.k + self.v + [self.pad, self.t, self.W]:
                 torch._dynamo.mark_static_address(buf)
-            self.compiled = torch.compile(self.forward, fullgraph=True, mode="reduce-overhead")
+            self.compiled = torch.compile(KVDecoder.forward, fullgraph=True, mode="reduce-overhead")
 
     @classmethod
     def get(cls, model, prefix, G, prompt_mask, max_new_tokens, fixed=False):
@@ -239,7 +241,7 @@ class KVDecoder:
 
     def __call__(self, tok, positions):
         """Next-token logits (r, V) after feeding tok (r,) at rotary positions (r,)."""
-        logits = self.compiled(tok, positions)
+        logits = self.compiled(self, tok, positions)
         self.t += 1
         self.n += 1
         return logits.clone() if self.graphed else logits  # a CUDA graph's output is overwritten by its next replay

@@ -1,9 +1,12 @@
+import gc
+import weakref
+
 import pytest
 import torch
 
 from caprl_mini import models, shapes
 from caprl_mini.logprobs import token_logprobs
-from caprl_mini.sampling import decode, sample
+from caprl_mini.sampling import KVDecoder, decode, sample
 from conftest import shipped
 
 
@@ -125,13 +128,13 @@ def test_static_decode_equals_dynamic(tiny_policy_dir):
     assert short_prompt["input_ids"].shape[1] < long_prompt["input_ids"].shape[1]
     decoders = []
     for prompt in (long_prompt, short_prompt):
+        for buf in decoders[-1].kp + decoders[-1].vp + decoders[-1].k + decoders[-1].v if decoders else []:
+            buf.fill_(float("nan"))  # what this call finds must not matter: 0 x NaN in a masked position is NaN
         _assert_same_rollout(sample(model, prompt, 2, 12, 0, static=False), sample(model, prompt, 2, 12, 0, static=True))
         for stop in (False, True):  # every row draws every step on both paths, finished or not: same draws
             a, b = (sample(model, prompt, 2, 12, 1.0, [3, 4, 5], stop_at_eos=stop, static=s) for s in (False, True))
             _assert_same_rollout(a, b)
         decoders.append(model.__dict__["_static_decoder"])
-        for buf in decoders[-1].kp + decoders[-1].vp + decoders[-1].k + decoders[-1].v:
-            buf.fill_(float("nan"))  # what the next call finds must not matter: 0 x NaN in a masked position is NaN
     assert decoders[0] is decoders[1]  # the shorter prompt reused the longer one's cache (its stale columns)
 
 
@@ -144,11 +147,26 @@ def test_static_decode_follows_weight_updates(dtype):
     prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(2)])
     prompt["pixel_values"] = prompt["pixel_values"].to(dtype)
     before = sample(model, prompt, 2, 24, 0, static=True)
+    dec = model.__dict__["_static_decoder"]
     with torch.no_grad():
         model.get_output_embeddings().weight.add_(torch.randn_like(model.get_output_embeddings().weight))
     after, ref = (sample(model, prompt, 2, 24, 0, static=s) for s in (True, False))
+    assert model.__dict__["_static_decoder"] is dec  # the same decoder: its W was refreshed (or is the parameter)
     assert not torch.equal(before["tokens"][:, :ref["tokens"].shape[1]], ref["tokens"])  # the update changed it
     _assert_same_rollout(after, ref)
+
+
+def test_a_dropped_static_decoder_is_freed_at_once(tiny_policy_dir):
+    """The kept decoder holds the rollout buffers (GBs at 3B); dropping it (a rebuild, the final evaluation) must free
+    them at once, not when the cycle collector next runs: no reference cycle through the decoder."""
+    model, proc = models.load_policy(tiny_policy_dir)
+    sample(model, models.encode_prompts(proc, mixed_images()), 2, 8, 0, static=True)
+    gc.disable()
+    try:
+        dropped = weakref.ref(model.__dict__.pop("_static_decoder"))
+        assert dropped() is None
+    finally:
+        gc.enable()
 
 
 def test_static_decode_with_eos_matches_teacher_forced():
@@ -181,7 +199,7 @@ def test_static_decode_step_traces_as_one_graph(tiny_policy_dir):
     dec = model.__dict__["_static_decoder"]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    dec.compiled = torch.compile(dec.forward, fullgraph=True, backend="eager")
+    dec.compiled = torch.compile(KVDecoder.forward, fullgraph=True, backend="eager")
     for _ in range(2):
         _assert_same_rollout(ref, sample(model, prompt, 2, 12, 0, static=True))
     assert model.__dict__["_static_decoder"] is dec
