@@ -47,6 +47,8 @@ parser.add_argument("--stop-at-eos", type=int, default=0, help="1: both stop a c
                                                                  "tokens/s counts caption tokens), 0: fixed length")
 parser.add_argument("--methods", default="", help="comma list of generate, sampler, sampler-dynamic (default: all on "
                                                   "GPU, the first two on CPU)")
+parser.add_argument("--amp", type=int, default=0, help="1: fp32 weights under bf16 autocast (the trainer's setting on "
+                                                         "a GPU; default: bf16 weights on a GPU, fp32 on a CPU)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
 parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -62,7 +64,9 @@ B, G = args.images, args.group_size
 L = args.new_tokens or (256 if gpu else 64)
 side = args.image_size or (448 if gpu else 84)
 assert L >= 2, "the decode step is measured as (time(L) - time(1)) / (L - 1)"
-dtype = torch.bfloat16 if gpu else torch.float32
+dtype = torch.bfloat16 if gpu and not args.amp else torch.float32  # the weights'
+compute = torch.bfloat16 if gpu or args.amp else torch.float32  # the matmuls' and the KV cache's
+amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bool(args.amp))
 
 
 def qwen25_vl_3b_config(tok):
@@ -133,7 +137,7 @@ def profile(model, prompt, mm, seed, name):
     from torch.profiler import ProfilerActivity
     os.makedirs(args.profile, exist_ok=True)
     with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
-        with torch.no_grad():
+        with torch.no_grad(), amp:
             rollout(model, prompt, mm, seed, "sampler", L)
         sync()
     ops = prof.key_averages()
@@ -161,7 +165,7 @@ for name in names:
         for m, n in runs:
             sync()
             t = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 out, n_tokens = rollout(model, prompt, mm, seed, m, n)
             sync()
             t = time.perf_counter() - t
@@ -173,13 +177,13 @@ for name in names:
         profile(model, prompt, mm, seed, name)
     t = {k: statistics.median(v) for k, v in times.items()}
     rate = {m: statistics.median(rates[m, L]) for m in methods}
-    # decode-step floor: every language-model weight is read once per step (the tied unembedding is the
-    # embedding matrix, counted once), plus the KV cache, which grows from P to P + L - 1 tokens (mean below)
+    # decode-step floor: every language-model weight is read once per step in the compute dtype (the tied
+    # unembedding is the embedding matrix, counted once), plus the KV cache, which grows from P to P + L - 1 tokens
     tc = model.config.text_config
-    weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+    weights = sum(p.numel() for p in model.model.language_model.parameters()) * torch.finfo(compute).bits // 8
     P = prompt["input_ids"].shape[1]
     kv = 2 * tc.num_hidden_layers * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) \
-        * (P + L / 2) * B * G * torch.finfo(dtype).bits // 8
+        * (P + L / 2) * B * G * torch.finfo(compute).bits // 8
     results[name] = {"seconds": {f"{m}, L={n}": v for (m, n), v in t.items()}, "tokens_per_s": rate,
                      "speedup": rate.get("sampler", rate.get("sampler-dynamic")) / rate["generate"], "prompt_tokens": P,
                      "prefill_s": {m: t[m, 1] for m in methods},
@@ -189,8 +193,9 @@ for name in names:
     del model
 
 name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+precision = "fp32 weights, bf16 autocast" if args.amp else str(dtype)[6:]
 print(f"sampling, B={B} images x G={G} captions x L={L} new tokens{' (EOS ends a caption)' if args.stop_at_eos else ''}"
-      f", temperature 1, {str(dtype)[6:]}, {name}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+      f", temperature 1, {precision}, {name}, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
 print(f"{'model':8s} {'prompt':>6s} {'method':15s} {'seconds':>8s} {'tokens/s':>9s} {'prefill s':>9s} "
       f"{'step ms':>8s} {'floor ms':>8s}")
 for k, v in results.items():
@@ -203,6 +208,6 @@ for k, v in results.items():
 print("prefill: time with 1 new token; step: (time(L) - time(1)) / (L - 1); floor: (LM weights + mean KV cache) "
       "bytes / copy bandwidth")
 print(json.dumps({"bench": "sampling", "device": name, "images": B, "group_size": G, "new_tokens": L,
-                  "stop_at_eos": args.stop_at_eos, "image_size": side, "dtype": str(dtype)[6:],
+                  "stop_at_eos": args.stop_at_eos, "image_size": side, "dtype": precision,
                   "copy_bandwidth": bandwidth, "models": results,
                   "speedup": min(v["speedup"] for v in results.values())}))

@@ -30,6 +30,9 @@ part sampling 240 env TORCH_LOGS=perf_hints,recompiles python benchmarks/bench_s
 part real_step 240 python benchmarks/bench_real_step.py
 part logprobs 80 python benchmarks/bench_logprobs.py --device cuda
 part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32
+# not in the default PARTS: the sampler with fp32 weights under bf16 autocast (the trainer's setting), where the
+# compiled step casts every linear weight to bf16 per token (estimated ~5 ms a step at 3B; never measured)
+part sampling_amp 240 python benchmarks/bench_sampling.py --device cuda --repeats 2 --amp 1 --methods generate,sampler
 # not in the default PARTS: the ops of one rollout and graph replays per step (torch.profiler: on the H100 it ran
 # over 2 minutes unfinished after the timed rounds, 2026-11-27)
 part profile 480 python benchmarks/bench_sampling.py --device cuda --repeats 1 --methods generate,sampler --profile "$OUT"
