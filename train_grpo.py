@@ -5,8 +5,8 @@ multiple-choice questions about the image it never sees.
                                                           # then SFT vs GRPO evaluated side by side (~5 min)
     python train_grpo.py --policy Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct --data qa.jsonl \
         --lr 1e-6 --warmup-steps 20 --lr-schedule cosine --judge-mode sample --max-new-tokens 1024 \
-        --max-pixels 1003520 --images-per-step 16 --micro-batch-images 1 --gradient-checkpointing 1 --steps 500 \
-        --decode dynamic                                  # one 80 GB GPU: README's recipe and memory plan
+        --max-pixels 1003520 --images-per-step 16 --micro-batch-images 1 \
+        --gradient-checkpointing 1 --steps 500            # one 80 GB GPU: README's recipe and memory plan
     python train_grpo.py --steps 4 --save-every 2 --out runs/x && python train_grpo.py ... --resume
 
 The exact variant (each a flag; defaults in brackets):
@@ -92,8 +92,8 @@ parser.add_argument("--group-size", type=int, default=8, help="G: captions sampl
 parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap in tokens")
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
 parser.add_argument("--decode", default="auto", choices=["auto", "static", "dynamic"],
-                    help="rollout decoding: static cache + CUDA-graph step (the cache stays allocated between "
-                         "rollouts), or buffers for the rollout only, finished rows dropped (auto: static on CUDA)")
+                    help="rollout decoding: fixed batch, compiled CUDA-graph step (finished rows ride along), or "
+                         "eager, finished rows dropped; both allocate for the rollout only (auto: static on CUDA)")
 # reward
 parser.add_argument("--questions-per-caption", type=int, default=8, help="N: question draws per caption")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
@@ -388,8 +388,7 @@ if args.save_final:
     print(f"saved {final}")
 if args.eval_images:
     model.eval()
-    del opt, ref_model  # AdamW's state (8 bytes a parameter) and the KL reference are not needed to caption,
-    model.__dict__.pop("_static_decoder", None)  # nor the rollouts' decode cache (evaluation batches differ)
+    del opt, ref_model  # AdamW's state (8 bytes a parameter) and the KL reference are not needed to caption
     with user_errors():  # --data: read as training read it (--skip-bad: a bad image's replacement, once)
         items = list({it["id"]: it for it in map(load, range(min(args.eval_images, len(data))))}.values()) \
             if args.data else [World("eval")[i] for i in range(args.eval_images)]

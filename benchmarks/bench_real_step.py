@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Qwen
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from caprl_mini import models, shapes  # noqa: E402
+from caprl_mini.sampling import linears  # noqa: E402
 
 ROOT = __file__.rsplit("/benchmarks/", 1)[0]
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,9 +74,12 @@ up = lambda n: -(-n // 128) * 128  # noqa: E731
 GiB = 2**30
 plan = [("policy weights, fp32", 4 * P), ("gradients, fp32 (update only)", 4 * P), ("AdamW m and v, fp32", 8 * P),
         ("bf16 copies of the weights under autocast", 2 * P), ("judge weights, bf16", 2 * J),
-        (f"static decode buffers, bf16, kept ({args.images} prompts x {up(seq - args.new_tokens)} + {rows} rows x "
+        (f"static decode buffers, bf16, rollout only ({args.images} prompts x {up(seq - args.new_tokens)} + {rows} rows x "
          f"{up(args.new_tokens)} positions)", (args.images * up(seq - args.new_tokens) + rows * up(args.new_tokens))
          * kv_per_token),  # the prompt once per image, each row's new tokens; lengths rounded up to 128
+        ("static decode: bf16 copies of the language model's layer matrices, rollout only",
+         2 * sum(x.numel() for layer in policy.model.language_model.layers for _, m in linears(layer)
+                 for x in (m.weight, m.bias) if x is not None)),
         (f"naive logits of one micro-batch, fp32 ({args.group_size} x {args.new_tokens} x 151,936): avoided",
          args.group_size * args.new_tokens * 151936 * 4)]
 print(f"parameters: policy {P / 1e9:.3f} B (vision {Pv / 1e9:.3f} B), judge {J / 1e9:.3f} B")

@@ -11,8 +11,10 @@ both: `stop_at_eos=False` / `min_new_tokens`), so both do the same decode work. 
 `num_return_sequences=G, do_sample=True, top_k=0, top_p=1` (plain sampling, as the sampler). The sampler runs
 the vision tower and the prompt once per image and keeps the prompt's cache once per image (an image's G rows read
 it together); generate expands the prompt G times before its prefill. On a GPU the sampler decodes with a fixed
-batch and a CUDA-graph step (KVDecoder, fixed=True; its first call compiles, in the warm-up round);
-"sampler-dynamic" is the CPU path (rows leave at EOS, eager) on the GPU, to show what the graph buys. With
+batch and a compiled step recorded as a CUDA graph (KVDecoder, fixed=True; the first call compiles, in the warm-up
+round); "sampler-dynamic" is the CPU path (rows leave at EOS, eager) on the GPU, to show what the graph buys;
+"sampler-cast" (GPU, --amp 1) is the fixed step reading the fp32 parameters, autocast casting each matrix inside
+the compiled step every token (as before 2026-11-27 21:00 UTC; the default makes bf16 copies once a call). With
 --stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads them until the last row
 ends (the two sample different captions: compare tokens/s, caption tokens only).
 Reported: seconds (median of --repeats, all runs interleaved), new tokens per second, the prefill (time with 1
@@ -33,6 +35,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from caprl_mini import models, shapes  # noqa: E402
+from caprl_mini import sampling  # noqa: E402
 from caprl_mini.sampling import sample  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,16 +48,16 @@ parser.add_argument("--image-size", type=int, default=0, help="square image side
                                                               "448 on GPU = 256 image tokens)")
 parser.add_argument("--stop-at-eos", type=int, default=0, help="1: both stop a caption at EOS (the real workload; "
                                                                  "tokens/s counts caption tokens), 0: fixed length")
-parser.add_argument("--methods", default="", help="comma list of generate, sampler, sampler-dynamic (default: all on "
-                                                  "GPU, the first two on CPU)")
+parser.add_argument("--methods", default="", help="comma list of generate, sampler, sampler-dynamic, sampler-cast "
+                                                  "(default: the first three on GPU, the first two on CPU)")
 parser.add_argument("--amp", type=int, default=0, help="1: fp32 weights under bf16 autocast (the trainer's setting on "
                                                          "a GPU; default: bf16 weights on a GPU, fp32 on a CPU)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
 parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-parser.add_argument("--profile", default="", help="folder: also profile one sampler rollout per model (torch.profiler;"
-                                                  " the ops' table and, on a GPU, whether each step was a CUDA graph; "
-                                                  "on the H100 it ran > 2 minutes unfinished: give it time)")
+parser.add_argument("--profile", default="", help="folder: also profile 16 decode steps per model, the compiled step"
+                                                  " launched kernel by kernel (torch.profiler): the ops' table and "
+                                                  "the kernels' time per step")
 args = parser.parse_args()
 dev = torch.device(args.device)
 torch.set_num_threads(args.threads)
@@ -119,8 +122,13 @@ def copy_bandwidth():
 def rollout(model, prompt, mm, seed, method, n):
     """(R, n) new tokens and how many of them are caption tokens (up to and including EOS)."""
     if method.startswith("sampler"):  # "sampler": the default decode of the device, "sampler-dynamic": CPU's on GPU
-        out = sample(model, prompt, G, n, 1.0, seeds=[next(seed) for _ in range(B)], stop_at_eos=bool(args.stop_at_eos),
-                     static=False if method == "sampler-dynamic" else None)
+        copies = sampling.needs_copies  # "sampler-cast": the fixed step reads the parameters (autocast casts them)
+        sampling.needs_copies = (lambda *a: False) if method == "sampler-cast" else copies
+        try:
+            out = sample(model, prompt, G, n, 1.0, seeds=[next(seed) for _ in range(B)],
+                         stop_at_eos=bool(args.stop_at_eos), static={"sampler-dynamic": False}.get(method))
+        finally:
+            sampling.needs_copies = copies
         return out["tokens"], int(out["mask"].sum())
     fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
     seq = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
@@ -130,28 +138,48 @@ def rollout(model, prompt, mm, seed, method, n):
     return seq, int(torch.where(hit.any(1), hit.int().argmax(1) + 1, n).sum())
 
 
-def profile(model, prompt, mm, seed, name):
-    """One sampler rollout under torch.profiler: its ops by total time into <--profile>/sampler_<name>.txt, and a
-    line saying how many steps ran as one CUDA-graph replay (cudaGraphLaunch) out of the L - 1 decode steps."""
+def profile(model, prompt, mm, seed, name, steps=16):
+    """The fixed decode step's kernels: a rollout of `steps` new tokens under torch.profiler with the compiled step
+    launched kernel by kernel (no CUDA graph: a replay hides its kernels from the profiler; each kernel's own time
+    is the same), its ops by device time into <--profile>/sampler_<name>.txt, and their time per step, to set
+    against the measured step: what the kernels take, and what the gaps between them do."""
     import os
     from torch.profiler import ProfilerActivity
     os.makedirs(args.profile, exist_ok=True)
-    with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
-        with torch.no_grad(), amp:
-            rollout(model, prompt, mm, seed, "sampler", L)
-        sync()
-    ops = prof.key_averages()
-    with open(os.path.join(args.profile, f"sampler_{name}.txt"), "w") as f:
-        f.write(ops.table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total", row_limit=40))
-    graphs = sum(e.count for e in ops if e.key == "cudaGraphLaunch")
-    print(f"profile ({name}): {args.profile}/sampler_{name}.txt; {graphs} CUDA-graph replays for {L - 1} decode steps")
+    init = sampling.KVDecoder.__init__
+
+    def unrecorded(self, *a, **k):
+        init(self, *a, **k)
+        if self.graphed:
+            self.graphed = False  # the compiled step itself, launched kernel by kernel
+    sampling.KVDecoder.__init__ = unrecorded
+    device_ms = {}  # new tokens -> the rollout's kernel time: steps - 1 decode steps apart, the prefill the same
+    try:
+        for n in (steps, 1, steps, 1):  # the first two compile the step for this length if it is a new shape
+            with torch.profiler.profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * gpu) as prof:
+                with torch.no_grad(), amp:
+                    rollout(model, prompt, mm, seed, "sampler", n)
+                sync()
+            ops = prof.key_averages()
+            device_ms[n] = sum(e.self_device_time_total for e in ops if e.device_type.name == "CUDA") / 1e3
+            if n == steps:
+                with open(os.path.join(args.profile, f"sampler_{name}.txt"), "w") as f:
+                    f.write(ops.table(sort_by="self_device_time_total" if gpu else "self_cpu_time_total",
+                                      row_limit=60))
+    finally:
+        sampling.KVDecoder.__init__ = init
+    print(f"profile ({name}): {args.profile}/sampler_{name}.txt (a rollout of {steps} new tokens); the kernels' own "
+          f"time per decode step {(device_ms[steps] - device_ms[1]) / (steps - 1):.2f} ms "
+          f"(against the measured step above: the rest is gaps between kernels)")
 
 
 bandwidth = copy_bandwidth()
 results = {}
 methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-dynamic"] * gpu
 if methods[0] != "generate" or len(methods) < 2:  # the ratios are over generate's tokens/s
-    parser.error("--methods: generate first, then at least one of sampler, sampler-dynamic")
+    parser.error("--methods: generate first, then at least one of sampler, sampler-dynamic, sampler-cast")
+if "sampler-cast" in methods and not (gpu and args.amp):  # on a CPU the fixed step runs eagerly: autocast's cache
+    parser.error("--methods sampler-cast: only with --device cuda --amp 1")  # casts each matrix once a call anyway
 for name in names:
     model, proc = build(name)
     images = [shapes.world_item(i, "test")["image"].resize((side, side)) for i in range(B)]

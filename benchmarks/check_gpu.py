@@ -4,7 +4,8 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
     python benchmarks/check_gpu.py                   # cuda against cpu
     python benchmarks/check_gpu.py --device cpu      # the script itself, anywhere (cpu against cpu)
 
-  sampling   greedy captions of the static decode (KVDecoder, fixed batch, CUDA graphs) == the dynamic one's (eager);
+  sampling   greedy captions of the static decode (KVDecoder, fixed batch, CUDA graphs) == the dynamic one's (eager),
+             twice (each call records its own graph);
              under bf16 autocast with fp32 weights (the trainer's setting), sampled captions' log-probs against
              teacher forcing (bf16 rounding: tolerance 0.1, as tests/test_sampling.py);
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
@@ -45,8 +46,10 @@ prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for 
 on = {k: v.to(dev) for k, v in prompt.items()}
 with torch.no_grad():
     policy.to(dev)
-    kv, static = (sample(policy, on, 3, 64, 0, static=s) for s in (False, True))
+    kv, static, again = (sample(policy, on, 3, 64, 0, static=s) for s in (False, True, True))
 results["sampling: greedy static (compiled) == dynamic (eager)"] = bool(torch.equal(kv["tokens"], static["tokens"]))
+results["sampling: a second static call (new buffers, graph recorded again) == the first"] = \
+    bool(torch.equal(again["tokens"], static["tokens"]))
 with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):  # the trainer's setting: fp32 weights, bf16 math
     out = sample(policy, on, 3, 64, 1.0, seeds=[0, 1, 2, 3], static=True)
     pos, nxt = models.rope_positions(policy, on["input_ids"], on["attention_mask"], on["image_grid_thw"])

@@ -5,8 +5,10 @@
 #   bash benchmarks/run_gpu.sh
 #   PARTS="real_step judge" bash benchmarks/run_gpu.sh     # only these parts
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
-# The limits add up to ~14 minutes. Where one command may run at most 10 minutes, split it in two calls on the same
-# warm machine, most telling first: PARTS="check sampling", then PARTS="real_step logprobs judge".
+# The limits add up to ~18 minutes, more than a session's GPU time: run the parts in two calls on the same warm
+# machine, most telling first. Next (the decode changed on 2026-11-27 21:00 UTC: buffers and bf16 weight copies made
+# per rollout, its CUDA graph recorded by KVDecoder): PARTS="check sampling sampling_amp", then PARTS=real_step
+# (logprobs and judge are unchanged since their H100 rows).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -17,7 +19,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   date -u; } | tee "$OUT/machine.txt"
 part() {  # name, seconds, command...
   local name=$1 limit=$2 t0=$SECONDS; shift 2
-  [[ " ${PARTS:-check sampling real_step logprobs judge} " == *" $name "* ]] || return 0
+  [[ " ${PARTS:-check sampling sampling_amp real_step logprobs judge} " == *" $name "* ]] || return 0
   echo "== $name: $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? after $((SECONDS - t0))s" >> "$OUT/$name.log"
   grep -v -E "Loading weights|it/s\]|^\s*$" "$OUT/$name.log" | tail -n 14 | cut -c1-400
@@ -25,17 +27,16 @@ part() {  # name, seconds, command...
 # the GPU paths against the CPU ones (static decode, packed teacher forcing, the judge's cached prefixes): run first
 # check: two compiles of the static step (fp32, then fp32 weights under bf16 autocast)
 part check 120 python benchmarks/check_gpu.py
-# perf_hints: says if CUDA graphs were skipped and why; recompiles: any recompile of the step (~150 s on the H100)
-part sampling 240 env TORCH_LOGS=perf_hints,recompiles python benchmarks/bench_sampling.py --device cuda --repeats 2
+# recompiles: any recompile of the step (~150 s on the H100)
+part sampling 240 env TORCH_LOGS=recompiles python benchmarks/bench_sampling.py --device cuda --repeats 2
 part real_step 240 python benchmarks/bench_real_step.py
 part logprobs 80 python benchmarks/bench_logprobs.py --device cuda
 part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32
-# not in the default PARTS: the sampler with fp32 weights under bf16 autocast (the trainer's setting), where the
-# compiled step casts every linear weight to bf16 per token (estimated ~5 ms a step at 3B; never measured)
-part sampling_amp 240 python benchmarks/bench_sampling.py --device cuda --repeats 2 --amp 1 --methods generate,sampler
-# not in the default PARTS: the ops of one rollout and graph replays per step (torch.profiler: on the H100 it ran
-# over 2 minutes unfinished after the timed rounds, 2026-11-27)
-part profile 480 python benchmarks/bench_sampling.py --device cuda --repeats 1 --methods generate,sampler --profile "$OUT"
+# the sampler with fp32 weights under bf16 autocast (the trainer's setting): the step reading bf16 copies made once a
+# rollout ("sampler") against the step reading the fp32 parameters, cast by autocast inside the step every token
+# ("sampler-cast", the code before 2026-11-27 21:00 UTC); never measured
+part sampling_amp 240 python benchmarks/bench_sampling.py --device cuda --repeats 2 --amp 1 \
+  --methods generate,sampler,sampler-cast
 # not in the default PARTS: needs TRL (benchmarks/README.md, "bench_trl.py on a GPU machine"); PARTS=trl runs it
 T=/tmp/trl_models
 part trl 540 bash -c "python -c 'import trl' && python benchmarks/bench_real_step.py --write-only $T &&

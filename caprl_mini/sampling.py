@@ -17,6 +17,8 @@ Positions: Qwen-VL uses multimodal rotary positions; the prompt's come from the 
 new token t of a row sits at that row's max prompt position + 1 + t (what generate does via rope_deltas).
 Legend: B images, G captions per image, R = B*G rows, P prompt length, L new tokens, D hidden, V vocabulary.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -52,7 +54,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     tokens = torch.full((R, max_new_tokens), model.config.text_config.pad_token_id or 0, dtype=torch.long, device=dev)
     logps = torch.zeros((R, max_new_tokens), device=dev)
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
-    step = KVDecoder.get(model, cache, G, am, max_new_tokens, fixed=static)
+    step = KVDecoder(model, cache, G, am, max_new_tokens, fixed=static)
     del cache  # the decoder holds the prompt's keys and values now (copied, or cast to its compute dtype)
     if temperature > 0:
         seeds = torch.randint(2**62, (ids.shape[0],)).tolist() if seeds is None else seeds
@@ -132,76 +134,49 @@ class KVDecoder:
     forcing) and `generate`.
     fixed=True (the GPU path): the batch never shrinks and every step has the same shapes: attention reads all L
     new-token positions with the ones not yet written masked, and the step's index is a tensor on the device. On
-    CUDA the step is compiled once (torch.compile mode="reduce-overhead": one CUDA-graph replay per token instead
-    of ~30 kernel launches a layer), and the decoder and its buffers stay on the model for the next call (H100, 3B
-    shapes, 64 rows: 6.3 ms a step against 14.6 ms for Hugging Face's forward over a StaticCache, BENCHMARKS.md).
+    CUDA the step is compiled (torch.compile: fused kernels; once per shape in a process) and recorded as one CUDA
+    graph per call, replayed every token (one launch instead of ~20 kernels a layer). Nothing but two lengths is
+    kept between calls: the buffers exist during the rollout only, when the trainer has freed the gradients.
     At decode the three M-RoPE sections of a token share one position, so the rotary is the model's own rotary
     embedding evaluated there.
     Legend: R rows (B images x G), r rows still decoding, Hkv key/value heads, n_rep = query heads per key/value
     head, n new tokens so far."""
 
-    def __init__(self, model, B, G, P, L, dtype, fixed=False):
-        """Buffers for B images x G rows, P prompt positions, L new tokens, in dtype (start() fills them)."""
-        self.lm, self.G, self.R, self.fixed, self.dtype = model.model.language_model, G, B * G, fixed, dtype
-        a, dev = self.lm.layers[0].self_attn, model.device
-        self.P, self.L = P, L
-        shape = lambda rows, n: (rows, self.lm.config.num_key_value_heads, n, a.head_dim)  # noqa: E731
-        # the prompt's keys and values, once per image: fixed, buffers of P positions; else start() takes the cache's
-        self.kp = [torch.empty(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
-        self.vp = [torch.empty(shape(B, P), dtype=dtype, device=dev) for _ in self.lm.layers] if fixed else []
-        self.k = [torch.empty(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]  # new tokens, per row
-        self.v = [torch.empty(shape(self.R, L), dtype=dtype, device=dev) for _ in self.lm.layers]
-        self.pad = torch.ones((self.R, 1, 1, P), dtype=torch.bool, device=dev)  # prompt positions not attended
+    def __init__(self, model, prefix, G, prompt_mask, L, fixed=False):
+        """Started on the prompt's cache prefix (B images) and its padding prompt_mask (R, P), for L new tokens.
+        fixed: buffers of the model's largest prompt and caption lengths so far, rounded up to 128 (a few shapes,
+        each compiled once), the prompt copied into the first P positions, the rest zero (masked: weight 0, and
+        0 x garbage such as NaN would still be NaN)."""
+        B, Hkv, P, d = prefix.layers[0].keys.shape
+        self.lm, self.G, self.R, self.fixed, dev = model.model.language_model, G, B * G, fixed, prompt_mask.device
+        self.dtype = dtype = cache_dtype(prefix, dev.type)
+        keys, values = [x.keys for x in prefix.layers], [x.values for x in prefix.layers]
+        if fixed:  # the largest lengths so far: a shorter call after a longer one reuses its compiled shapes
+            room = model.__dict__.setdefault("_decode_room", [0, 0])
+            room[:] = max(room[0], -(-P // 128) * 128), max(room[1], -(-L // 128) * 128)
+            Pb, L = room
+            self.kp, self.vp = ([torch.zeros(B, Hkv, Pb, d, dtype=dtype, device=dev) for _ in keys] for _ in "kv")
+            for buf, x in zip(self.kp + self.vp, keys + values):
+                buf[:, :, :P] = x
+        else:  # (B, Hkv, P, d): the prompt, once per image, in the compute dtype
+            self.kp, self.vp, Pb = [x.to(dtype) for x in keys], [x.to(dtype) for x in values], P
+        self.k = [torch.zeros(self.R, Hkv, L, d, dtype=dtype, device=dev) for _ in keys]  # new tokens, per row
+        self.v = [torch.zeros_like(x) for x in self.k]
+        self.pad = torch.ones((self.R, 1, 1, Pb), dtype=torch.bool, device=dev)  # prompt positions not attended
+        self.pad[:, 0, 0, :P] = ~prompt_mask.bool()
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # the step: where the new key and value go
-        self.head = model.get_output_embeddings()
-        W = self.head.weight
+        self.n, self.rows = 0, torch.arange(self.R, device=dev)  # original index of each row
+        W = model.get_output_embeddings().weight
         self.W = W if W.dtype == torch.float32 else W.detach().float()  # fp32: the parameter itself, or a copy
-        # the step as a plain function of (decoder, tok, positions): a bound method kept on self would be a reference
-        # cycle, and a dropped decoder's buffers would wait for the cycle collector
-        self.compiled, self.graphed = KVDecoder.forward, fixed and dev.type == "cuda"
-        if self.graphed:  # buffers at fixed addresses are read in place by the graph, not copied in per replay
-            for buf in self.kp + self.vp + self.k + self.v + [self.pad, self.t, self.W]:
-                torch._dynamo.mark_static_address(buf)
-            self.compiled = torch.compile(KVDecoder.forward, fullgraph=True, mode="reduce-overhead")
-
-    @classmethod
-    def get(cls, model, prefix, G, prompt_mask, max_new_tokens, fixed=False):
-        """A decoder started on the prompt's cache. fixed: the model's own, kept between calls and rebuilt (on CUDA:
-        recompiled) only when the batch, dtype or device changes, a longer prompt or caption comes, or a W it
-        aliased was cast; its prompt and caption lengths are rounded up to 128 so that most calls fit."""
-        B, _, P, _ = prefix.layers[0].keys.shape
-        dtype = cache_dtype(prefix, prompt_mask.device.type)
-        if not fixed:
-            return cls(model, B, G, P, max_new_tokens, dtype).start(prefix, prompt_mask)
-        dec = model.__dict__.get("_static_decoder")
-        if dec is None or (dec.R, dec.G, dec.dtype, dec.W.dtype, dec.t.device) != \
-                (B * G, G, dtype, torch.float32, prompt_mask.device) or dec.P < P or dec.L < max_new_tokens:
-            model.__dict__["_static_decoder"] = None  # free the old buffers first
-            dec = cls(model, B, G, -(-P // 128) * 128, -(-max_new_tokens // 128) * 128, dtype, fixed=True)
-            model.__dict__["_static_decoder"] = dec
-        return dec.start(prefix, prompt_mask)
-
-    def start(self, prefix, prompt_mask):
-        """Take the prompt's keys and values (fixed: copied into the buffers' first P positions; else kept, cast to
-        the compute dtype), its padding (R, P), and refresh the fp32 unembedding if it is a copy. Fixed: every other
-        position is zeroed, as masked positions get weight 0, and 0 x (garbage: NaN, inf) would still be NaN."""
-        P = prompt_mask.shape[1]
-        if self.fixed:
-            for buf, src in ((self.kp, [x.keys for x in prefix.layers]), (self.vp, [x.values for x in prefix.layers])):
-                for b, x in zip(buf, src):
-                    b[:, :, :P].copy_(x)
-                    b[:, :, P:].zero_()
-            for b in self.k + self.v:
-                b.zero_()
-        else:
-            self.kp = [x.keys.to(self.dtype) for x in prefix.layers]  # (B, Hkv, P, d): the prompt, once per image
-            self.vp = [x.values.to(self.dtype) for x in prefix.layers]
-        self.pad.fill_(True)[:, 0, 0, :P].copy_(~prompt_mask.bool())
-        if self.fixed and self.W is not self.head.weight:  # bf16 weights: the policy changed since the last call
-            self.W.copy_(self.head.weight)
-        self.t.zero_()
-        self.n, self.rows = 0, torch.arange(self.R, device=prompt_mask.device)  # original index of each row
-        return self
+        # each layer's matrices (weight, bias) as the step reads them: the parameters, or, fixed with fp32 weights
+        # under bf16 autocast (the trainer on a GPU), copies in the compute dtype, as autocast rounds them: the
+        # compiled step would otherwise cast every matrix again each token, reading the fp32 weights and writing and
+        # reading the bf16 ones, 3x the bytes of reading bf16 weights (3B: 5.2 GiB of copies during the rollout)
+        self.copied = fixed and needs_copies(model, dtype)
+        self.mats = [{n: [x if x is None or not self.copied else x.detach().to(dtype) for x in (m.weight, m.bias)]
+                      for n, m in linears(layer)} for layer in self.lm.layers]
+        self.graphed, self.graph = fixed and dev.type == "cuda", None
+        self.compiled = compiled_step() if self.graphed else KVDecoder.forward  # a plain function of (self, ...)
 
     def select(self, keep):
         """Keep only rows `keep` (finished rows leave): copies the new tokens' part of the cache, not the reserve."""
@@ -241,33 +216,75 @@ class KVDecoder:
 
     def __call__(self, tok, positions):
         """Next-token logits (r, V) after feeding tok (r,) at rotary positions (r,)."""
-        logits = self.compiled(self, tok, positions)
+        if not self.graphed:
+            logits = self.compiled(self, tok, positions)
+        else:  # the graph reads its inputs from, and writes its logits to, the tensors it was recorded with
+            if self.graph is None:
+                self.record(tok, positions)
+            self.tok.copy_(tok)
+            self.positions.copy_(positions)
+            self.graph.replay()
+            logits = self.logits.clone()  # the next replay overwrites them
         self.t += 1
         self.n += 1
-        return logits.clone() if self.graphed else logits  # a CUDA graph's output is overwritten by its next replay
+        return logits
+
+    def record(self, tok, positions):
+        """Record the compiled step as a CUDA graph: warm-up runs on a side stream first (the first one in a process
+        compiles), as torch.cuda.graph asks. They write this step's key and value, which the first replay rewrites."""
+        self.tok, self.positions = tok.clone(), positions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.compiled(self, self.tok, self.positions)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self.compiled(self, self.tok, self.positions)
 
     def forward(self, tok, positions):
         lm, r = self.lm, tok.shape[0]
         x = F.embedding(tok, lm.embed_tokens.weight)  # (r, D)
         cos, sin = (c[:, None] for c in lm.rotary_emb(x, positions[None, :, None].expand(3, -1, 1)))  # (r, 1, 1, d)
         for i, layer in enumerate(lm.layers):
-            a, m = layer.self_attn, layer.mlp
+            a, w = layer.self_attn, self.mats[i]
             h = rms_norm(x, layer.input_layernorm)
-            q = linear(h, a.q_proj).view(r, -1, 1, a.head_dim)  # (r, H, 1, d)
-            k = linear(h, a.k_proj).view(r, -1, 1, a.head_dim)  # (r, Hkv, 1, d)
+            q = linear(h, w["q_proj"]).view(r, -1, 1, a.head_dim)  # (r, H, 1, d)
+            k = linear(h, w["k_proj"]).view(r, -1, 1, a.head_dim)  # (r, Hkv, 1, d)
             if hasattr(a, "q_norm"):  # Qwen3-VL normalises each head's query and key
                 q, k = rms_norm(q, a.q_norm), rms_norm(k, a.k_norm)
             self.k[i].index_copy_(2, self.t, (k * cos + rotate_half(k) * sin).to(self.dtype))
-            self.v[i].index_copy_(2, self.t, linear(h, a.v_proj).view(r, -1, 1, a.head_dim).to(self.dtype))
-            x = x + linear(self.attention(q * cos + rotate_half(q) * sin, a, i), a.o_proj)
+            self.v[i].index_copy_(2, self.t, linear(h, w["v_proj"]).view(r, -1, 1, a.head_dim).to(self.dtype))
+            x = x + linear(self.attention(q * cos + rotate_half(q) * sin, a, i), w["o_proj"])
             h = rms_norm(x, layer.post_attention_layernorm)
-            x = x + linear(m.act_fn(linear(h, m.gate_proj)) * linear(h, m.up_proj), m.down_proj)
+            x = x + linear(layer.mlp.act_fn(linear(h, w["gate_proj"])) * linear(h, w["up_proj"]), w["down_proj"])
         return unembed(rms_norm(x, lm.norm), self.W)
 
 
-def linear(x, layer):
+def linear(x, weight_bias):
     """An nn.Linear's arithmetic without the module call (hooks, dispatch: a few microseconds each, 7 a layer)."""
-    return F.linear(x, layer.weight, layer.bias)
+    return F.linear(x, *weight_bias)
+
+
+def linears(layer):
+    """A decoder layer's seven nn.Linear modules by name."""
+    a, m = layer.self_attn, layer.mlp
+    return [(n, getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")] + \
+        [(n, getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj")]
+
+
+@functools.cache
+def compiled_step():
+    """KVDecoder.forward compiled (fused kernels, no CUDA graphs of its own: KVDecoder records one per call)."""
+    return torch.compile(KVDecoder.forward, fullgraph=True)
+
+
+def needs_copies(model, dtype):
+    """Whether a fixed decoder computing in dtype reads copies of the layers' matrices: weights of another dtype
+    under autocast (the trainer's fp32 weights under bf16 autocast)."""
+    w = model.model.language_model.layers[0].mlp.down_proj.weight
+    return w.dtype != dtype and torch.is_autocast_enabled(w.device.type)
 
 
 def rms_norm(x, norm):

@@ -118,53 +118,123 @@ def _assert_same_rollout(a, b, tokens=True):
 
 def test_static_decode_equals_dynamic(tiny_policy_dir):
     """The GPU path (preallocated cache, fixed batch; eager here) samples what the CPU path samples: greedy with
-    EOS, sampled with and without EOS (the same random draws), and one decoder reused by calls whose prompts have other
-    lengths (stale cache columns from the longer call must not leak into the shorter one, nor garbage left in the
-    buffers: NaN here)."""
+    EOS, sampled with and without EOS (the same random draws), also for a call after a longer one, whose buffers
+    keep the longer call's length (prompt positions past its own end, masked)."""
     model, proc = models.load_policy(tiny_policy_dir)
     long_prompt = models.encode_prompts(proc, mixed_images())
     short_prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"].resize((168, 112))
                                                 for i in range(3)])
     assert short_prompt["input_ids"].shape[1] < long_prompt["input_ids"].shape[1]
-    decoders = []
     for prompt in (long_prompt, short_prompt):
-        for buf in decoders[-1].kp + decoders[-1].vp + decoders[-1].k + decoders[-1].v if decoders else []:
-            buf.fill_(float("nan"))  # what this call finds must not matter: 0 x NaN in a masked position is NaN
         _assert_same_rollout(sample(model, prompt, 2, 12, 0, static=False), sample(model, prompt, 2, 12, 0, static=True))
         for stop in (False, True):  # every row draws every step on both paths, finished or not: same draws
             a, b = (sample(model, prompt, 2, 12, 1.0, [3, 4, 5], stop_at_eos=stop, static=s) for s in (False, True))
             _assert_same_rollout(a, b)
-        decoders.append(model.__dict__["_static_decoder"])
-    assert decoders[0] is decoders[1]  # the shorter prompt reused the longer one's cache (its stale columns)
+    assert model.__dict__["_decode_room"][0] >= long_prompt["input_ids"].shape[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_static_decode_follows_weight_updates(dtype):
-    """The static decoder is kept on the model between calls; its fp32 unembedding is the parameter itself (fp32
-    weights) or a copy refreshed by every call (bf16): after an optimizer-like in-place update it samples what the
-    dynamic path samples from the new weights."""
+    """Between rollouts the optimizer updates the weights in place; the fp32 unembedding the step reads is the
+    parameter itself (fp32 weights) or a copy made by each call (bf16): after an update the static decode samples
+    what the dynamic one samples from the new weights."""
     model, proc = models.load_policy(shipped("captioner"), dtype=dtype)
     prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(2)])
     prompt["pixel_values"] = prompt["pixel_values"].to(dtype)
     before = sample(model, prompt, 2, 24, 0, static=True)
-    dec = model.__dict__["_static_decoder"]
     with torch.no_grad():
         model.get_output_embeddings().weight.add_(torch.randn_like(model.get_output_embeddings().weight))
     after, ref = (sample(model, prompt, 2, 24, 0, static=s) for s in (True, False))
-    assert model.__dict__["_static_decoder"] is dec  # the same decoder: its W was refreshed (or is the parameter)
     assert not torch.equal(before["tokens"][:, :ref["tokens"].shape[1]], ref["tokens"])  # the update changed it
     _assert_same_rollout(after, ref)
 
 
-def test_a_dropped_static_decoder_is_freed_at_once(tiny_policy_dir):
-    """The kept decoder holds the rollout buffers (GBs at 3B); dropping it (a rebuild, the final evaluation) must free
-    them at once, not when the cycle collector next runs: no reference cycle through the decoder."""
+def test_fixed_step_under_autocast_reads_bf16_copies(tok, monkeypatch):
+    """The trainer's GPU setting, fp32 weights under bf16 autocast: compiled, the fixed step would cast every weight
+    matrix to bf16 again each token (autocast's cache does not survive tracing), 3x the weights' bytes a step. The
+    decoder makes bf16 copies once a call instead: its traced step casts no weight matrix, and it samples bitwise
+    what the step reading the parameters samples (autocast rounds them the same way), also after an update of the
+    weights between calls."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from caprl_mini import sampling
+    model, proc = models.build_tiny_policy(tok, seed=2, arch="qwen2_5_vl", heads=4, kv_heads=2)
+    model.eval()
+    prompt = models.encode_prompts(proc, mixed_images())
+    decoders, init = [], KVDecoder.__init__
+    monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or decoders.append(self))
+
+    def rollout(copies=True):  # one autocast context per rollout, as the trainer (autocast's cache of casts ends with it)
+        with monkeypatch.context() as m, torch.autocast("cpu", dtype=torch.bfloat16):
+            m.setattr(sampling, "needs_copies", sampling.needs_copies if copies else lambda *a: False)
+            return sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=True)
+
+    def same(a, b):
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["logprobs"], b["logprobs"])
+        return a
+
+    before = same(rollout(), rollout(copies=False))
+    assert decoders[0].copied and not decoders[1].copied
+    copies = [x for layer in decoders[0].mats for w in layer.values() for x in w if x is not None]
+    assert {c.dtype for c in copies} == {torch.bfloat16} and len(copies) == 10 * len(model.model.language_model.layers)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.mlp.down_proj.weight.mul_(-3.0)
+    after = same(rollout(), rollout(copies=False))
+    assert not torch.equal(before["tokens"], after["tokens"])
+    graphs = []
+    monkeypatch.setattr(KVDecoder, "forward", torch.compile(KVDecoder.forward, fullgraph=True, backend=lambda gm, ex:
+                        aot_module_simplified(gm, ex, fw_compiler=lambda g, _: graphs.append(g) or g.forward)))
+    _assert_same_rollout(after, rollout())
+    torch._dynamo.reset()
+    casts = [n for n in graphs[0].graph.nodes if n.target == torch.ops.aten._to_copy.default]
+    inputs = [n.args[0] for n in casts if n.args[0].op == "placeholder"]
+    assert len(casts) > 10 and [tuple(n.meta["val"].shape) for n in inputs if n.meta["val"].dim() == 2] == []
+
+
+def test_graphed_step_replays_on_the_tensors_it_was_recorded_with(tiny_policy_dir, monkeypatch):
+    """The CUDA path's host side, CUDA faked: a replay runs the step again on the tensors it was recorded with (as a
+    CUDA graph does), so each step must copy its token and positions into them and take the logits out before the
+    next replay. The rollout equals the eager fixed one."""
+    import contextlib
+    import types
     model, proc = models.load_policy(tiny_policy_dir)
-    sample(model, models.encode_prompts(proc, mixed_images()), 2, 8, 0, static=True)
+    prompt = models.encode_prompts(proc, mixed_images())
+    ref = sample(model, prompt, 2, 12, 1.0, [3, 4, 5], static=True)
+    decoders, init, replays = [], KVDecoder.__init__, []
+
+    class Graph:  # replay: the recorded step again, its logits written into the recorded output
+        def replay(self):
+            d = decoders[-1]
+            d.logits.copy_(KVDecoder.forward(d, d.tok, d.positions))
+            replays.append(int(d.t))
+
+    def graphed_init(self, *a, **k):
+        init(self, *a, **k)
+        self.graphed = True
+        decoders.append(self)
+
+    stream = types.SimpleNamespace(wait_stream=lambda other: None)
+    monkeypatch.setattr(KVDecoder, "__init__", graphed_init)
+    for name, fake in (("CUDAGraph", Graph), ("graph", lambda g: contextlib.nullcontext()), ("Stream", lambda: stream),
+                       ("stream", lambda s: contextlib.nullcontext()), ("current_stream", lambda: stream)):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    _assert_same_rollout(ref, sample(model, prompt, 2, 12, 1.0, [3, 4, 5], static=True))
+    assert replays == list(range(11))  # one replay per decode step, each at its own step index
+
+
+def test_a_decoder_is_freed_when_its_call_returns(tiny_policy_dir, monkeypatch):
+    """A rollout's decoder holds its buffers (GBs at 3B) and, on a GPU, its CUDA graph: they must be freed when
+    sample() returns, before the update allocates the gradients, not when the cycle collector next runs: no
+    reference to the decoder outlives the call, and no reference cycle runs through it."""
+    model, proc = models.load_policy(tiny_policy_dir)
+    decoders, init = [], KVDecoder.__init__
+    monkeypatch.setattr(KVDecoder, "__init__", lambda self, *a, **k: init(self, *a, **k) or
+                        decoders.append(weakref.ref(self)))
     gc.disable()
     try:
-        dropped = weakref.ref(model.__dict__.pop("_static_decoder"))
-        assert dropped() is None
+        for static in (True, False):
+            sample(model, models.encode_prompts(proc, mixed_images()), 2, 8, 0, static=static)
+        assert len(decoders) == 2 and [d() for d in decoders] == [None, None]
     finally:
         gc.enable()
 
@@ -186,26 +256,26 @@ def test_static_decode_with_eos_matches_teacher_forced():
         assert row[:int(m.sum())].tolist() == r[:int(m.sum())].tolist()
 
 
-def test_static_decode_step_traces_as_one_graph(tiny_policy_dir):
+def test_static_decode_step_traces_as_one_graph(tiny_policy_dir, monkeypatch):
     """On CUDA the step is torch.compile(fullgraph=True): any graph break is an error there. Traced here with the
     eager backend (no code generation, no GPU), on a model prepared for training with gradient checkpointing (the
     embedding's requires_grad_ hook broke the GPU run under torch 2.11; 2.13 traces it either way); the traced
-    step must sample what the plain step samples, with one graph for all steps."""
+    step must sample what the plain step samples, with one graph for all steps of both calls (each call builds a
+    new decoder: the graph must not depend on which)."""
     model, proc = models.load_policy(tiny_policy_dir)
     models.prepare_for_training(model, gradient_checkpointing=True)
     model.eval()
     prompt = models.encode_prompts(proc, mixed_images())
     ref = sample(model, prompt, 2, 12, 0, static=True)
-    dec = model.__dict__["_static_decoder"]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    dec.compiled = torch.compile(KVDecoder.forward, fullgraph=True, backend="eager")
+    monkeypatch.setattr(KVDecoder, "forward", torch.compile(KVDecoder.forward, fullgraph=True, backend="eager"))
     for _ in range(2):
         _assert_same_rollout(ref, sample(model, prompt, 2, 12, 0, static=True))
-    assert model.__dict__["_static_decoder"] is dec
     # one graph for every step of both calls: a Python value that changes per step (a step counter read in the
     # step) would recompile, and on CUDA record a new graph, every token
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
@@ -270,8 +340,8 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, m
     prompt_mask = torch.ones(B * G, P, dtype=torch.long, device="meta")
     tokens, positions = torch.zeros(B * G, dtype=torch.long, device="meta"), torch.full((B * G,), P, device="meta")
     with torch.no_grad():
-        for dec in (sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8, fixed=True),
-                    sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8)):
+        for dec in (sampling.KVDecoder(model, prefix, G, prompt_mask, 8, fixed=True),
+                    sampling.KVDecoder(model, prefix, G, prompt_mask, 8)):
             dec(tokens, positions)
             with _DeviceLog() as log:
                 logits = dec(tokens, positions + 1)
@@ -282,5 +352,5 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, m
     # memory, and no per-step cast of the prompt's cache (the steps themselves run under autocast in the test above)
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: True)
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda *device: torch.bfloat16)
-    kv, fixed = (sampling.KVDecoder.get(model, prefix, G, prompt_mask, 8, fixed=f) for f in (False, True))
+    kv, fixed = (sampling.KVDecoder(model, prefix, G, prompt_mask, 8, fixed=f) for f in (False, True))
     assert {t.dtype for dec in (kv, fixed) for ts in (dec.kp, dec.vp, dec.k, dec.v) for t in ts} == {torch.bfloat16}
