@@ -37,6 +37,9 @@ part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --capt
 # ("sampler-cast", the code before 2026-11-27 21:00 UTC); never measured
 part sampling_amp 240 python benchmarks/bench_sampling.py --device cuda --repeats 2 --amp 1 \
   --methods generate,sampler,sampler-cast
+# not in the default PARTS: the kernels of 16 decode steps (the compiled step launched without its graph) against the
+# step's time (the timed rounds first; an older profile of whole graphed rollouts ran over 2 minutes unfinished)
+part profile 300 python benchmarks/bench_sampling.py --device cuda --repeats 1 --methods generate,sampler --profile "$OUT"
 # not in the default PARTS: needs TRL (benchmarks/README.md, "bench_trl.py on a GPU machine"); PARTS=trl runs it
 T=/tmp/trl_models
 part trl 540 bash -c "python -c 'import trl' && python benchmarks/bench_real_step.py --write-only $T &&
