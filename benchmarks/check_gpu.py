@@ -5,7 +5,8 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
     python benchmarks/check_gpu.py --device cpu      # the script itself, anywhere (cpu against cpu)
 
   sampling   greedy captions of the static decode (KVDecoder, fixed batch, CUDA graphs) == the dynamic one's (eager),
-             twice (each call records its own graph);
+             twice (each call records its own graph); 20 more rollouts free all they allocate, and a new caption
+             length compiles once more;
              under bf16 autocast with fp32 weights (the trainer's setting), sampled captions' log-probs against
              teacher forcing (bf16 rounding: tolerance 0.1, as tests/test_sampling.py);
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
@@ -58,6 +59,14 @@ with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):  # the tra
     tf = token_logprobs(h, policy.get_output_embeddings().weight, out["tokens"][out["mask"].bool()])
 AMP = "sampling, bf16 autocast: max |static log-prob - teacher-forced|"
 results[AMP] = (tf - out["logprobs"][out["mask"].bool()]).abs().max().item()
+if dev.type == "cuda":  # each rollout's buffers and graph are freed when it returns; one compile per new shape
+    with torch.no_grad():
+        graphs, base = torch._dynamo.utils.counters["stats"]["unique_graphs"], torch.cuda.memory_allocated()
+        for n in [64] * 10 + [200] * 10:  # the caption length grows past its 128-rounded buffer once
+            sample(policy, on, 3, n, 0, static=True)
+    results["sampling: 20 more rollouts leave no memory allocated"] = torch.cuda.memory_allocated() <= base
+    results["sampling: ... and compile once more (the new length)"] = \
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
 tokens, mask = kv["tokens"], kv["mask"]
 D = policy.config.get_text_config().hidden_size
 weights = torch.randn(int(mask.sum()), D, generator=torch.Generator().manual_seed(0))  # a fixed linear readout

@@ -230,18 +230,22 @@ class KVDecoder:
         return logits
 
     def record(self, tok, positions):
-        """Record the compiled step as a CUDA graph: warm-up runs on a side stream first (the first one in a process
-        compiles), as torch.cuda.graph asks. They write this step's key and value, which the first replay rewrites."""
+        """Record the compiled step as a CUDA graph: warm-up runs first (the first one in a process compiles), as
+        torch.cuda.graph asks, on the process's one side stream. They write this step's key and value, which the
+        first replay rewrites. cuBLAS's workspaces are dropped before and after, as Inductor does for its graphs: the
+        recorded matmuls get theirs from the graph's own memory, freed with it."""
         self.tok, self.positions = tok.clone(), positions.clone()
-        side = torch.cuda.Stream()
+        side = side_stream(tok.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
                 self.compiled(self, self.tok, self.positions)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        torch._C._cuda_clearCublasWorkspaces()
+        with torch.cuda.graph(self.graph, stream=side):
             self.logits = self.compiled(self, self.tok, self.positions)
+        torch._C._cuda_clearCublasWorkspaces()
 
     def forward(self, tok, positions):
         lm, r = self.lm, tok.shape[0]
@@ -276,8 +280,16 @@ def linears(layer):
 
 @functools.cache
 def compiled_step():
-    """KVDecoder.forward compiled (fused kernels, no CUDA graphs of its own: KVDecoder records one per call)."""
-    return torch.compile(KVDecoder.forward, fullgraph=True)
+    """KVDecoder.forward compiled (fused kernels, no CUDA graphs of its own: KVDecoder records one per call); static
+    shapes: a new one compiles again (few: lengths are rounded up to 128 and grow only) rather than turning every
+    later call into a graph with symbolic sizes."""
+    return torch.compile(KVDecoder.forward, fullgraph=True, dynamic=False)
+
+
+@functools.cache
+def side_stream(device):
+    """The stream graphs are recorded on, one per device for the process: cuBLAS keeps a workspace per stream."""
+    return torch.cuda.Stream(device)
 
 
 def needs_copies(model, dtype):

@@ -197,6 +197,7 @@ def test_graphed_step_replays_on_the_tensors_it_was_recorded_with(tiny_policy_di
     next replay. The rollout equals the eager fixed one."""
     import contextlib
     import types
+    from caprl_mini import sampling
     model, proc = models.load_policy(tiny_policy_dir)
     prompt = models.encode_prompts(proc, mixed_images())
     ref = sample(model, prompt, 2, 12, 1.0, [3, 4, 5], static=True)
@@ -215,11 +216,14 @@ def test_graphed_step_replays_on_the_tensors_it_was_recorded_with(tiny_policy_di
 
     stream = types.SimpleNamespace(wait_stream=lambda other: None)
     monkeypatch.setattr(KVDecoder, "__init__", graphed_init)
-    for name, fake in (("CUDAGraph", Graph), ("graph", lambda g: contextlib.nullcontext()), ("Stream", lambda: stream),
-                       ("stream", lambda s: contextlib.nullcontext()), ("current_stream", lambda: stream)):
+    for name, fake in (("CUDAGraph", Graph), ("graph", lambda g, stream: contextlib.nullcontext()),
+                       ("Stream", lambda device: stream), ("stream", lambda s: contextlib.nullcontext()),
+                       ("current_stream", lambda: stream)):
         monkeypatch.setattr(torch.cuda, name, fake)
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None, raising=False)
     _assert_same_rollout(ref, sample(model, prompt, 2, 12, 1.0, [3, 4, 5], static=True))
     assert replays == list(range(11))  # one replay per decode step, each at its own step index
+    sampling.side_stream.cache_clear()  # the fake stream
 
 
 def test_a_decoder_is_freed_when_its_call_returns(tiny_policy_dir, monkeypatch):
