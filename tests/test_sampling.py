@@ -118,8 +118,8 @@ def _assert_same_rollout(a, b, tokens=True):
 
 def test_static_decode_equals_dynamic(tiny_policy_dir):
     """The GPU path (preallocated cache, fixed batch; eager here) samples what the CPU path samples: greedy with
-    EOS, sampled with and without EOS (the same random draws), also for a call after a longer one, whose buffers
-    keep the longer call's length (prompt positions past its own end, masked)."""
+    EOS, sampled with and without EOS (the same random draws), also for calls after longer ones, whose buffers keep
+    the longer calls' lengths (prompt positions and steps past its own, masked)."""
     model, proc = models.load_policy(tiny_policy_dir)
     long_prompt = models.encode_prompts(proc, mixed_images())
     short_prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"].resize((168, 112))
@@ -130,7 +130,12 @@ def test_static_decode_equals_dynamic(tiny_policy_dir):
         for stop in (False, True):  # every row draws every step on both paths, finished or not: same draws
             a, b = (sample(model, prompt, 2, 12, 1.0, [3, 4, 5], stop_at_eos=stop, static=s) for s in (False, True))
             _assert_same_rollout(a, b)
-    assert model.__dict__["_decode_room"][0] >= long_prompt["input_ids"].shape[1]
+    # the buffers' lengths grow only (shapes repeat, each compiled once): after a 130-token call a 12-token one
+    # decodes in 256-position buffers, all past its own steps masked
+    sample(model, short_prompt, 2, 130, 0, static=True)
+    _assert_same_rollout(sample(model, short_prompt, 2, 12, 0, static=False),
+                         sample(model, short_prompt, 2, 12, 0, static=True))
+    assert model.__dict__["_decode_room"] == [128, 256]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
