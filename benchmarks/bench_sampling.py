@@ -198,6 +198,7 @@ for name in names:
             sync()
             t = time.perf_counter() - t
             assert out.shape[0] == B * G and (args.stop_at_eos or n_tokens == B * G * n), (m, out.shape, n_tokens)
+            print(f"{name} round {r}{' (warm-up)' * (r == 0)}: {m}, {n} new tokens, {t:.3f} s", file=sys.stderr)
             if r:
                 times[m, n].append(t)
                 rates[m, n].append(n_tokens / t)

@@ -134,8 +134,9 @@ class KVDecoder:
     forcing) and `generate`.
     fixed=True (the GPU path): the batch never shrinks and every step has the same shapes: attention reads all L
     new-token positions with the ones not yet written masked, and the step's index is a tensor on the device. On
-    CUDA the step is compiled (torch.compile: fused kernels; once per shape in a process) and recorded as one CUDA
-    graph per call, replayed every token (one launch instead of ~20 kernels a layer). Nothing but two lengths is
+    CUDA the step's two functions are compiled (torch.compile: fused kernels; once per shape in a process), the
+    layer step once for all layers (36 layers unrolled into one graph took ~7x as long to compile), and the whole
+    step is recorded as one CUDA graph per call, replayed every token (one launch instead of ~20 kernels a layer). Nothing but two lengths is
     kept between calls: the buffers exist during the rollout only, when the trainer has freed the gradients.
     At decode the three M-RoPE sections of a token share one position, so the rotary is the model's own rotary
     embedding evaluated there.
@@ -175,8 +176,13 @@ class KVDecoder:
         self.copied = fixed and needs_copies(model, dtype)
         self.mats = [{n: [x if x is None or not self.copied else x.detach().to(dtype) for x in (m.weight, m.bias)]
                       for n, m in linears(layer)} for layer in self.lm.layers]
+        self.norms = [norm_weights(self.lm, i) for i in range(len(self.lm.layers))]
+        a = self.lm.layers[0].self_attn
+        self.head_dim, self.scaling, self.act = a.head_dim, a.scaling, self.lm.layers[0].mlp.act_fn
+        self.eps = self.lm.norm.variance_epsilon  # every RMSNorm of the model has the config's
         self.graphed, self.graph = fixed and dev.type == "cuda", None
-        self.compiled = compiled_step() if self.graphed else KVDecoder.forward  # a plain function of (self, ...)
+        steps = (KVDecoder.first_step, KVDecoder.layer_step)  # plain functions of (self, ...), or compiled
+        self.first, self.layer = (compiled(f) for f in steps) if self.graphed else steps
 
     def select(self, keep):
         """Keep only rows `keep` (finished rows leave): copies the new tokens' part of the cache, not the reserve."""
@@ -199,9 +205,10 @@ class KVDecoder:
         x = x.view(B, Hkv, self.G, -1, k).transpose(1, 2).reshape(self.R, Hkv, -1, k)
         return x if len(self.rows) == self.R else x[self.rows]
 
-    def attention(self, q, a, i):
-        """q (r, H, 1, d) of the new tokens over layer i's prompt (once per image) and new tokens (per row)."""
-        r, Kp, Vp, K, V = q.shape[0], self.kp[i], self.vp[i], self.k[i], self.v[i]
+    def attention(self, q, Kp, Vp, K, V):
+        """q (r, H, 1, d) of the new tokens over a layer's prompt Kp, Vp (once per image) and new tokens K, V (per
+        row)."""
+        r = q.shape[0]
         if not self.fixed:  # only the new tokens so far (fixed: all L positions, the later ones masked below; a
             K, V = K[:, :, :self.n + 1], V[:, :, :self.n + 1]  # Python int read there would recompile every step)
         q = q.view(r, K.shape[1], -1, q.shape[-1])  # (r, Hkv, n_rep, d): query head j * n_rep + e uses kv head j
@@ -209,7 +216,7 @@ class KVDecoder:
         sn = q @ K.transpose(-1, -2)
         if self.fixed:
             sn = sn.masked_fill_(torch.arange(K.shape[2], device=q.device) > self.t, -float("inf"))
-        s = torch.cat([sp, sn], -1) * a.scaling  # (r, Hkv, n_rep, P + n)
+        s = torch.cat([sp, sn], -1) * self.scaling  # (r, Hkv, n_rep, P + n)
         pp, pn = s.softmax(-1).split([Kp.shape[2], K.shape[2]], -1)
         o = self.by_row(self.by_image(pp) @ Vp) + pn @ V  # (r, Hkv, n_rep, d)
         return o.reshape(r, -1)
@@ -217,7 +224,7 @@ class KVDecoder:
     def __call__(self, tok, positions):
         """Next-token logits (r, V) after feeding tok (r,) at rotary positions (r,)."""
         if not self.graphed:
-            logits = self.compiled(self, tok, positions)
+            logits = self.forward(tok, positions)
         else:  # the graph reads its inputs from, and writes its logits to, the tensors it was recorded with
             if self.graph is None:
                 self.record(tok, positions)
@@ -239,31 +246,43 @@ class KVDecoder:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.compiled(self, self.tok, self.positions)
+                self.forward(self.tok, self.positions)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         torch._C._cuda_clearCublasWorkspaces()
         with torch.cuda.graph(self.graph, stream=side):
-            self.logits = self.compiled(self, self.tok, self.positions)
+            self.logits = self.forward(self.tok, self.positions)
         torch._C._cuda_clearCublasWorkspaces()
 
     def forward(self, tok, positions):
-        lm, r = self.lm, tok.shape[0]
-        x = F.embedding(tok, lm.embed_tokens.weight)  # (r, D)
-        cos, sin = (c[:, None] for c in lm.rotary_emb(x, positions[None, :, None].expand(3, -1, 1)))  # (r, 1, 1, d)
-        for i, layer in enumerate(lm.layers):
-            a, w = layer.self_attn, self.mats[i]
-            h = rms_norm(x, layer.input_layernorm)
-            q = linear(h, w["q_proj"]).view(r, -1, 1, a.head_dim)  # (r, H, 1, d)
-            k = linear(h, w["k_proj"]).view(r, -1, 1, a.head_dim)  # (r, Hkv, 1, d)
-            if hasattr(a, "q_norm"):  # Qwen3-VL normalises each head's query and key
-                q, k = rms_norm(q, a.q_norm), rms_norm(k, a.k_norm)
-            self.k[i].index_copy_(2, self.t, (k * cos + rotate_half(k) * sin).to(self.dtype))
-            self.v[i].index_copy_(2, self.t, linear(h, w["v_proj"]).view(r, -1, 1, a.head_dim).to(self.dtype))
-            x = x + linear(self.attention(q * cos + rotate_half(q) * sin, a, i), w["o_proj"])
-            h = rms_norm(x, layer.post_attention_layernorm)
-            x = x + linear(layer.mlp.act_fn(linear(h, w["gate_proj"])) * linear(h, w["up_proj"]), w["down_proj"])
-        return unembed(rms_norm(x, lm.norm), self.W)
+        """The step: the embedding, rotary and first norm, then each layer (all layers one compiled function on
+        CUDA: compiled once for the 36 layers of a 3B model, not 36 layers unrolled into one graph), the unembedding."""
+        x, h, cos, sin = self.first(self, tok, positions)
+        for i, (w, norms) in enumerate(zip(self.mats, self.norms)):
+            x, h = self.layer(self, x, h, cos, sin, w, norms, self.kp[i], self.vp[i], self.k[i], self.v[i])
+        return unembed(h, self.W)
+
+    def first_step(self, tok, positions):
+        """The embedding of tok (r,), its norm for the first layer and the rotary's cos, sin (r, 1, 1, d)."""
+        x = F.embedding(tok, self.lm.embed_tokens.weight)  # (r, D)
+        cos, sin = (c[:, None] for c in self.lm.rotary_emb(x, positions[None, :, None].expand(3, -1, 1)))
+        return x, rms_norm(x, self.lm.layers[0].input_layernorm.weight, self.eps), cos, sin
+
+    def layer_step(self, x, h, cos, sin, w, norms, kp, vp, k_buf, v_buf):
+        """One decoder layer on the residual stream x (r, D) and its normed input h: writes this token's key and
+        value into k_buf, v_buf and returns the new residual stream and its norm under norms["after"]. Every input is
+        a tensor or a dict of tensors (no module, no layer index), so one compiled function serves all layers."""
+        r, d = x.shape[0], self.head_dim
+        q = linear(h, w["q_proj"]).view(r, -1, 1, d)  # (r, H, 1, d)
+        k = linear(h, w["k_proj"]).view(r, -1, 1, d)  # (r, Hkv, 1, d)
+        if "q" in norms:
+            q, k = rms_norm(q, norms["q"], self.eps), rms_norm(k, norms["k"], self.eps)
+        k_buf.index_copy_(2, self.t, (k * cos + rotate_half(k) * sin).to(self.dtype))
+        v_buf.index_copy_(2, self.t, linear(h, w["v_proj"]).view(r, -1, 1, d).to(self.dtype))
+        x = x + linear(self.attention(q * cos + rotate_half(q) * sin, kp, vp, k_buf, v_buf), w["o_proj"])
+        h = rms_norm(x, norms["post"], self.eps)
+        x = x + linear(self.act(linear(h, w["gate_proj"])) * linear(h, w["up_proj"]), w["down_proj"])
+        return x, rms_norm(x, norms["after"], self.eps)
 
 
 def linear(x, weight_bias):
@@ -279,11 +298,11 @@ def linears(layer):
 
 
 @functools.cache
-def compiled_step():
-    """KVDecoder.forward compiled (fused kernels, no CUDA graphs of its own: KVDecoder records one per call); static
-    shapes: a new one compiles again (few: lengths are rounded up to 128 and grow only) rather than turning every
-    later call into a graph with symbolic sizes."""
-    return torch.compile(KVDecoder.forward, fullgraph=True, dynamic=False)
+def compiled(step):
+    """A KVDecoder step function compiled (fused kernels, no CUDA graphs of its own: KVDecoder records one per call),
+    once per process and shape; static shapes: a new one compiles again (few: lengths are rounded up to 128 and grow
+    only) rather than turning every later call into a graph with symbolic sizes."""
+    return torch.compile(step, fullgraph=True, dynamic=False)
 
 
 @functools.cache
@@ -299,10 +318,19 @@ def needs_copies(model, dtype):
     return w.dtype != dtype and torch.is_autocast_enabled(w.device.type)
 
 
-def rms_norm(x, norm):
+def norm_weights(lm, i):
+    """Layer i's RMSNorm weights as its step reads them: after attention, and the norm its output goes through next
+    (the next layer's input norm, the last layer's: the final norm); Qwen3-VL's per-head query and key norms."""
+    layers, a = lm.layers, lm.layers[i].self_attn
+    after = layers[i + 1].input_layernorm if i + 1 < len(layers) else lm.norm
+    norms = {"post": layers[i].post_attention_layernorm.weight, "after": after.weight}
+    return norms | ({"q": a.q_norm.weight, "k": a.k_norm.weight} if hasattr(a, "q_norm") else {})
+
+
+def rms_norm(x, weight, eps):
     """Hugging Face's Qwen2 RMSNorm: statistics in fp32, the weight applied in the input's dtype."""
     xf = x.float()
-    return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def rotate_half(x):
