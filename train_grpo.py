@@ -32,8 +32,8 @@ Memory (README, "Train a real captioner"): fp32 weights and AdamW state with bf1
 bf16 inference mode, fused log-probs + loss (no [tokens, vocabulary] logits; the gradient formed in the forward,
 logprobs.py), --micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1. The
 teacher-forced pass runs each image's prompt once with its G captions packed after it, no padding between
-them (models.completion_hidden), except with --gradient-checkpointing 1 (it drops caches): then every caption row
-carries its own copy of the prompt. The loss and its log-probs cover the real tokens only.
+them (models.completion_hidden; with --gradient-checkpointing 1, which drops caches, prompt and captions as one
+sequence per image under one mask). The loss and its log-probs cover the real tokens only.
 More than one GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel). Rank r samples and scores the
 step's images r*B/N ... (r+1)*B/N - 1 (their groups are whole, so advantages need no communication), the loss is
 normalised by the step's global token count and the gradients are summed over ranks (all-reduce), so N ranks make

@@ -11,8 +11,8 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
              teacher forcing (bf16 rounding: tolerance 0.1, as tests/test_sampling.py);
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
              on the device against the CPU: max |state difference| over the real tokens and the parameter
-             gradients of a fixed linear function of them, and the same with the per-row path (prompt repeated
-             per caption);
+             gradients of a fixed linear function of them, and the same under gradient checkpointing (prompt and
+             packed captions as one sequence per image, no cache);
   loss       logprobs_and_loss (the trainer's GRPO loss, gradient formed in the forward, and the entropy) at Qwen's
              vocabulary on the device against the CPU: max |log-prob difference|, the loss's and the gradients'
              differences relative to their scale, max |entropy difference|;
@@ -70,11 +70,11 @@ if dev.type == "cuda":  # each rollout's buffers and graph are freed when it ret
 tokens, mask = kv["tokens"], kv["mask"]
 D = policy.config.get_text_config().hidden_size
 weights = torch.randn(int(mask.sum()), D, generator=torch.Generator().manual_seed(0))  # a fixed linear readout
-for name, checkpointing in (("packed", False), ("per-row", True)):
+for name, checkpointing in (("packed", False), ("one sequence (checkpointing)", True)):
     h, grads = {}, {}
     for d in (torch.device("cpu"), dev):
         policy.to(d).zero_grad()
-        if checkpointing:  # completion_hidden's other path: every caption row with its own prompt
+        if checkpointing:  # completion_hidden's other path: prompt and packed captions in one forward
             policy.gradient_checkpointing_enable()
         p = {k: v.to(d) for k, v in prompt.items()}
         pos, nxt = models.rope_positions(policy, p["input_ids"], p["attention_mask"], p["image_grid_thw"])

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU row of BENCHMARKS.md, logs under ${OUT:-runs/gpu}. On one H100 (2026-11-27 18:53-19:04 UTC): check 38 s,
-# sampling ~150 s (with a fourth method since removed), logprobs 28 s, judge 44 s at --repeats 1; real_step not run.
+# Every GPU row of BENCHMARKS.md, logs under ${OUT:-runs/gpu}. On one H100: check 64 s, sampling 187 s, real_step
+# 181 s (2026-11-27 21:48-22:01 UTC; sampling_amp ran past its then 240 s), logprobs 28 s, judge 44 s at --repeats 1
+# (18:53-19:04 UTC); teacher never run. Each compile of the decode step took ~95 s of those until 22:14 UTC (36 layers
+# unrolled; now one layer function, ~7x faster to compile on the CPU).
 # Usage:
 #   bash benchmarks/run_gpu.sh
 #   PARTS="real_step judge" bash benchmarks/run_gpu.sh     # only these parts
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
 # The limits add up to ~18 minutes, more than a session's GPU time: run the parts in two calls on the same warm
-# machine, most telling first. Next (the decode changed on 2026-11-27 21:00 UTC: buffers and bf16 weight copies made
-# per rollout, its CUDA graph recorded by KVDecoder): PARTS="check sampling sampling_amp", then PARTS=real_step
+# machine, most telling first. Next (changed since the 21:48 run: the decode step compiled per layer, the teacher-forced
+# pass under checkpointing packed): PARTS="check real_step teacher", then PARTS="sampling_amp sampling"
 # (logprobs and judge are unchanged since their H100 rows).
 set -u
 cd "$(dirname "$0")/.."
@@ -19,7 +21,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
   date -u; } | tee "$OUT/machine.txt"
 part() {  # name, seconds, command...
   local name=$1 limit=$2 t0=$SECONDS; shift 2
-  [[ " ${PARTS:-check sampling sampling_amp real_step logprobs judge} " == *" $name "* ]] || return 0
+  [[ " ${PARTS:-check sampling sampling_amp real_step teacher logprobs judge} " == *" $name "* ]] || return 0
   echo "== $name: $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "exit $? after $((SECONDS - t0))s" >> "$OUT/$name.log"
   grep -v -E "Loading weights|it/s\]|^\s*$" "$OUT/$name.log" | tail -n 14 | cut -c1-400
@@ -30,12 +32,15 @@ part check 120 python benchmarks/check_gpu.py
 # recompiles: any recompile of the step (~150 s on the H100)
 part sampling 240 env TORCH_LOGS=recompiles python benchmarks/bench_sampling.py --device cuda --repeats 2
 part real_step 240 python benchmarks/bench_real_step.py
+# the update's teacher-forced pass at 3B widths (36 layers x 2048; MLP 3x wide, not 3B's 5.4x), one image x G = 8
+part teacher 150 python benchmarks/bench_teacher.py --device cuda --hidden 2048 --layers 36 --image-side 896 \
+  --new-tokens 256 --images 1 --repeats 2
 part logprobs 80 python benchmarks/bench_logprobs.py --device cuda
 part judge 150 python benchmarks/bench_judge.py --device cuda --repeats 2 --captions 32
 # the sampler with fp32 weights under bf16 autocast (the trainer's setting): the step reading bf16 copies made once a
 # rollout ("sampler") against the step reading the fp32 parameters, cast by autocast inside the step every token
 # ("sampler-cast", the code before 2026-11-27 21:00 UTC); never measured
-part sampling_amp 240 python benchmarks/bench_sampling.py --device cuda --repeats 2 --amp 1 \
+part sampling_amp 420 python benchmarks/bench_sampling.py --device cuda --repeats 2 --amp 1 \
   --methods generate,sampler,sampler-cast
 # not in the default PARTS: the kernels of 16 decode steps (the compiled step launched without its graph) against the
 # step's time (the timed rounds first; an older profile of whole graphed rollouts ran over 2 minutes unfinished)

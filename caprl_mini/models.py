@@ -299,38 +299,53 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     """Teacher-forced hidden states (n, D) of the n real completion tokens (completion_mask's ones, row-major), each
     the state predicting its token, of B left-padded prompts (B, P) with G right-padded completions each (B*G, L),
     rows grouped by image: what the loss needs, no padding rows.
-    Each prompt runs once and fills a KV cache; its image's G completions follow it back to back in one packed row
-    (each attends to the prompt and to itself: a block-diagonal causal mask), so no prompt is repeated and an
-    image's captions carry no padding: B*P + B*S tokens forward and backward (S: the most caption tokens of an
-    image in the batch), where a batch of prompt + completion rows costs B*G*(P + L) (real images put hundreds of
-    tokens in P; captions stop at different lengths, L is the longest).
-    Gradient checkpointing drops caches inside the layers, and flash attention takes no custom mask: there every
-    row carries its own copy of the prompt."""
+    Each image's G completions follow its prompt back to back in one packed row (each attends to the prompt and to
+    itself: a block-diagonal causal mask), so no prompt is repeated and an image's captions carry no padding:
+    B*P + B*S tokens forward and backward (S: the most caption tokens of an image in the batch), where a batch of
+    prompt + completion rows costs B*G*(P + L) (real images put hundreds of tokens in P; captions stop at different
+    lengths, L is the longest). The prompt runs first and fills a KV cache the packed completions read; under
+    gradient checkpointing (which drops caches inside the layers) prompt and completions run as one sequence, the
+    prompt's rows masked causally. Flash attention takes no custom mask: there every row carries its own copy of
+    the prompt."""
     attn = model.model.language_model.config._attn_implementation  # the text model's own (it may differ)
-    if model.is_gradient_checkpointing or attn not in ("sdpa", "eager"):
+    if attn not in ("sdpa", "eager"):
         pr = {"input_ids": input_ids.repeat_interleave(G, 0), "attention_mask": attention_mask.repeat_interleave(G, 0)}
         ids, am, ps = with_completions(pr, position_ids.repeat_interleave(G, 1), next_pos.repeat_interleave(G),
                                        completion, completion_mask)
         P, L = input_ids.shape[1], completion.shape[1]
         h, _ = policy_hidden(model, ids, am, ps, pixel_values, image_grid_thw, repeat=G, prompt_len=P)
         return h[:, P - 1:P - 1 + L][completion_mask.bool()]
-    cache = DynamicCache(config=model.config.get_text_config())
-    hp, _ = policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw, cache=cache)
+    B, P = input_ids.shape
     lens = completion_mask.sum(1)
     start = lens.view(-1, G).cumsum(1).view(-1) - lens  # each completion's offset in its image's packed row
     r, j = completion_mask.bool().nonzero(as_tuple=True)  # the real tokens: row r, column j
     b, col, S = r // G, start[r] + j, int(lens.view(-1, G).sum(1).max())
     if S == 0:  # no completion token at all
-        return hp.new_zeros((0, hp.shape[-1]))
-    ids = completion.new_zeros((len(hp), S)).index_put_((b, col), completion[r, j])
-    pos = completion.new_zeros((len(hp), S)).index_put_((b, col), next_pos[b] + j)
-    seg = completion.new_full((len(hp), S), -1).index_put_((b, col), r)  # which completion (-1: padding)
+        norm = model.model.language_model.norm.weight  # the final hidden states' dtype
+        return norm.new_zeros((0, norm.shape[0]))
+    ids = completion.new_zeros((B, S)).index_put_((b, col), completion[r, j])
+    pos = completion.new_zeros((B, S)).index_put_((b, col), next_pos[b] + j)[None].expand(3, -1, -1)
+    seg = completion.new_full((B, S), -1).index_put_((b, col), r)  # which completion (-1: padding)
     k = torch.arange(S, device=ids.device)
     own = (seg[:, :, None] == seg[:, None, :]) & (k <= k[:, None]) | (k == k[:, None])  # padding sees itself
-    mask = torch.cat([attention_mask.bool()[:, None].expand(-1, S, -1), own], -1)[:, None]  # (B, 1, S, P + S)
+    keys = attention_mask.bool()[:, None]  # (B, 1, P): the prompt's real tokens
+    mask = torch.cat([keys.expand(-1, S, -1), own], -1)  # (B, S, P + S)
+    one = model.is_gradient_checkpointing
+    if one:  # the prompt's rows see the prompt causally (padding sees itself), none of the completions
+        i = torch.arange(P, device=ids.device)
+        top = keys & (i <= i[:, None]) | (i == i[:, None])  # (B, P, P)
+        mask = torch.cat([torch.cat([top, top.new_zeros((B, P, S))], -1), mask], 1)  # (B, P + S, P + S)
     if attn == "eager":  # eager adds its mask; sdpa takes it as bool
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    hc, _ = policy_hidden(model, ids, mask, pos[None].expand(3, -1, -1), cache=cache)  # (B, S, D)
+    if one:
+        h, _ = policy_hidden(model, torch.cat([input_ids, ids], 1), mask[:, None], torch.cat([position_ids, pos], 2),
+                             pixel_values, image_grid_thw, prompt_len=P)
+        hp, hc = h[:, :P], h[:, P:]
+    else:
+        cache = DynamicCache(config=model.config.get_text_config())
+        hp, _ = policy_hidden(model, input_ids, attention_mask, position_ids, pixel_values, image_grid_thw,
+                              cache=cache)
+        hc, _ = policy_hidden(model, ids, mask[:, None], pos, cache=cache)  # (B, S, D)
     # the state before each token; index_select, not hp[b, -1]: the backward of advanced indexing with repeated
     # indices (every token of an image reads its prompt's last state) adds with atomics on a multi-threaded CPU, so
     # the gradient's rounding, and every weight after it, changed from run to run (index_select's adds are ordered)

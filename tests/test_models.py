@@ -100,7 +100,7 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
     gives the teacher-forced states and the gradients of with_completions' batch (every row its own prompt +
     completion): left-padded prompts of different lengths, right-padded completions of different lengths, G = 3, on
     all three architectures (Qwen3-VL: DeepStack in the prompt); and completion_hidden under gradient checkpointing
-    (its per-row path) the same, and with the text model alone on eager attention (an additive mask; the top-level
+    (prompt and packed completions as one sequence: no cache) the same, and with the text model alone on eager attention (an additive mask; the top-level
     config still says sdpa)."""
     from test_sampling import mixed_images
     model, proc = models.load_policy(tiny_policy_dir)
@@ -125,11 +125,17 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
                                         repeat=G, prompt_len=P)
             h = h[:, P - 1:P - 1 + L][cmask]
         else:
-            if way == "under gradient checkpointing":  # caches are dropped there: completion_hidden's other path
-                model.gradient_checkpointing_enable()
+            if way == "under gradient checkpointing":  # caches are dropped there: prompt and completions as one
+                model.gradient_checkpointing_enable()  # sequence per image, still no prompt repeated
                 assert model.is_gradient_checkpointing
+            seen = []
+            hook = model.model.language_model.register_forward_pre_hook(
+                lambda m, a, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
             h = models.completion_hidden(model, prompt["input_ids"], prompt["attention_mask"], pos, nxt,
                                          prompt["pixel_values"], prompt["image_grid_thw"], comp, cmask.long(), G)
+            hook.remove()
+            P, S = prompt["input_ids"].shape[1], int(cmask.view(3, G, L).sum((1, 2)).max())
+            assert seen == ([(3, P + S)] if way == "under gradient checkpointing" else [(3, P), (3, S)])
         token_logprobs(h, model.get_output_embeddings().weight, comp[cmask]).sum().backward()
         states.append(h.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
