@@ -5,8 +5,9 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
     python benchmarks/check_gpu.py --device cpu      # the script itself, anywhere (cpu against cpu)
 
   sampling   greedy captions of the static decode (KVDecoder, fixed batch, CUDA graphs) == the dynamic one's (eager),
-             twice (each call records its own graph); 20 more rollouts free all they allocate, and a new caption
-             length compiles once more;
+             twice (each call records its own graph), its step compiled as two graphs (the first step, one layer
+             step for all layers); 20 more rollouts free all they allocate, and a new caption length compiles once
+             more;
              under bf16 autocast with fp32 weights (the trainer's setting), sampled captions' log-probs against
              teacher forcing (bf16 rounding: tolerance 0.1, as tests/test_sampling.py);
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
@@ -47,7 +48,12 @@ prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for 
 on = {k: v.to(dev) for k, v in prompt.items()}
 with torch.no_grad():
     policy.to(dev)
-    kv, static, again = (sample(policy, on, 3, 64, 0, static=s) for s in (False, True, True))
+    kv = sample(policy, on, 3, 64, 0, static=False)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    static, again = (sample(policy, on, 3, 64, 0, static=True) for _ in range(2))
+if dev.type == "cuda":  # compiled there: the first step, and one layer step for all layers
+    results["sampling: the static step compiled as 2 graphs, not 1 per layer"] = \
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2
 results["sampling: greedy static (compiled) == dynamic (eager)"] = bool(torch.equal(kv["tokens"], static["tokens"]))
 results["sampling: a second static call (new buffers, graph recorded again) == the first"] = \
     bool(torch.equal(again["tokens"], static["tokens"]))
