@@ -330,14 +330,14 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     own = (seg[:, :, None] == seg[:, None, :]) & (k <= k[:, None]) | (k == k[:, None])  # padding sees itself
     keys = attention_mask.bool()[:, None]  # (B, 1, P): the prompt's real tokens
     mask = torch.cat([keys.expand(-1, S, -1), own], -1)  # (B, S, P + S)
-    one = model.is_gradient_checkpointing
-    if one:  # the prompt's rows see the prompt causally (padding sees itself), none of the completions
+    one_sequence = model.is_gradient_checkpointing
+    if one_sequence:  # the prompt's rows see the prompt causally (padding sees itself), none of the completions
         i = torch.arange(P, device=ids.device)
         top = keys & (i <= i[:, None]) | (i == i[:, None])  # (B, P, P)
         mask = torch.cat([torch.cat([top, top.new_zeros((B, P, S))], -1), mask], 1)  # (B, P + S, P + S)
     if attn == "eager":  # eager adds its mask; sdpa takes it as bool
         mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    if one:
+    if one_sequence:
         h, _ = policy_hidden(model, torch.cat([input_ids, ids], 1), mask[:, None], torch.cat([position_ids, pos], 2),
                              pixel_values, image_grid_thw, prompt_len=P)
         hp, hc = h[:, :P], h[:, P:]

@@ -136,8 +136,9 @@ class KVDecoder:
     new-token positions with the ones not yet written masked, and the step's index is a tensor on the device. On
     CUDA the step's two functions are compiled (torch.compile: fused kernels; once per shape in a process), the
     layer step once for all layers (36 layers unrolled into one graph took ~7x as long to compile), and the whole
-    step is recorded as one CUDA graph per call, replayed every token (one launch instead of ~20 kernels a layer). Nothing but two lengths is
-    kept between calls: the buffers exist during the rollout only, when the trainer has freed the gradients.
+    step is recorded as one CUDA graph per call, replayed every token (one launch instead of ~20 kernels a layer).
+    Nothing but two lengths is kept between calls: the buffers exist during the rollout only, when the trainer has
+    freed the gradients.
     At decode the three M-RoPE sections of a token share one position, so the rotary is the model's own rotary
     embedding evaluated there.
     Legend: R rows (B images x G), r rows still decoding, Hkv key/value heads, n_rep = query heads per key/value
@@ -255,8 +256,8 @@ class KVDecoder:
         torch._C._cuda_clearCublasWorkspaces()
 
     def forward(self, tok, positions):
-        """The step: the embedding, rotary and first norm, then each layer (all layers one compiled function on
-        CUDA: compiled once for the 36 layers of a 3B model, not 36 layers unrolled into one graph), the unembedding."""
+        """The step: the embedding, rotary and first norm, then each layer (on CUDA one compiled function for all
+        layers), then the unembedding."""
         x, h, cos, sin = self.first(self, tok, positions)
         for i, (w, norms) in enumerate(zip(self.mats, self.norms)):
             x, h = self.layer(self, x, h, cos, sin, w, norms, self.kp[i], self.vp[i], self.k[i], self.v[i])

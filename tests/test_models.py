@@ -100,8 +100,8 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
     gives the teacher-forced states and the gradients of with_completions' batch (every row its own prompt +
     completion): left-padded prompts of different lengths, right-padded completions of different lengths, G = 3, on
     all three architectures (Qwen3-VL: DeepStack in the prompt); and completion_hidden under gradient checkpointing
-    (prompt and packed completions as one sequence: no cache) the same, and with the text model alone on eager attention (an additive mask; the top-level
-    config still says sdpa)."""
+    (prompt and packed completions as one sequence: no cache) the same, and with the text model alone on eager
+    attention (an additive mask; the top-level config still says sdpa)."""
     from test_sampling import mixed_images
     model, proc = models.load_policy(tiny_policy_dir)
     models.prepare_for_training(model)
