@@ -200,7 +200,11 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
 def prepare_for_training(model, gradient_checkpointing=False, freeze_vision=False):
     """Training mode, no KV cache; optionally recompute each layer in the backward (activation memory of one
     layer instead of all) and freeze the vision tower (no gradient or optimizer state for it, and its forward
-    keeps no activations). Returns the parameters to optimise."""
+    keeps no activations). Returns the parameters to optimise.
+    Turns cuDNN's attention off for the process: with an explicit mask (the packed teacher forcing always passes one)
+    its backward returns NaN query gradients at sequence lengths of 64 mod 128 on H100/H200 since torch 2.11
+    (pytorch/pytorch#196678, hit by TRL through Qwen2.5); SDPA's memory-efficient kernel takes the same masks."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
     model.train()
     model.config.use_cache = False
     if gradient_checkpointing:

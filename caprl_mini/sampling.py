@@ -302,7 +302,10 @@ def linears(layer):
 def compiled(step):
     """A KVDecoder step function compiled (fused kernels, no CUDA graphs of its own: KVDecoder records one per call),
     once per process and shape; static shapes: a new one compiles again (few: lengths are rounded up to 128 and grow
-    only) rather than turning every later call into a graph with symbolic sizes."""
+    only) rather than turning every later call into a graph with symbolic sizes. Past dynamo's recompile limit a
+    function would run uncompiled, silently: 8 shapes by default (a run's prompt room growing, an evaluation's other
+    batch), raised to 64."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(step, fullgraph=True, dynamic=False)
 
 

@@ -88,6 +88,18 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_policy_dir):
         assert torch.allclose(plain[n], ckpt[n], atol=1e-6, rtol=1e-5), n
 
 
+def test_training_turns_cudnn_attention_off(tok):
+    """cuDNN's SDPA backward gives NaN query gradients with a mask at lengths of 64 mod 128 (H100, torch 2.11+): the
+    trainer's masked teacher forcing must not reach it."""
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        models.prepare_for_training(models.build_tiny_policy(tok)[0])
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
 def test_frozen_vision_tower_gets_no_gradient_and_no_optimizer_slot(tiny_policy_dir):
     grads, trained, model = _policy_grads(tiny_policy_dir, freeze_vision=True)
     for n, p in model.named_parameters():

@@ -304,6 +304,15 @@ def test_static_decode_step_traces_as_one_graph_per_function(tiny_policy_dir, mo
     torch._dynamo.reset()
 
 
+def test_compiled_steps_recompile_past_dynamos_default_limit():
+    """Each new buffer shape compiles the step functions again; past dynamo's recompile limit (8 by default) they
+    would run uncompiled without a word, so sampling.compiled raises it."""
+    from caprl_mini import sampling
+    with torch._dynamo.config.patch(recompile_limit=8):
+        sampling.compiled(lambda x: x)
+        assert torch._dynamo.config.recompile_limit == 64
+
+
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
 def test_written_out_step_with_grouped_query_attention_and_bf16(tok, arch):
     """The real models share each key/value head among several query heads (3B: 16 query heads, 2 key/value heads);
