@@ -66,6 +66,11 @@ def packed():
                                     prompt["pixel_values"], prompt["image_grid_thw"], comp, cmask, G)
 
 
+def sync():
+    if gpu:
+        torch.cuda.synchronize()
+
+
 ways = {"per-row": per_row, "packed": packed, "per-row, checkpointing": per_row, "packed, checkpointing": packed}
 times, states = {w: [] for w in ways}, {}
 for r in range(args.repeats + 1):
@@ -73,13 +78,14 @@ for r in range(args.repeats + 1):
         if "checkpointing" in w:
             model.gradient_checkpointing_enable({"use_reentrant": False})
         model.zero_grad(set_to_none=True)
-        torch.cuda.synchronize() if gpu else None
+        sync()
         t = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=gpu):
             h = f()
             (h.float() * readout).sum().backward()
-        torch.cuda.synchronize() if gpu else None
-        times[w].append(time.perf_counter() - t) if r else None
+        sync()
+        if r:  # round 0 warms up
+            times[w].append(time.perf_counter() - t)
         states[w] = h.detach().float()
         model.gradient_checkpointing_disable()
 t = {w: statistics.median(v) for w, v in times.items()}
