@@ -8,8 +8,8 @@
     python sft.py captioner --captions caps.jsonl --data qa.jsonl --out runs/student   # a fresh captioner trained
                                                        # on caption JSONL (annotate.py's): "pretrain on CapRL data"
 
-Captioner. Trained from scratch, a tiny VLM never learns color from the caption loss alone (DESIGN section 3,
-"Measured"), although its image tokens carry it. So it is trained in two stages, both with an auxiliary loss:
+Captioner. Trained from scratch, a tiny VLM did not learn color from the caption loss alone in this project's first
+experiments (2026-11-26), although its image tokens carry it. So it is trained in two stages, both with an auxiliary loss:
   1. perception: full captions (every fact) + a linear head on each image token predicting its grid cell's
      content (occupied, shape, color, size). Think of it as the pretrained vision encoder a real VLM starts from.
   2. style: short "human" captions (the first objects in reading order, some attributes dropped), aux loss kept.
@@ -20,14 +20,12 @@ redoes stage 2 alone, exactly.
 Judge. A tiny Qwen2 LM trained on (caption, question) -> answer text, with labels from the oracle reader: the
 fact the caption states, or "can not answer based on the caption" when it does not. Cloze format (judge.py): at
 scoring time each option's text is scored by log-likelihood, so the judge never has to bind an answer to a
-letter, the step DESIGN measured a tiny judge failing at. Its weights start from the stage-1 captioner's language
-model (same shapes; it already reads and writes the world's language), like a real judge starts pretrained;
-from scratch (--judge-init '') it learned more slowly (README). Captions come from a wide mix (full, partial,
-wrong, empty) so that it reads what a caption says, not the truth. The hard part is binding: finding the clause
-of the asked cell among several. Two training-only aids got it there (README): --restate adds "what is at the
-<cell>?" -> every attribute the caption gives that cell (three supervised lookups per example instead of one),
-and --many-objects draws scenes in proportion to their object count (a one-object scene needs no binding).
-The shipped judge is two runs (README, "warm-start models"): 3,000 steps of the plain mix, then 6,000 with both.
+letter, a step tiny judges fail at. Its weights start from the stage-1 captioner's language model (same shapes; it
+already reads and writes the world's language), like a real judge starts pretrained. Captions come from a wide mix
+(full, partial, wrong, empty) so that it reads what a caption says, not the truth. The hard part is binding:
+finding the clause of the asked cell among several; two training-only aids (the commands above, README) help:
+--restate adds "what is at the <cell>?" -> every attribute the caption gives that cell, and --many-objects draws
+scenes in proportion to their object count (a one-object scene needs no binding).
 
 Caption JSONL (--captions): instead of the two stages, one stage on the given (image, caption) pairs, drawn at
 random with replacement. Images come from --data (a QA JSONL, by id) or from each record's "image" path (relative
@@ -119,10 +117,6 @@ def update(model, opt, loss, lr):
     opt.step()
 
 
-def world_tokenizer():
-    return build_tokenizer(shapes.world_text())
-
-
 # ---------------------------------------------------------------- captioner
 def cell_targets(scenes):
     """Per image token (one per grid cell, row-major): occupied, shape, color, size class ids; -100 if empty."""
@@ -136,10 +130,10 @@ def cell_targets(scenes):
     return t
 
 
-def caption_eval(model, proc, n_images, split="eval"):
+def caption_eval(model, proc, n_images):
     """Greedy captions of held-out images -> per-attribute fact precision, recall (true facts stated / all true
     facts, pooled over images, as evaluate.py), caption length."""
-    items = [shapes.world_item(i, split) for i in range(n_images)]
+    items = [shapes.world_item(i, "eval") for i in range(n_images)]
     model.eval()
     caps = [c[0] for c in caption_items(model, proc, items)]  # (caption, tokens) per image: greedy, 64 tokens
     model.train()
@@ -232,7 +226,7 @@ def train_captioner():
     if args.init:
         model, proc = load_policy(args.init)
     else:
-        model, proc = build_tiny_policy(world_tokenizer(), seed=args.seed)
+        model, proc = build_tiny_policy(build_tokenizer(shapes.world_text()), seed=args.seed)
     t0 = time.time()
     if args.captions:
         captioner_stage(model, proc, args.caption_steps, human=True, seed=args.seed, draw=draw)
@@ -290,7 +284,7 @@ def train_judge():
         missing, unexpected = model.load_state_dict(sd, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # lm_head is tied
     else:
-        tok = world_tokenizer()
+        tok = build_tokenizer(shapes.world_text())
         model, _ = build_tiny_judge(tok, seed=args.seed, heads=args.judge_heads)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     W = model.get_output_embeddings().weight
@@ -311,7 +305,7 @@ def train_judge():
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
 
 
-def judge_example(tok):
+def judge_example():
     """One training caption and its questions, each with the oracle's answer text as the target."""
     scene = shapes.make_scene(rng.randrange(10**9), "train")
     while args.many_objects and rng.random() > len(scene) / shapes.MAX_OBJECTS:
@@ -327,7 +321,7 @@ def judge_loss(model, tok, W, D):
     """Batch of (caption, one random question) rows; loss on the answer tokens only."""
     seqs, starts = [], []
     for _ in range(args.batch_size):
-        cap, qa = judge_example(tok)
+        cap, qa = judge_example()
         q, a = rng.choice(qa)
         pre, suf = prompt_ids(tok, cap, q, None, "cloze")
         ans = answer_ids(tok, a)
@@ -342,13 +336,13 @@ def judge_loss(model, tok, W, D):
     return -token_logprobs(h[:, :-1].reshape(-1, D)[sel], W, ids[:, 1:].reshape(-1)[sel]).mean()
 
 
-def judge_eval(model, tok, meta, n_images, split="eval"):
+def judge_eval(model, tok, meta, n_images):
     """On held-out images: accuracy from the full true caption, and abstention when the caption (a human
     caption) does not state the answer; overall and per question type. Argmax reading."""
-    rng = random.Random(f"judge-eval:{split}")
+    rng = random.Random("judge-eval:eval")
     acc, abst = {}, {}
     for i in range(n_images):
-        it = shapes.world_item(i, split)
+        it = shapes.world_item(i, "eval")
         full, human = shapes.full_caption(it["scene"], rng), shapes.human_caption(it["scene"], rng)
         qs = it["questions"]
         right = score_questions(model, tok, [full] * len(qs), qs, meta["format"], "argmax", rng)

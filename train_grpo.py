@@ -23,17 +23,14 @@ The exact variant (each a flag; defaults in brackets):
   updates   one optimizer step per rollout [1]: then pi_old is the sampler's own log-probs (no extra forward) and
             rho is 1 up to rounding (logged as ratio_mean); more updates reuse the rollout (PPO epochs);
   KL        none [beta 0, no reference model in memory]; with beta > 0, k3 against the frozen initial policy;
-  extras    captions without EOS by the length cap get reward 0 [--zero-truncated 1] (measured: without it 17% of
-            greedy captions ran on, repeating and inventing objects); with --mask-truncated 1 they get no loss
+  extras    captions without EOS by the length cap get reward 0 [--zero-truncated 1] (README: without it captions
+            run on); with --mask-truncated 1 they get no loss
             (DAPO's overlong filtering; with --zero-truncated 1 their zeros still enter their group's mean and std);
             zero-variance groups counted (and dropped with --drop-zero-std 1);
             AdamW, linear warm-up then constant lr [constant] or cosine (--lr-schedule); grad-norm clip 1.0.
-Memory (README, "Train a real captioner"): fp32 weights and AdamW state with bf16 autocast on a GPU, the judge in
-bf16 inference mode, fused log-probs + loss (no [tokens, vocabulary] logits; the gradient formed in the forward,
-logprobs.py), --micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1. The
-teacher-forced pass runs each image's prompt once with its G captions packed after it, no padding between
-them (models.completion_hidden; with --gradient-checkpointing 1, which drops caches, prompt and captions as one
-sequence per image under one mask). The loss and its log-probs cover the real tokens only.
+Memory (README, "Train a real captioner"): fp32 weights and AdamW with bf16 autocast on a GPU, a bf16 judge, fused
+log-probs + loss (logprobs.py), each image's prompt once with its captions packed after it (models.completion_hidden),
+--micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1.
 More than one GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel). Rank r samples and scores the
 step's images r*B/N ... (r+1)*B/N - 1 (their groups are whole, so advantages need no communication), the loss is
 normalised by the step's global token count and the gradients are summed over ranks (all-reduce), so N ranks make
@@ -67,8 +64,7 @@ from caprl_mini.grpo import advantages, flat_token_loss, policy_stats, zero_vari
 from caprl_mini.judge import caption_rewards
 from caprl_mini.logprobs import logprobs_and_loss, token_logprobs
 from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, completion_hidden, encode_prompts,
-                               load_judge, load_policy, peak_memory_gib, pick_device, prepare_for_training,
-                               rope_positions, save_model)
+                               load_judge, load_policy, pick_device, prepare_for_training, rope_positions, save_model)
 from caprl_mini.sampling import decode, sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -350,8 +346,8 @@ for step in range(start, args.steps):
                "grad_norm": grad_norm, "lr": lr_at(step), "skipped": skip_reason, "skipped_updates": n_skipped,
                "gen_tokens_per_s": n_mask / t_gen, "gen_seconds": t_gen, "reward_seconds": t_reward,
                "step_seconds": step_s}
-    if peak_memory_gib(device) is not None:
-        metrics["peak_memory_gib"] = peak_memory_gib(device)
+    if device.type == "cuda":
+        metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if rank == 0:  # rank 0 logs its own images' captions as samples
         with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")

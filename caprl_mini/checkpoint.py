@@ -22,10 +22,6 @@ import torch
 from .models import save_model
 
 
-def checkpoint_dir(run_dir, step):
-    return os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
-
-
 def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2, extra=None):
     """Atomically write checkpoint `step` (trainer_state.pt holds the optimizer, the step and `extra`); keep the
     newest `keep` checkpoints. Refuses weights that are not finite. If writing fails (disk full, a kill), the
@@ -33,7 +29,7 @@ def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2, extra=None):
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise RuntimeError(f"not saving checkpoint {step}: non-finite weights in {bad[:3]}")
-    final = checkpoint_dir(run_dir, step)
+    final = os.path.join(run_dir, "checkpoints", f"step_{step:06d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
     try:

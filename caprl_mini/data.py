@@ -117,11 +117,11 @@ def _json_object(line, where):
 class World:
     """The built-in shapes world as a dataset: item i of a split is generated on demand; unbounded."""
 
-    def __init__(self, split="train", size=None):
-        self.split, self.size = split, size
+    def __init__(self, split="train"):
+        self.split = split
 
     def __len__(self):
-        return self.size if self.size is not None else 10**9
+        return 10**9
 
     def __getitem__(self, i):
         return shapes.world_item(i, self.split)
@@ -196,9 +196,7 @@ def load_image(ref, root, where=None):
 
 
 class QAFile:
-    """A QA JSONL file, validated on load: a bad line raises DataError, or with a `skipped` list (--skip-bad) is
-    recorded there and left out. Images are read when an item is accessed: self[i] raises DataError if its image
-    cannot be read (callers skip it with `with skip_bad(skipped): item = qa[i]`)."""
+    """A QA JSONL file, validated on load; images read when an item is accessed (bad input: module docstring)."""
 
     def __init__(self, path, image_root=None, skipped=None):
         self.path, self.root = path, image_root or os.path.dirname(os.path.abspath(path))

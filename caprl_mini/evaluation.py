@@ -12,20 +12,19 @@ import random
 
 
 from . import shapes
-from .judge import LETTERS, score_questions
-from .models import encode_prompts
+from .judge import gold_option, score_questions
+from .models import CAPTION_INSTRUCTION, encode_prompts
 from .sampling import decode, sample
 
 
 def caption_items(model, proc, items, batch_size=50, max_new_tokens=64, temperature=0.0, n=1, seed=0,
-                  instruction=None):
+                  instruction=CAPTION_INSTRUCTION):
     """n captions per item (greedy when temperature is 0): list of lists of (caption, token count). Sampled captions
     of an item depend on (seed, its id) only, not on the batching."""
     out = []
     for i0 in range(0, len(items), batch_size):
         batch = items[i0:i0 + batch_size]
-        kw = {"instruction": instruction} if instruction else {}
-        prompt = encode_prompts(proc, [it["image"] for it in batch], **kw)
+        prompt = encode_prompts(proc, [it["image"] for it in batch], instruction)
         prompt = {k: v.to(model.device) for k, v in prompt.items()}
         s = sample(model, prompt, n, max_new_tokens, temperature, seeds=[item_seed(seed, it["id"]) for it in batch])
         caps, lens = decode(proc, s), s["mask"].sum(1).tolist()
@@ -51,7 +50,8 @@ def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
             rows_c += [cap] * len(it["questions"])
             rows_q += it["questions"]
     chosen = score_questions(judge, jtok, rows_c, rows_q, fmt, "argmax", rng, return_choice=True)
-    right = [float(c == q["options"][LETTERS.index(q["answer"])]) for c, q in zip(chosen, rows_q)]
+    gold = [gold_option(q) for q in rows_q]
+    right = [float(c == g) for c, g in zip(chosen, gold)]
     by_type, best, k = {}, [], 0
     for q, r in zip(rows_q, right):
         by_type.setdefault(q.get("type", "qa"), []).append(r)
@@ -62,8 +62,8 @@ def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
             per_caption.append(sum(right[k:k + n]))  # questions this caption answered right
             if details is not None:
                 answers = [{"question": q["question"], "options": q["options"] + [shapes.ABSTAIN], "type": q.get(
-                    "type", "qa"), "gold": q["options"][LETTERS.index(q["answer"])], "chosen": c, "right": bool(r)}
-                    for q, c, r in zip(it["questions"], chosen[k:k + n], right[k:k + n])]
+                    "type", "qa"), "gold": g, "chosen": c, "right": bool(r)}
+                    for q, g, c, r in zip(it["questions"], gold[k:k + n], chosen[k:k + n], right[k:k + n])]
                 if len(per_caption) == 1:
                     details.append({"captions": []})
                 details[-1]["captions"].append({"caption": cap, "answers": answers})

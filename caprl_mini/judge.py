@@ -12,7 +12,7 @@ Ways to pose an MCQ (lm-evaluation-harness has both letter and cloze):
   letter  the same letter scoring with the built-in world's short prompt ("caption: ...\nquestion: ...");
   cloze   the judge's log-likelihood of each option's text as the answer (no letter binding; the built-in
           tiny judge is trained this way, see README).
-Three ways to read the judge (DESIGN section 5): sample (temperature 0.6 over the options, as the paper),
+Three ways to read the judge (README, "The stages around the trainer"): sample (temperature 0.6 over the options, as the paper),
 argmax, prob (probability mass on the gold option: expected accuracy, lowest variance).
 
 Cost: the caption is the shared prefix of all its questions. Each distinct caption's prefix (chat start + caption;
@@ -104,10 +104,14 @@ def answer_ids(tok, option_text):
 def shuffle_options(question, rng):
     """Shuffle the options, relabel them A, B, ...; append the abstain option last.
     Returns (options, gold index in the new list)."""
-    gold = question["options"][LETTERS.index(question["answer"])]
     opts = list(question["options"])
     rng.shuffle(opts)
-    return opts + [ABSTAIN], opts.index(gold)
+    return opts + [ABSTAIN], opts.index(gold_option(question))
+
+
+def gold_option(question):
+    """The text of a question's right option (its "answer" is a letter)."""
+    return question["options"][LETTERS.index(question["answer"])]
 
 
 # ---------------------------------------------------------------- scoring with shared prefixes
@@ -122,8 +126,7 @@ class _ReadPrefix(DynamicLayer):
     """One layer of the captions' cached prefixes, read by question rows: row j attends to prefix row idx[j], then to
     its own tokens. update() writes both into `buf` (keys, values), buffers every layer reuses (each layer's
     attention is done before the next layer's update), and stores nothing: the question rows need no cache after
-    their forward. Gathering into a reused buffer costs a copy; gather-then-cat into fresh tensors cost 17x more on
-    the CPU (page faults of fresh memory every layer)."""
+    their forward (gather-then-cat into fresh tensors page-faulted fresh memory every layer, many times slower)."""
 
     def __init__(self, layer, idx, buf):
         super().__init__()
@@ -188,12 +191,10 @@ def question_states(model, past, idx, lengths, rows, pad_id):
     own = (col <= col[:, None]) & (sj >= 0) & ((sj == 0) | (sj == si))
     pre = torch.arange(Kp, device=dev) < torch.tensor(lengths, device=dev)[:, None]  # the prefix's real part
     allowed = torch.cat([pre[:, None, :].expand(-1, T, -1), own | torch.eye(T, dtype=torch.bool, device=dev)], -1)
-    cache = None
-    if Kp:
-        k = past.layers[0].keys
-        buf = [k.new_empty((len(rows), k.shape[1], Kp + T, k.shape[3])) for _ in range(2)]
-        cache = copy.copy(past)
-        cache.layers = [_ReadPrefix(layer, idx.to(dev), buf) for layer in past.layers]
+    k = past.layers[0].keys  # every format's prefix starts with the chat template: Kp > 0
+    buf = [k.new_empty((len(rows), k.shape[1], Kp + T, k.shape[3])) for _ in range(2)]
+    cache = copy.copy(past)
+    cache.layers = [_ReadPrefix(layer, idx.to(dev), buf) for layer in past.layers]
     return model.base_model(input_ids=ids, position_ids=pos, past_key_values=cache,
                             attention_mask=_additive(allowed, model.dtype)).last_hidden_state
 
@@ -214,10 +215,8 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
     """Judge scores of every option of every row (row i = captions[i] asked questions[i], whose "options" are
     already shuffled and end with the abstain option): a list of (O_i,) tensors, higher = preferred.
     letter, caprl: the logit of each option's letter after "The answer is"; cloze: the option text's log-likelihood.
-    Two levels of shared prefixes: each distinct caption's prefix is computed once (caption_cache), then every
-    question is a short row that attends to its caption's cached prefix and to itself (question_states); for cloze
-    the options of a question share its row as branches. Captions go `captions_per_forward` at a time, questions
-    `questions_per_forward` at a time (thousands of questions of one caption, as the leak filter asks, are split)."""
+    Shared prefixes as in the module docstring (caption_cache, question_states). Captions go `captions_per_forward`
+    at a time, questions `questions_per_forward` (thousands of one caption, as the leak filter asks, are split)."""
     if not captions:
         return []
     if fmt == "cloze":  # option order does not matter to cloze: score each (caption, question) once

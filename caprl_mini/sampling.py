@@ -34,8 +34,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     seeds: one int per image; the G captions of image b are drawn from a generator seeded with seeds[b] alone, so
     they do not depend on which other images share the batch (or the rank). None: seeds from torch's global RNG.
     stop_at_eos=False decodes exactly max_new_tokens per row, EOS included as ordinary text (benchmarks: fixed work).
-    static: a fixed batch (finished rows ride along, masked), the step compiled with CUDA graphs on a GPU; default:
-    on CUDA. Otherwise finished rows leave the batch."""
+    static: the fixed-batch decode of the module docstring; default: on CUDA."""
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
     static = dev.type == "cuda" if static is None else static
@@ -95,15 +94,6 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
             "truncated": truncated}
 
 
-def cache_dtype(prefix, device_type):
-    """What a decoder stores keys and values in: autocast's dtype inside autocast (with fp32 weights the prompt's
-    cache is fp32: the rotary tables follow the fp32 residual stream), else the prompt cache's own. Stored in bf16,
-    they are rounded as autocast's attention matmuls would round them when reading."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return prefix.layers[0].keys.dtype
-
-
 def inverse_cdf(probs, u):
     """Token k of each row with cdf(k - 1) <= u * total < cdf(k): an exact draw from probs (r, V) given uniform u (r,);
     what torch.multinomial does, with the uniforms supplied by the caller (right=True: a zero-probability token, an
@@ -121,26 +111,18 @@ def unembed(h, W):
 class KVDecoder:
     """The language model's decode step written out (the Qwen2 decoder layer of Qwen2-VL / Qwen2.5-VL: RMSNorm,
     q/k/v projections with bias, rotary, grouped-query attention, o projection, RMSNorm, SwiGLU MLP; Qwen3-VL's
-    per-head q/k norms), one new token per row, ~25 tensor ops a layer instead of a stack of modules that rebuild
-    the attention mask every step. What it saves over Hugging Face's forward with a DynamicCache:
-      - the prompt's keys and values are kept once per image (B, Hkv, P, d), not G times, and each step reads
-        them once per image: the G rows of an image ask their queries together (shared-prefix attention, as
-        Hydragen / cascade inference). At P = 35 and 64 new tokens that halves the cache read per step; with real
-        images (P in the hundreds) it is most of it;
-      - the new tokens' keys and values go into buffers (r, Hkv, L, d) allocated once, a column written per step
-        (DynamicCache concatenates: a copy of the whole cache every token).
-    The softmax runs over [prompt scores, new-token scores] together, so it is the same attention, not an
-    approximation; tests/test_sampling.py checks the tokens and log-probs against Hugging Face's forward (teacher
-    forcing) and `generate`.
-    fixed=True (the GPU path): the batch never shrinks and every step has the same shapes: attention reads all L
-    new-token positions with the ones not yet written masked, and the step's index is a tensor on the device. On
-    CUDA the step's two functions are compiled (torch.compile: fused kernels; once per shape in a process), the
-    layer step once for all layers (36 layers unrolled into one graph took ~7x as long to compile), and the whole
-    step is recorded as one CUDA graph per call, replayed every token (one launch instead of ~20 kernels a layer).
-    Nothing but two lengths is kept between calls: the buffers exist during the rollout only, when the trainer has
-    freed the gradients.
-    At decode the three M-RoPE sections of a token share one position, so the rotary is the model's own rotary
-    embedding evaluated there.
+    per-head q/k norms), one new token per row, where Hugging Face's forward runs a stack of modules that rebuild
+    the attention mask every step and concatenate the whole cache every token. Its two savings:
+      - the prompt's keys and values are kept once per image (B, Hkv, P, d), not G times, and the G rows of an
+        image ask their queries together against them (shared-prefix attention, as Hydragen / cascade inference);
+      - the new tokens' keys and values go into buffers (r, Hkv, L, d) allocated once, a column written per step.
+    The softmax runs over [prompt scores, new-token scores] together: the same attention, not an approximation
+    (tests/test_sampling.py checks it against teacher forcing and `generate`).
+    fixed=True (the GPU path): every step has the same shapes (all L new-token positions read, the ones not yet
+    written masked; the step's index a device tensor). On CUDA its two functions are compiled, the layer step
+    once for all layers, and the whole step is recorded as one CUDA graph per call, replayed every token. Nothing
+    but two lengths is kept between calls: the buffers exist during the rollout only.
+    At decode the three M-RoPE sections of a token share one position: the model's own rotary embedding there.
     Legend: R rows (B images x G), r rows still decoding, Hkv key/value heads, n_rep = query heads per key/value
     head, n new tokens so far."""
 
@@ -151,7 +133,10 @@ class KVDecoder:
         0 x garbage such as NaN would still be NaN)."""
         B, Hkv, P, d = prefix.layers[0].keys.shape
         self.lm, self.G, self.R, self.fixed, dev = model.model.language_model, G, B * G, fixed, prompt_mask.device
-        self.dtype = dtype = cache_dtype(prefix, dev.type)
+        # keys and values stored in autocast's dtype inside autocast (with fp32 weights the prompt's cache is fp32: the
+        # rotary tables follow the fp32 residual stream), rounded as autocast's attention matmuls would round them
+        autocast = torch.is_autocast_enabled(dev.type)
+        self.dtype = dtype = torch.get_autocast_dtype(dev.type) if autocast else prefix.layers[0].keys.dtype
         keys, values = [x.keys for x in prefix.layers], [x.values for x in prefix.layers]
         if fixed:  # the largest lengths so far: a shorter call after a longer one reuses its compiled shapes
             room = model.__dict__.setdefault("_decode_room", [0, 0])
