@@ -9,7 +9,8 @@
                                                        # on caption JSONL (annotate.py's): "pretrain on CapRL data"
 
 Captioner. Trained from scratch, a tiny VLM did not learn color from the caption loss alone in this project's first
-experiments (2026-11-26), although its image tokens carry it. So it is trained in two stages, both with an auxiliary loss:
+experiments (2026-11-26), although its image tokens carry it. So it is trained in two stages, both with an auxiliary
+loss:
   1. perception: full captions (every fact) + a linear head on each image token predicting its grid cell's
      content (occupied, shape, color, size). Think of it as the pretrained vision encoder a real VLM starts from.
   2. style: short "human" captions (the first objects in reading order, some attributes dropped), aux loss kept.

@@ -10,6 +10,7 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
              more;
              under bf16 autocast with fp32 weights (the trainer's setting), sampled captions' log-probs against
              teacher forcing (bf16 rounding: tolerance 0.1, as tests/test_sampling.py);
+             the same two checks with the fixed step's attention as one flex_attention kernel (KVDecoder.flex);
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
              on the device against the CPU: max |state difference| over the real tokens and the parameter
              gradients of a fixed linear function of them, and the same under gradient checkpointing (prompt and
@@ -32,7 +33,7 @@ sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from caprl_mini import judge, models, shapes  # noqa: E402
 from caprl_mini.grpo import flat_token_loss  # noqa: E402
 from caprl_mini.logprobs import logprobs_and_loss, token_logprobs  # noqa: E402
-from caprl_mini.sampling import sample  # noqa: E402
+from caprl_mini.sampling import KVDecoder, sample  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--device", default="cuda", help="the device checked against the CPU")
@@ -57,14 +58,28 @@ if dev.type == "cuda":  # compiled there: the first step, and one layer step for
 results["sampling: greedy static (compiled) == dynamic (eager)"] = bool(torch.equal(kv["tokens"], static["tokens"]))
 results["sampling: a second static call (new buffers, graph recorded again) == the first"] = \
     bool(torch.equal(again["tokens"], static["tokens"]))
-with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):  # the trainer's setting: fp32 weights, bf16 math
-    out = sample(policy, on, 3, 64, 1.0, seeds=[0, 1, 2, 3], static=True)
-    pos, nxt = models.rope_positions(policy, on["input_ids"], on["attention_mask"], on["image_grid_thw"])
-    h = models.completion_hidden(policy, on["input_ids"], on["attention_mask"], pos, nxt, on["pixel_values"],
-                                 on["image_grid_thw"], out["tokens"], out["mask"], 3)
-    tf = token_logprobs(h, policy.get_output_embeddings().weight, out["tokens"][out["mask"].bool()])
+
+
+def amp_error():
+    """Under bf16 autocast with fp32 weights (the trainer's setting): max |sampled log-prob - teacher-forced|."""
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16):
+        out = sample(policy, on, 3, 64, 1.0, seeds=[0, 1, 2, 3], static=True)
+        pos, nxt = models.rope_positions(policy, on["input_ids"], on["attention_mask"], on["image_grid_thw"])
+        h = models.completion_hidden(policy, on["input_ids"], on["attention_mask"], pos, nxt, on["pixel_values"],
+                                     on["image_grid_thw"], out["tokens"], out["mask"], 3)
+        tf = token_logprobs(h, policy.get_output_embeddings().weight, out["tokens"][out["mask"].bool()])
+    return (tf - out["logprobs"][out["mask"].bool()]).abs().max().item()
+
+
 AMP = "sampling, bf16 autocast: max |static log-prob - teacher-forced|"
-results[AMP] = (tf - out["logprobs"][out["mask"].bool()]).abs().max().item()
+results[AMP] = amp_error()
+KVDecoder.flex = True  # the fixed step's attention as one flex_attention kernel (not the default yet)
+with torch.no_grad():
+    flex = sample(policy, on, 3, 64, 0, static=True)
+results["sampling: greedy static with flex attention == dynamic"] = bool(torch.equal(kv["tokens"], flex["tokens"]))
+AMP_FLEX = "sampling, flex attention, bf16 autocast: max |static log-prob - teacher-forced|"
+results[AMP_FLEX] = amp_error()
+KVDecoder.flex = False
 if dev.type == "cuda":  # each rollout's buffers and graph are freed when it returns; one compile per new shape
     with torch.no_grad():
         graphs, base = torch._dynamo.utils.counters["stats"]["unique_graphs"], torch.cuda.memory_allocated()
@@ -129,7 +144,7 @@ for fmt, (jm, jtok) in (("cloze", models.load_judge(models.JUDGE)[:2]),
         z[d.type] = torch.cat(judge.option_logits(jm.to(d).eval(), jtok, rows_c, questions, fmt)).cpu()
     results[f"judge, {fmt}: max |logit difference|"] = (z["cpu"] - z[dev.type]).abs().max().item()
 
-tolerance = lambda k: 0.1 if k == AMP else args.atol  # noqa: E731
+tolerance = lambda k: 0.1 if k in (AMP, AMP_FLEX) else args.atol  # noqa: E731
 ok = all(v is True or (not isinstance(v, bool) and v <= tolerance(k)) for k, v in results.items())
 name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
 for k, v in results.items():

@@ -12,8 +12,8 @@ Ways to pose an MCQ (lm-evaluation-harness has both letter and cloze):
   letter  the same letter scoring with the built-in world's short prompt ("caption: ...\nquestion: ...");
   cloze   the judge's log-likelihood of each option's text as the answer (no letter binding; the built-in
           tiny judge is trained this way, see README).
-Three ways to read the judge (README, "The stages around the trainer"): sample (temperature 0.6 over the options, as the paper),
-argmax, prob (probability mass on the gold option: expected accuracy, lowest variance).
+Three ways to read the judge: sample (temperature 0.6 over the options, as the paper), argmax, prob (probability
+mass on the gold option: expected accuracy, lowest variance).
 
 Cost: the caption is the shared prefix of all its questions. Each distinct caption's prefix (chat start + caption;
 its common start with the other captions once for all) is computed once into a KV cache, then every question is a

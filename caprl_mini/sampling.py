@@ -21,6 +21,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 from transformers import DynamicCache
 
 from .models import policy_hidden, rope_positions
@@ -126,6 +127,11 @@ class KVDecoder:
     Legend: R rows (B images x G), r rows still decoding, Hkv key/value heads, n_rep = query heads per key/value
     head, n new tokens so far."""
 
+    # fixed: True computes attention with one flex_attention kernel over image-major buffers (attention_flex);
+    # False (the default, measured on an H100) with the dynamic path's matmuls. Flex is checked on the CPU only;
+    # `bench_sampling.py --methods generate,sampler,sampler-flex` compares the two on a GPU
+    flex = False
+
     def __init__(self, model, prefix, G, prompt_mask, L, fixed=False):
         """Started on the prompt's cache prefix (B images) and its padding prompt_mask (R, P), for L new tokens.
         fixed: buffers of the model's largest prompt and caption lengths so far, rounded up to 128 (a few shapes,
@@ -142,13 +148,17 @@ class KVDecoder:
             room = model.__dict__.setdefault("_decode_room", [0, 0])
             room[:] = max(room[0], -(-P // 128) * 128), max(room[1], -(-L // 128) * 128)
             Pb, L = room
-            self.kp, self.vp = ([torch.zeros(B, Hkv, Pb, d, dtype=dtype, device=dev) for _ in keys] for _ in "kv")
+            n = Pb + G * L if self.flex else Pb  # flex: an image's buffer holds its prompt, then its G rows' tokens
+            self.kp, self.vp = ([torch.zeros(B, Hkv, n, d, dtype=dtype, device=dev) for _ in keys] for _ in "kv")
             for buf, x in zip(self.kp + self.vp, keys + values):
                 buf[:, :, :P] = x
         else:  # (B, Hkv, P, d): the prompt, once per image, in the compute dtype
             self.kp, self.vp, Pb = [x.to(dtype) for x in keys], [x.to(dtype) for x in values], P
-        self.k = [torch.zeros(self.R, Hkv, L, d, dtype=dtype, device=dev) for _ in keys]  # new tokens, per row
-        self.v = [torch.zeros_like(x) for x in self.k]
+        if fixed and self.flex:  # (B, Hkv, G, L, d) views: row b*G + g's new tokens, in image b's buffer
+            self.k, self.v = ([x[:, :, Pb:].view(B, Hkv, G, L, d) for x in buf] for buf in (self.kp, self.vp))
+        else:  # (R, Hkv, L, d): new tokens, per row
+            self.k = [torch.zeros(self.R, Hkv, L, d, dtype=dtype, device=dev) for _ in keys]
+            self.v = [torch.zeros_like(x) for x in self.k]
         self.pad = torch.ones((self.R, 1, 1, Pb), dtype=torch.bool, device=dev)  # prompt positions not attended
         self.pad[:, 0, 0, :P] = ~prompt_mask.bool()
         self.t = torch.zeros(1, dtype=torch.long, device=dev)  # the step: where the new key and value go
@@ -195,6 +205,8 @@ class KVDecoder:
         """q (r, H, 1, d) of the new tokens over a layer's prompt Kp, Vp (once per image) and new tokens K, V (per
         row)."""
         r = q.shape[0]
+        if self.fixed and self.flex:
+            return self.attention_flex(q, Kp, Vp)
         if not self.fixed:  # only the new tokens so far (fixed: all L positions, the later ones masked below; a
             K, V = K[:, :, :self.n + 1], V[:, :, :self.n + 1]  # Python int read there would recompile every step)
         q = q.view(r, K.shape[1], -1, q.shape[-1])  # (r, Hkv, n_rep, d): query head j * n_rep + e uses kv head j
@@ -206,6 +218,24 @@ class KVDecoder:
         pp, pn = s.softmax(-1).split([Kp.shape[2], K.shape[2]], -1)
         o = self.by_row(self.by_image(pp) @ Vp) + pn @ V  # (r, Hkv, n_rep, d)
         return o.reshape(r, -1)
+
+    def attention_flex(self, q, K, V):
+        """Fixed, flex: q (R, H, 1, d) over each image's whole buffer K, V (B, Hkv, Pb + G*L, d) in one fused kernel
+        (on CUDA, flex_attention's split-KV decoding kernel): an image's prompt read once for its G rows, each row's
+        new tokens once, where the matmul path above runs ~8 kernels. Query g of image b (row b*G + g) sees the
+        prompt's real tokens and its own new tokens up to this step; a masked score is -inf, so the buffer's unwritten
+        zeros weigh nothing."""
+        R, H, _, d = q.shape
+        G, Pb, pad, t = self.G, self.pad.shape[-1], self.pad[:, 0, 0], self.t
+        L = (K.shape[2] - Pb) // G
+
+        def visible(score, b, h, g, j):
+            n = j - Pb  # position among the image's new tokens: row n // L, its token n % L
+            seen = torch.where(j < Pb, ~pad[b * G + g, j.clamp(max=Pb - 1)], (n // L == g) & (n % L <= t[0]))
+            return torch.where(seen, score, -float("inf"))
+        q = q.view(-1, G, H, d).transpose(1, 2).to(K.dtype)  # (B, H, G, d): an image's rows as its queries
+        o = flex_attention(q, K, V, score_mod=visible, enable_gqa=True, scale=self.scaling)
+        return o.transpose(1, 2).reshape(R, H * d)
 
     def __call__(self, tok, positions):
         """Next-token logits (r, V) after feeding tok (r,) at rotary positions (r,)."""
@@ -263,8 +293,11 @@ class KVDecoder:
         k = linear(h, w["k_proj"]).view(r, -1, 1, d)  # (r, Hkv, 1, d)
         if "q" in norms:
             q, k = rms_norm(q, norms["q"], self.eps), rms_norm(k, norms["k"], self.eps)
-        k_buf.index_copy_(2, self.t, (k * cos + rotate_half(k) * sin).to(self.dtype))
-        v_buf.index_copy_(2, self.t, linear(h, w["v_proj"]).view(r, -1, 1, d).to(self.dtype))
+        k, v = (k * cos + rotate_half(k) * sin).to(self.dtype), linear(h, w["v_proj"]).view(r, -1, 1, d).to(self.dtype)
+        if k_buf.dim() == 5:  # image-major (B, Hkv, G, L, d): row b*G + g is image b's segment g
+            k, v = (x.view(-1, self.G, *x.shape[1:]).transpose(1, 2) for x in (k, v))  # (B, Hkv, G, 1, d)
+        k_buf.index_copy_(k_buf.dim() - 2, self.t, k)
+        v_buf.index_copy_(v_buf.dim() - 2, self.t, v)
         x = x + linear(self.attention(q * cos + rotate_half(q) * sin, kp, vp, k_buf, v_buf), w["o_proj"])
         h = rms_norm(x, norms["post"], self.eps)
         x = x + linear(self.act(linear(h, w["gate_proj"])) * linear(h, w["up_proj"]), w["down_proj"])
