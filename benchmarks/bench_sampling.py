@@ -13,8 +13,9 @@ the vision tower and the prompt once per image and keeps the prompt's cache once
 it together); generate expands the prompt G times before its prefill. On a GPU the sampler decodes with a fixed
 batch and a compiled step recorded as a CUDA graph (KVDecoder, fixed=True; the first call compiles, in the warm-up
 round); "sampler-flex" is the same fixed step with its attention as one flex_attention kernel a layer
-(KVDecoder.flex) in place of the matmuls, softmax and layout copies (~8 kernels a layer); "sampler-dynamic" is the
-CPU path (rows leave at EOS, eager) on the GPU, to show what the graph buys;
+(KVDecoder.flex) in place of the matmuls, softmax and layout copies (~8 kernels a layer), "sampler-fused" that and
+q/k/v and gate/up as one product each (KVDecoder.fuse); "sampler-dynamic" is the CPU path (rows leave at EOS,
+eager) on the GPU, to show what the graph buys;
 "sampler-cast" (GPU, --amp 1) is the fixed step reading the fp32 parameters, autocast casting each matrix inside
 the compiled step every token (as before 2026-11-27 21:00 UTC; the default makes bf16 copies once a call). With
 --stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads them until the last row
@@ -51,8 +52,8 @@ parser.add_argument("--image-size", type=int, default=0, help="square image side
 parser.add_argument("--stop-at-eos", type=int, default=0, help="1: both stop a caption at EOS (the real workload; "
                                                                  "tokens/s counts caption tokens), 0: fixed length")
 parser.add_argument("--methods", default="",
-                    help="comma list of generate, sampler, sampler-flex, sampler-dynamic, sampler-cast (default: the "
-                         "first three on GPU, two on CPU)")
+                    help="comma list of generate, sampler, sampler-flex, sampler-fused, sampler-dynamic, sampler-cast "
+                         "(default: the first four on GPU, two on CPU)")
 parser.add_argument("--amp", type=int, default=0, help="1: fp32 weights under bf16 autocast (the trainer's setting on "
                                                          "a GPU; default: bf16 weights on a GPU, fp32 on a CPU)")
 parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, interleaved (after one warm-up)")
@@ -127,13 +128,14 @@ def rollout(model, prompt, mm, seed, method, n):
     if method.startswith("sampler"):  # "sampler": the default decode of the device, "sampler-dynamic": CPU's on GPU
         copies = sampling.needs_copies  # "sampler-cast": the fixed step reads the parameters (autocast casts them)
         sampling.needs_copies = (lambda *a: False) if method == "sampler-cast" else copies
-        sampling.KVDecoder.flex = method == "sampler-flex"  # "sampler-flex": fixed, flex_attention
+        sampling.KVDecoder.flex = method in ("sampler-flex", "sampler-fused")  # fixed, flex_attention
+        sampling.KVDecoder.fuse = method == "sampler-fused"  # and q/k/v, gate/up fused
         try:
             out = sample(model, prompt, G, n, 1.0, seeds=[next(seed) for _ in range(B)],
                          stop_at_eos=bool(args.stop_at_eos),
-                         static={"sampler-dynamic": False, "sampler-flex": True}.get(method))
+                         static={"sampler-dynamic": False, "sampler-flex": True, "sampler-fused": True}.get(method))
         finally:
-            sampling.needs_copies, sampling.KVDecoder.flex = copies, False
+            sampling.needs_copies, sampling.KVDecoder.flex, sampling.KVDecoder.fuse = copies, False, False
         return out["tokens"], int(out["mask"].sum())
     fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
     seq = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
@@ -180,9 +182,11 @@ def profile(model, prompt, mm, seed, name, steps=16):
 
 bandwidth = copy_bandwidth()
 results = {}
-methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-flex"] * gpu
+methods = args.methods.split(",") if args.methods else ["generate", "sampler"] + ["sampler-flex", "sampler-fused"] * gpu
 if methods[0] != "generate" or len(methods) < 2:  # the ratios are over generate's tokens/s
-    parser.error("--methods: generate first, then at least one of sampler, sampler-flex, sampler-dynamic, sampler-cast")
+    parser.error("--methods: generate first, then at least one of the samplers")
+if {"sampler-flex", "sampler-fused"} & set(methods) and not gpu:  # eager on a CPU: flex_attention's unfused reference
+    parser.error("--methods sampler-flex, sampler-fused: only with --device cuda")
 if "sampler-cast" in methods and not (gpu and args.amp):  # on a CPU the fixed step runs eagerly: autocast's cache
     parser.error("--methods sampler-cast: only with --device cuda --amp 1")  # casts each matrix once a call anyway
 for name in names:

@@ -10,7 +10,8 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
              more;
              under bf16 autocast with fp32 weights (the trainer's setting), sampled captions' log-probs against
              teacher forcing (bf16 rounding: tolerance 0.1, as tests/test_sampling.py);
-             the same two checks with the fixed step's attention as one flex_attention kernel (KVDecoder.flex);
+             the same two checks with the fixed step's attention as one flex_attention kernel (KVDecoder.flex),
+             and with q/k/v and gate/up fused too (KVDecoder.fuse);
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
              on the device against the CPU: max |state difference| over the real tokens and the parameter
              gradients of a fixed linear function of them, and the same under gradient checkpointing (prompt and
@@ -73,13 +74,15 @@ def amp_error():
 
 AMP = "sampling, bf16 autocast: max |static log-prob - teacher-forced|"
 results[AMP] = amp_error()
-KVDecoder.flex = True  # the fixed step's attention as one flex_attention kernel (not the default yet)
-with torch.no_grad():
-    flex = sample(policy, on, 3, 64, 0, static=True)
-results["sampling: greedy static with flex attention == dynamic"] = bool(torch.equal(kv["tokens"], flex["tokens"]))
-AMP_FLEX = "sampling, flex attention, bf16 autocast: max |static log-prob - teacher-forced|"
-results[AMP_FLEX] = amp_error()
-KVDecoder.flex = False
+AMPS = [AMP]
+for variant, fuse in (("flex attention", False), ("flex attention, q/k/v and gate/up fused", True)):  # not defaults
+    KVDecoder.flex, KVDecoder.fuse = True, fuse
+    with torch.no_grad():
+        out = sample(policy, on, 3, 64, 0, static=True)
+    results[f"sampling: greedy static with {variant} == dynamic"] = bool(torch.equal(kv["tokens"], out["tokens"]))
+    AMPS.append(f"sampling, {variant}, bf16 autocast: max |static log-prob - teacher-forced|")
+    results[AMPS[-1]] = amp_error()
+KVDecoder.flex = KVDecoder.fuse = False
 if dev.type == "cuda":  # each rollout's buffers and graph are freed when it returns; one compile per new shape
     with torch.no_grad():
         graphs, base = torch._dynamo.utils.counters["stats"]["unique_graphs"], torch.cuda.memory_allocated()
@@ -144,7 +147,7 @@ for fmt, (jm, jtok) in (("cloze", models.load_judge(models.JUDGE)[:2]),
         z[d.type] = torch.cat(judge.option_logits(jm.to(d).eval(), jtok, rows_c, questions, fmt)).cpu()
     results[f"judge, {fmt}: max |logit difference|"] = (z["cpu"] - z[dev.type]).abs().max().item()
 
-tolerance = lambda k: 0.1 if k in (AMP, AMP_FLEX) else args.atol  # noqa: E731
+tolerance = lambda k: 0.1 if k in AMPS else args.atol  # noqa: E731
 ok = all(v is True or (not isinstance(v, bool) and v <= tolerance(k)) for k, v in results.items())
 name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
 for k, v in results.items():

@@ -131,6 +131,10 @@ class KVDecoder:
     # False (the default, measured on an H100) with the dynamic path's matmuls. Flex is checked on the CPU only;
     # `bench_sampling.py --methods generate,sampler,sampler-flex` compares the two on a GPU
     flex = False
+    # fixed: True reads q/k/v and gate/up as one matrix each (concatenated copies made per rollout: one product
+    # instead of three and two; 3B: +3.6 GiB during the rollout unless the weights are copied anyway). Not the
+    # default either, for the same reason: `--methods ...,sampler-fused` (flex and fused) measures it
+    fuse = False
 
     def __init__(self, model, prefix, G, prompt_mask, L, fixed=False):
         """Started on the prompt's cache prefix (B images) and its padding prompt_mask (R, P), for L new tokens.
@@ -170,8 +174,9 @@ class KVDecoder:
         # compiled step would otherwise cast every matrix again each token, reading the fp32 weights and writing and
         # reading the bf16 ones, 3x the bytes of reading bf16 weights (3B: 5.2 GiB of copies during the rollout)
         self.copied = fixed and needs_copies(model, dtype)
-        self.mats = [{n: [x if x is None or not self.copied else x.detach().to(dtype) for x in (m.weight, m.bias)]
-                      for n, m in linears(layer)} for layer in self.lm.layers]
+        cast = lambda x: x if x is None or not self.copied else x.detach().to(dtype)  # noqa: E731
+        mats = ({n: [cast(m.weight), cast(m.bias)] for n, m in linears(layer)} for layer in self.lm.layers)
+        self.mats = [fused(w) if fixed and self.fuse else w for w in mats]  # one layer's unfused copies at a time
         self.norms = [norm_weights(self.lm, i) for i in range(len(self.lm.layers))]
         a = self.lm.layers[0].self_attn
         self.head_dim, self.scaling, self.act = a.head_dim, a.scaling, self.lm.layers[0].mlp.act_fn
@@ -289,24 +294,40 @@ class KVDecoder:
         value into k_buf, v_buf and returns the new residual stream and its norm under norms["after"]. Every input is
         a tensor or a dict of tensors (no module, no layer index), so one compiled function serves all layers."""
         r, d = x.shape[0], self.head_dim
-        q = linear(h, w["q_proj"]).view(r, -1, 1, d)  # (r, H, 1, d)
-        k = linear(h, w["k_proj"]).view(r, -1, 1, d)  # (r, Hkv, 1, d)
+        if "qkv" in w:  # fused: one product, split (H*d, Hkv*d, Hkv*d)
+            Dq = w["o_proj"][0].shape[1]
+            q, k, v = linear(h, w["qkv"]).split([Dq] + [(w["qkv"][0].shape[0] - Dq) // 2] * 2, -1)
+        else:
+            q, k, v = (linear(h, w[n]) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (x.reshape(r, -1, 1, d) for x in (q, k, v))  # (r, H or Hkv, 1, d)
         if "q" in norms:
             q, k = rms_norm(q, norms["q"], self.eps), rms_norm(k, norms["k"], self.eps)
-        k, v = (k * cos + rotate_half(k) * sin).to(self.dtype), linear(h, w["v_proj"]).view(r, -1, 1, d).to(self.dtype)
+        k, v = (k * cos + rotate_half(k) * sin).to(self.dtype), v.to(self.dtype)
         if k_buf.dim() == 5:  # image-major (B, Hkv, G, L, d): row b*G + g is image b's segment g
             k, v = (x.view(-1, self.G, *x.shape[1:]).transpose(1, 2) for x in (k, v))  # (B, Hkv, G, 1, d)
         k_buf.index_copy_(k_buf.dim() - 2, self.t, k)
         v_buf.index_copy_(v_buf.dim() - 2, self.t, v)
         x = x + linear(self.attention(q * cos + rotate_half(q) * sin, kp, vp, k_buf, v_buf), w["o_proj"])
         h = rms_norm(x, norms["post"], self.eps)
-        x = x + linear(self.act(linear(h, w["gate_proj"])) * linear(h, w["up_proj"]), w["down_proj"])
+        if "gate_up" in w:
+            g, u = linear(h, w["gate_up"]).chunk(2, -1)
+        else:
+            g, u = linear(h, w["gate_proj"]), linear(h, w["up_proj"])
+        x = x + linear(self.act(g) * u, w["down_proj"])
         return x, rms_norm(x, norms["after"], self.eps)
 
 
 def linear(x, weight_bias):
     """An nn.Linear's arithmetic without the module call (hooks, dispatch: a few microseconds each, 7 a layer)."""
     return F.linear(x, *weight_bias)
+
+
+def fused(w):
+    """A layer's matrices (weight, bias) with q/k/v and gate/up each concatenated along their outputs."""
+    def cat(*names):
+        return [None if w[names[0]][i] is None else torch.cat([w[n][i].detach() for n in names]) for i in (0, 1)]
+    return {"qkv": cat("q_proj", "k_proj", "v_proj"), "gate_up": cat("gate_proj", "up_proj"), "o_proj": w["o_proj"],
+            "down_proj": w["down_proj"]}
 
 
 def linears(layer):
