@@ -21,7 +21,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import DynamicCache
 
 from .models import policy_hidden, rope_positions
@@ -158,8 +158,16 @@ class KVDecoder:
                 buf[:, :, :P] = x
         else:  # (B, Hkv, P, d): the prompt, once per image, in the compute dtype
             self.kp, self.vp, Pb = [x.to(dtype) for x in keys], [x.to(dtype) for x in values], P
-        if fixed and self.flex:  # (B, Hkv, G, L, d) views: row b*G + g's new tokens, in image b's buffer
-            self.k, self.v = ([x[:, :, Pb:].view(B, Hkv, G, L, d) for x in buf] for buf in (self.kp, self.vp))
+        if fixed and self.flex:  # row b*G + g's new tokens at Pb + g*L + t of image b's buffer (written there, not
+            # through a (B, Hkv, G, L, d) view: Inductor copies a view's whole region out and back to write one column)
+            self.k, self.v, self.slots = self.kp, self.vp, Pb + torch.arange(G, device=dev) * L
+            # key blocks of 128 positions, every one read (the default mask is one block of the whole length, which
+            # flex's decoding kernel then walks in one split of its parallel key splits)
+            nb = (Pb + G * L) // 128
+            self.blocks = BlockMask.from_kv_blocks(
+                torch.full((1, 1, 1), nb, dtype=torch.int32, device=dev),
+                torch.arange(nb, dtype=torch.int32, device=dev).view(1, 1, 1, nb), BLOCK_SIZE=(1 << 30, 128),
+                seq_lengths=(G, Pb + G * L), compute_q_blocks=False)
         else:  # (R, Hkv, L, d): new tokens, per row
             self.k = [torch.zeros(self.R, Hkv, L, d, dtype=dtype, device=dev) for _ in keys]
             self.v = [torch.zeros_like(x) for x in self.k]
@@ -239,7 +247,7 @@ class KVDecoder:
             seen = torch.where(j < Pb, ~pad[b * G + g, j.clamp(max=Pb - 1)], (n // L == g) & (n % L <= t[0]))
             return torch.where(seen, score, -float("inf"))
         q = q.view(-1, G, H, d).transpose(1, 2).to(K.dtype)  # (B, H, G, d): an image's rows as its queries
-        o = flex_attention(q, K, V, score_mod=visible, enable_gqa=True, scale=self.scaling)
+        o = flex_attention(q, K, V, score_mod=visible, block_mask=self.blocks, enable_gqa=True, scale=self.scaling)
         return o.transpose(1, 2).reshape(R, H * d)
 
     def __call__(self, tok, positions):
@@ -299,14 +307,16 @@ class KVDecoder:
             q, k, v = linear(h, w["qkv"]).split([Dq] + [(w["qkv"][0].shape[0] - Dq) // 2] * 2, -1)
         else:
             q, k, v = (linear(h, w[n]) for n in ("q_proj", "k_proj", "v_proj"))
-        q, k, v = (x.reshape(r, -1, 1, d) for x in (q, k, v))  # (r, H or Hkv, 1, d)
+        q, k, v = (z.reshape(r, -1, 1, d) for z in (q, k, v))  # (r, H or Hkv, 1, d)
         if "q" in norms:
             q, k = rms_norm(q, norms["q"], self.eps), rms_norm(k, norms["k"], self.eps)
         k, v = (k * cos + rotate_half(k) * sin).to(self.dtype), v.to(self.dtype)
-        if k_buf.dim() == 5:  # image-major (B, Hkv, G, L, d): row b*G + g is image b's segment g
-            k, v = (x.view(-1, self.G, *x.shape[1:]).transpose(1, 2) for x in (k, v))  # (B, Hkv, G, 1, d)
-        k_buf.index_copy_(k_buf.dim() - 2, self.t, k)
-        v_buf.index_copy_(v_buf.dim() - 2, self.t, v)
+        at = self.t
+        if self.fixed and self.flex:  # image-major: row b*G + g writes image b's slot g
+            k, v = (z.view(-1, self.G, z.shape[1], d).transpose(1, 2) for z in (k, v))  # (B, Hkv, G, d)
+            at = self.slots + self.t
+        k_buf.index_copy_(2, at, k)
+        v_buf.index_copy_(2, at, v)
         x = x + linear(self.attention(q * cos + rotate_half(q) * sin, kp, vp, k_buf, v_buf), w["o_proj"])
         h = rms_norm(x, norms["post"], self.eps)
         if "gate_up" in w:
