@@ -56,17 +56,18 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
     step = KVDecoder(model, cache, G, am, max_new_tokens, fixed=static)
     del cache  # the decoder holds the prompt's keys and values now (copied, or cast to its compute dtype)
-    if temperature > 0:
+    if temperature > 0:  # the rollout's uniforms drawn up front, (R, L): image b's rows from seeds[b] alone, in the
+        # order of one draw per row and step
         seeds = torch.randint(2**62, (ids.shape[0],)).tolist() if seeds is None else seeds
-        gens = [torch.Generator(dev).manual_seed(int(sd)) for sd in seeds]
+        u = torch.cat([torch.rand(max_new_tokens, G, generator=torch.Generator(dev).manual_seed(int(sd)),
+                                  device=dev).T for sd in seeds])
     alive = torch.arange(R, device=dev)  # original row index of each row still decoding (dynamic decode)
     finished = torch.zeros(R, dtype=torch.bool, device=dev)  # rows past their EOS (static decode)
     logits = unembed(h, step.W)
     for t in range(max_new_tokens):
         if temperature > 0:
             lp = torch.log_softmax(logits / temperature, -1)
-            u = torch.cat([torch.rand(G, generator=g, device=dev) for g in gens])[alive]  # one draw per row, all rows
-            tok = inverse_cdf(lp.exp(), u)
+            tok = inverse_cdf(lp.exp(), u[alive, t])
         else:
             lp = torch.log_softmax(logits, -1)
             tok = logits.argmax(-1)
