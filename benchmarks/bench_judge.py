@@ -12,7 +12,8 @@ pre-filled with "The answer is"), argmax reading.
   judge.py  `score_questions(..., "caprl", "argmax")`: each caption's prefix once into a KV cache (the instruction
             once for all), every question a short row over it, the letter logits read at its last token.
   generate  per (caption, question) the same prompt ids (judge.prompt_ids, same option shuffle), left-padded in
-            batches of --gen-batch, `generate(max_new_tokens=10, do_sample=False)`, the first letter A-J parsed.
+            batches of --gen-batch, `generate(max_new_tokens=10, do_sample=False, repetition_penalty=1.0)` (no
+            penalty from a real judge's generation config), the first letter A-J parsed.
             Also shown: the same with 1 new token, the least any generate-based scorer can do.
 Reported: seconds (median of --repeats, interleaved), questions per second, and the max |difference| between
 judge.py's option logits and generate's first-step logits at the letter tokens (both compute the same thing).
@@ -101,7 +102,7 @@ def generate_scores(model, new_tokens, posed, gold, return_logits=False):
         ids = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in prompts], device=dev)  # left-padded
         am = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=return_logits)
+                             repetition_penalty=1.0, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=return_logits)
         for k, text in enumerate(tok.batch_decode(out.sequences[:, T:], skip_special_tokens=True)):
             m = re.search(f"[{judge.LETTERS}]", text)
             scores.append(float(m is not None and judge.LETTERS.index(m.group(0)) == gold[i + k]))

@@ -6,20 +6,19 @@
 
     python benchmarks/bench_sampling.py --models shipped --stop-at-eos 1   # the real workload: captions end at EOS
 
-Workload: B images x G captions each, temperature 1, exactly --new-tokens new tokens per caption (EOS ignored by
-both: `stop_at_eos=False` / `min_new_tokens`), so both do the same decode work. generate gets
-`num_return_sequences=G, do_sample=True, top_k=0, top_p=1` (plain sampling, as the sampler). The sampler runs
-the vision tower and the prompt once per image and keeps the prompt's cache once per image (an image's G rows read
-it together); generate expands the prompt G times before its prefill. On a GPU the sampler decodes with a fixed
-batch and a compiled step recorded as a CUDA graph (KVDecoder, fixed=True; the first call compiles, in the warm-up
-round); "sampler-flex" is the same fixed step with its attention as one flex_attention kernel a layer
-(KVDecoder.flex) in place of the matmuls, softmax and layout copies (~8 kernels a layer), "sampler-fused" that and
-q/k/v and gate/up as one product each (KVDecoder.fuse); "sampler-dynamic" is the CPU path (rows leave at EOS,
-eager) on the GPU, to show what the graph buys;
-"sampler-cast" (GPU, --amp 1) is the fixed step reading the fp32 parameters, autocast casting each matrix inside
-the compiled step every token (as before 2026-11-27 21:00 UTC; the default makes bf16 copies once a call). With
---stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads them until the last row
-ends (the two sample different captions: compare tokens/s, caption tokens only).
+Workload: B images x G captions each, temperature 1, exactly --new-tokens new tokens per caption (EOS ignored by both:
+`stop_at_eos=False` / `min_new_tokens`), so both do the same decode work. generate gets `num_return_sequences=G,
+do_sample=True, top_k=0, top_p=1, repetition_penalty=1` (plain sampling, as the sampler). The sampler runs the vision
+tower and the prompt once per image and keeps the prompt's cache once per image (an image's G rows read it together);
+generate expands the prompt G times before its prefill. On a GPU the sampler decodes with a fixed batch and a compiled
+step recorded as a CUDA graph (KVDecoder, fixed=True; the first call compiles, in the warm-up round); "sampler-flex" is
+the same fixed step with its attention as one flex_attention kernel a layer (KVDecoder.flex) in place of the matmuls,
+softmax and layout copies (~8 kernels a layer), "sampler-fused" that and q/k/v and gate/up as one product each
+(KVDecoder.fuse); "sampler-dynamic" is the CPU path (rows leave at EOS, eager) on the GPU, to show what the graph buys;
+"sampler-cast" (GPU, --amp 1) is the fixed step reading the fp32 parameters, autocast casting each matrix inside the
+compiled step every token (as before 2026-11-27 21:00 UTC; the default makes bf16 copies once a call). With
+--stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads them until the last row ends
+(the two sample different captions: compare tokens/s, caption tokens only).
 Reported: seconds (median of --repeats, all runs interleaved), new tokens per second, the prefill (time with 1
 new token), the decode step (time(L) - time(1)) / (L - 1), and the memory floor of a step: bytes of language-model
 weights + KV cache read per step over a measured copy bandwidth. Models other than the shipped captioner are
@@ -139,7 +138,7 @@ def rollout(model, prompt, mm, seed, method, n):
         return out["tokens"], int(out["mask"].sum())
     fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
     seq = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
-                         top_p=1.0, num_return_sequences=G, **fixed)[:, prompt["input_ids"].shape[1]:]
+                         top_p=1.0, repetition_penalty=1.0, num_return_sequences=G, **fixed)[:, prompt["input_ids"].shape[1]:]
     eos = model.generation_config.eos_token_id  # what generate stops at (the sampler too)
     hit = torch.isin(seq, torch.tensor(eos if isinstance(eos, list) else [eos], device=seq.device))  # padded after
     return seq, int(torch.where(hit.any(1), hit.int().argmax(1) + 1, n).sum())

@@ -12,7 +12,8 @@
 Returns the tokens, their mask (1 up to and including EOS) and the sampled tokens' log-probs under
 softmax(logits / temperature), the exact distribution sampled from: no top-k / top-p, so that the trainer's
 teacher-forced log-probs of the same tokens match (ratio 1 on-policy). Greedy decoding (temperature 0) takes
-the argmax and equals `model.generate(do_sample=False)`.
+the argmax and equals `model.generate(do_sample=False, repetition_penalty=1.0)` (the released Qwen-VL Instruct
+generation configs set a repetition penalty of 1.05, which generate applies even when greedy; the sampler never).
 Positions: Qwen-VL uses multimodal rotary positions; the prompt's come from the model's get_rope_index, and
 new token t of a row sits at that row's max prompt position + 1 + t (what generate does via rope_deltas).
 Legend: B images, G captions per image, R = B*G rows, P prompt length, L new tokens, D hidden, V vocabulary.
@@ -39,9 +40,12 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
     static = dev.type == "cuda" if static is None else static
-    if set(getattr(model.model.language_model.config, "layer_types", None) or ["full_attention"]) != \
-            {"full_attention"}:  # both decoders keep every position of a row (the released Qwen-VL models do)
+    lm = model.model.language_model
+    if set(getattr(lm.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:  # both decoders
+        # keep every position of a row (the released Qwen-VL models do)
         raise NotImplementedError("sample(): sliding-window attention layers are not supported (use_sliding_window)")
+    if not all(hasattr(layer.mlp, "gate_proj") for layer in lm.layers):  # KVDecoder reads one SwiGLU MLP a layer
+        raise NotImplementedError("sample(): mixture-of-experts layers are not supported (Qwen3-VL-MoE)")
     eos = model.generation_config.eos_token_id or model.config.text_config.eos_token_id  # generate's stop tokens
     eos = torch.tensor(eos if isinstance(eos, list) else [eos], device=dev)
     eos = eos if stop_at_eos else eos[:0]  # no stop token: no row ever finishes early

@@ -425,3 +425,24 @@ def test_decode_steps_run_on_the_models_device_without_reading_data(tok, arch, f
     monkeypatch.setattr(torch, "get_autocast_dtype", lambda *device: torch.bfloat16)
     kv, fixed = (sampling.KVDecoder(model, prefix, G, prompt_mask, 8, fixed=f) for f in (False, True))
     assert {t.dtype for dec in (kv, fixed) for ts in (dec.kp, dec.vp, dec.k, dec.v) for t in ts} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kind", ["sliding window", "mixture of experts"])
+def test_sampling_refuses_layers_its_decoder_does_not_write_out(tok, kind):
+    """KVDecoder writes out full-attention layers with one SwiGLU MLP each: a model with sliding-window layers or
+    expert MLPs is refused by name before any work, not decoded wrongly or failing deep inside the step."""
+    from transformers import AutoModelForImageTextToText, Qwen2_5_VLConfig, Qwen3VLMoeConfig
+    cfg = models.tiny_policy_config(tok, arch="qwen2_5_vl" if kind == "sliding window" else "qwen3_vl")
+    text = {k: v for k, v in cfg.text_config.to_dict().items() if k != "layer_types"}
+    if kind == "sliding window":  # Qwen2's layers from max_window_layers on attend within the window
+        cfg = Qwen2_5_VLConfig(text_config={**text, "use_sliding_window": True, "sliding_window": 16,
+                                            "max_window_layers": 2}, vision_config=cfg.vision_config.to_dict())
+    else:
+        cfg = Qwen3VLMoeConfig(text_config={**text, "num_experts": 2, "num_experts_per_tok": 1,
+                                            "moe_intermediate_size": 32}, vision_config=cfg.vision_config.to_dict())
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(cfg)
+    ids = torch.zeros((1, 4), dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="sliding-window" if kind == "sliding window" else "experts"):
+        sample(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": None,
+                       "image_grid_thw": None})
