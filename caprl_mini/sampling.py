@@ -12,8 +12,8 @@
 Returns the tokens, their mask (1 up to and including EOS) and the sampled tokens' log-probs under
 softmax(logits / temperature), the exact distribution sampled from: no top-k / top-p, so that the trainer's
 teacher-forced log-probs of the same tokens match (ratio 1 on-policy). Greedy decoding (temperature 0) takes
-the argmax and equals `model.generate(do_sample=False, repetition_penalty=1.0)` (the released Qwen-VL Instruct
-generation configs set a repetition penalty of 1.05, which generate applies even when greedy; the sampler never).
+the argmax and equals `model.generate(do_sample=False, repetition_penalty=1.0)`: generate applies a generation
+config's repetition penalty even when greedy (a real checkpoint's config may set one), the sampler never.
 Positions: Qwen-VL uses multimodal rotary positions; the prompt's come from the model's get_rope_index, and
 new token t of a row sits at that row's max prompt position + 1 + t (what generate does via rope_deltas).
 Legend: B images, G captions per image, R = B*G rows, P prompt length, L new tokens, D hidden, V vocabulary.
