@@ -38,7 +38,9 @@ the update 1 rank makes at the same B. A rollout's randomness derives from (seed
 logs and checkpoints. (Data parallel only: every rank holds the whole model, so no FSDP.)
 Faults: `--resume` continues from the newest checkpoint exactly as if never stopped (checkpoints are atomic, a log
 line cut by a kill is dropped); a non-finite reward, loss or gradient skips that update (logged, counted), so it
-never reaches the weights or a checkpoint; Ctrl-C (SIGINT) finishes the step, writes a checkpoint and exits 130.
+never reaches the weights or a checkpoint; Ctrl-C (SIGINT) finishes the step, writes a checkpoint and exits 130
+(under torchrun, which kills its workers 30 s after passing Ctrl-C on, give it longer than a step and a checkpoint
+write: `torchrun --shutdown-timeout 900 ...`).
 Simplified on purpose: no LoRA, no value model, no reward server.
 """
 import argparse
@@ -287,7 +289,7 @@ for step in range(start, args.steps):
     if args.mask_truncated:
         loss_mask *= (~roll["truncated"])[:, None]
     norm = loss_mask.sum() if args.loss_aggregation == "token" else (loss_mask.sum(1) > 0).sum()
-    norm = all_sum(norm).clamp(min=1).item()  # the whole step's count, over ranks: the loss sums to the global mean
+    norm = all_sum(norm).item()  # the whole step's count, over ranks: the loss sums to the global mean
     finite_reward = bool(all_sum((~torch.isfinite(rewards)).sum()) == 0)
     pos, nxt = rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
     for g in opt.param_groups:
@@ -308,8 +310,8 @@ for step in range(start, args.steps):
                         ref_logp = torch.zeros_like(old_logp[rows]).masked_scatter(keep, token_logprobs(
                             hr, ref_model.get_output_embeddings().weight, tokens[rows][keep], args.temperature))
                 # policy_loss's sum, with its gradient formed in the forward (logprobs.py: 3 matmuls, not 4)
-                tl = flat_token_loss(old_logp[rows], adv[rows], loss_mask[rows], norm, args.eps_low, args.eps_high,
-                                     args.loss_aggregation, ref_logp, args.beta, keep)
+                tl = flat_token_loss(old_logp[rows], adv[rows], loss_mask[rows], max(norm, 1), args.eps_low,
+                                     args.eps_high, args.loss_aggregation, ref_logp, args.beta, keep)
                 lp, loss, ent = logprobs_and_loss(flat, W, tokens[rows][keep], tl, args.temperature, entropy=True)
                 st = policy_stats(torch.zeros_like(old_logp[rows]).masked_scatter(keep, lp), old_logp[rows],
                                   adv[rows], loss_mask[rows], args.eps_low, args.eps_high)
@@ -324,8 +326,10 @@ for step in range(start, args.steps):
                 dist.all_reduce(p.grad)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf")).item()  # 0: norm only
         loss_total = all_sum(loss_total).item()
-        skip_reason = None if finite_reward and math.isfinite(loss_total) and math.isfinite(grad_norm) else \
-            "non-finite " + ("reward" if not finite_reward else "loss" if not math.isfinite(loss_total) else "gradient")
+        skip_reason = ("non-finite reward" if not finite_reward else "non-finite loss" if not math.isfinite(loss_total)
+                       else "non-finite gradient" if not math.isfinite(grad_norm)
+                       else "no token has a loss" if norm == 0  # all dropped or masked: AdamW's momentum would still
+                       else None)  # move the weights
         if skip_reason:  # a NaN/inf step must not touch the weights or AdamW's state
             n_skipped += 1
             print(f"step {step}: {skip_reason}, update skipped ({n_skipped} so far)", flush=True)
@@ -369,6 +373,7 @@ for step in range(start, args.steps):
         sys.exit(130)
 
 # ---------------------------------------------------------------- final save and side-by-side evaluation
+signal.signal(signal.SIGINT, signal.default_int_handler)  # no step left to finish: Ctrl-C stops at once
 final = os.path.join(args.out, "final")
 if world > 1:
     if skipped is not None:  # rank 0's summary lists every rank's bad rows and images, each once
@@ -382,8 +387,8 @@ if args.save_final:
     save_model(model, proc, final)
     save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped})
     print(f"saved {final}")
-if args.eval_images:
-    model.eval()
+if args.eval_images:  # both captioners as evaluate.py runs a saved one: weights in the device's dtype, no autocast
+    model.eval().to(dtype)
     del opt, ref_model  # AdamW's state (8 bytes a parameter) and the KL reference are not needed to caption
     with user_errors():  # --data: read as training read it (--skip-bad: a bad image's replacement, once)
         items = list({it["id"]: it for it in map(load, range(min(args.eval_images, len(data))))}.values()) \
@@ -391,8 +396,7 @@ if args.eval_images:
     results = []
     for i, path in enumerate((args.policy, final)):  # the SFT policy, then the trained one
         m = (model, proc) if i else load_policy(path, device, dtype, **pixels)
-        with amp:
-            caps = caption_items(*m, items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
+        caps = caption_items(*m, items, max_new_tokens=args.max_new_tokens, instruction=args.instruction)
         results.append({"path": path, **evaluate_captions(judge, jtok, jfmt, items, caps)})
         del m
         gc.collect()  # whatever of it sits in a reference cycle goes now, not at the collector's next run

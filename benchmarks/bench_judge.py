@@ -102,7 +102,8 @@ def generate_scores(model, new_tokens, posed, gold, return_logits=False):
         ids = torch.tensor([[tok.pad_token_id] * (T - len(p)) + p for p in prompts], device=dev)  # left-padded
         am = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts], device=dev)
         out = model.generate(input_ids=ids, attention_mask=am, max_new_tokens=new_tokens, do_sample=False,
-                             repetition_penalty=1.0, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=return_logits)
+                             repetition_penalty=1.0, pad_token_id=tok.pad_token_id, return_dict_in_generate=True,
+                             output_logits=return_logits)
         for k, text in enumerate(tok.batch_decode(out.sequences[:, T:], skip_special_tokens=True)):
             m = re.search(f"[{judge.LETTERS}]", text)
             scores.append(float(m is not None and judge.LETTERS.index(m.group(0)) == gold[i + k]))

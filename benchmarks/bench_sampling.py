@@ -138,7 +138,8 @@ def rollout(model, prompt, mm, seed, method, n):
         return out["tokens"], int(out["mask"].sum())
     fixed = {} if args.stop_at_eos else {"min_new_tokens": n}  # min_new_tokens masks EOS until n tokens
     seq = model.generate(**prompt, mm_token_type_ids=mm, max_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
-                         top_p=1.0, repetition_penalty=1.0, num_return_sequences=G, **fixed)[:, prompt["input_ids"].shape[1]:]
+                         top_p=1.0, repetition_penalty=1.0, num_return_sequences=G,
+                         **fixed)[:, prompt["input_ids"].shape[1]:]
     eos = model.generation_config.eos_token_id  # what generate stops at (the sampler too)
     hit = torch.isin(seq, torch.tensor(eos if isinstance(eos, list) else [eos], device=seq.device))  # padded after
     return seq, int(torch.where(hit.any(1), hit.int().argmax(1) + 1, n).sum())

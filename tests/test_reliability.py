@@ -192,3 +192,16 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # lr 1e-3: a real step moves ~1e-3
     w0 = load_file(os.path.join(shipped("captioner"), "model.safetensors"))
     assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-3
+
+
+def test_a_step_where_no_token_has_a_loss_skips_the_update(tmp_path):
+    """Captions cut at 2 tokens all get reward 0 (--zero-truncated), so every group has zero variance and
+    --drop-zero-std drops them all: no token has a loss, and the update is skipped (logged, counted), not an AdamW
+    step on zero gradients, where the momentum of earlier steps alone would move the weights."""
+    out = str(tmp_path / "run")
+    args = [*COMMON[:-1], "2", "--max-new-tokens", "2", "--drop-zero-std", "1", "--save-every", "1", "--out", out]
+    finish(train(*args))
+    m = metrics(out)
+    assert [x["skipped"] for x in m] == ["no token has a loss"] * 2 and [x["truncated_frac"] for x in m] == [1.0] * 2
+    state = checkpoint.load_trainer_state(checkpoint.latest_checkpoint(out))
+    assert state["skipped_updates"] == 2 and not state["optimizer"]["state"]  # AdamW never stepped

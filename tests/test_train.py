@@ -56,6 +56,14 @@ def test_short_grpo_training_moves_the_reward(tmp_path):
     assert last > first + 0.05, (first, last)
     res = json.load(open(os.path.join(out, "eval", "results.json")))["captioners"]
     assert len(res) == 2 and res[1]["fact_recall"] > res[0]["fact_recall"]
+    # the trainer's closing table is evaluate.py's on the same two captioners and images, to the last digit
+    ev = str(tmp_path / "eval")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--captioner", shipped("captioner"),
+                        "--captioner", os.path.join(out, "final"), "--images", "50", "--out", ev], cwd=ROOT,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    strip = lambda rs: [{k: v for k, v in x.items() if k != "path"} for x in rs]  # noqa: E731
+    assert strip(json.load(open(os.path.join(ev, "results.json")))["captioners"]) == strip(res)
 
 
 def _qa_file(tmp_path, n=4):
