@@ -6,13 +6,15 @@
 
 --images: a folder (every image file in it, recursively), a QA JSONL (its images and ids), or a text file with
 one image path per line. Each captioned image is appended and flushed as one JSON record {"id", "image" (its path
-relative to --out's folder), "caption", "tokens", "model", "temperature", "max_new_tokens"}; a rerun skips the ids
-already in --out, so a killed run loses at most the batch in flight and never writes an id twice. Under torchrun,
-rank r of W takes the images whose position in the list is r mod W; all ranks append to the same file (one locked
-write per record). An image that cannot be read is skipped and recorded, with the reason, in OUT.errors.jsonl;
-reruns do not retry it (delete that file to retry). A bad line in a QA JSONL or list file stops the run with `error:
-<file>:<line>: ...` (exit status 2); with --skip-bad it is left out, listed and counted. Captions are greedy by
-default; with --temperature > 0 an image's caption depends on (--seed, its id) only, not on the batching or the
+relative to --out's folder), "caption", "tokens", and the settings: "model", "temperature", "max_new_tokens",
+"seed", "instruction", "min_pixels", "max_pixels"}; a rerun skips the ids already in --out, so a killed run loses at
+most the batch in flight and never writes an id twice, and refuses other settings than the file's (one file, one
+captioner). Under torchrun, rank r of W takes the images whose position in the list is r mod W; all ranks append to
+the same file (one locked write per record). An image that cannot be read is skipped and recorded, with the reason,
+in OUT.errors.jsonl; reruns do not retry it (delete that file to retry). A path that names no file is counted, not
+recorded (a wrong --image-root): a rerun tries it again. A bad line in a QA JSONL or list file stops the run with
+`error: <file>:<line>: ...` (exit status 2); with --skip-bad it is left out, listed and counted. Captions are greedy
+by default; with --temperature > 0 an image's caption depends on (--seed, its id) only, not on the batching or the
 rank.
 """
 import argparse
@@ -22,7 +24,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from caprl_mini.data import CaptionFile, DataError, list_images, load_image, print_skipped, rebase, user_errors
+from caprl_mini.data import (CaptionFile, DataError, MissingImage, list_images, load_image, print_skipped, rebase,
+                             user_errors)
 from caprl_mini.evaluation import caption_items
 from caprl_mini.models import CAPTION_INSTRUCTION, load_policy, pick_device
 
@@ -42,14 +45,23 @@ parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad rows (QA JSONL / list file lines), list and count them in the summary instead of "
                     "stopping; unreadable images are always skipped and listed in OUT.errors.jsonl")
 args = parser.parse_args()
-if args.batch_size < 1:
-    parser.error("--batch-size must be at least 1")
+if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
+    parser.error("--batch-size and --max-new-tokens must be at least 1, --temperature at least 0")
 
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 device, dtype = pick_device()  # under torchrun: the GPU of this process's LOCAL_RANK
 skipped = [] if args.skip_bad else None  # --skip-bad: bad lines are listed here instead of stopping the run
+settings = {"model": args.model, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
+            "seed": args.seed, "instruction": args.instruction, "min_pixels": args.min_pixels,
+            "max_pixels": args.max_pixels}
 with user_errors():
     out, errors = CaptionFile(args.out), CaptionFile(args.out + ".errors.jsonl", field="error")
+    old = out.first or {}  # the file's settings (files written before a setting was recorded: the ones it has)
+    changed = [f"--{k.replace('_', '-')} {old[k]!r} there, {v!r} now" for k, v in settings.items() if k in old and
+               old[k] != v]
+    if changed:
+        raise DataError(f"{args.out}:1: written with other settings ({'; '.join(changed)}): rerun with the file's, "
+                        "or choose another --out")
     todo = [im for k, im in enumerate(list_images(args.images, args.image_root, skipped)) if k % world == rank]
 before = len(todo)
 todo = [im for im in todo if im[0] not in out.done and im[0] not in errors.done]
@@ -59,8 +71,7 @@ with user_errors():
     model, proc = load_policy(args.model, device, dtype, args.min_pixels, args.max_pixels)
 model.eval()
 folder = os.path.dirname(os.path.abspath(args.out))
-settings = {"model": args.model, "temperature": args.temperature, "max_new_tokens": args.max_new_tokens}
-n_ok = n_bad = 0
+n_ok = n_bad = n_missing = 0
 t0 = time.time()
 bar = tqdm(total=len(todo), unit="img", disable=rank != 0 and world > 1)
 for b0 in range(0, len(todo), args.batch_size):
@@ -70,7 +81,11 @@ for b0 in range(0, len(todo), args.batch_size):
         shown = rebase(ref, root, folder) if isinstance(ref, str) and len(ref) < 1024 else None
         try:
             items.append((image_id, shown, {"id": image_id, "image": load_image(ref, root)}))  # id: its sampling seed
-        except (OSError, DataError) as e:  # unreadable (missing, empty, corrupt, too large): record it, go on
+        except MissingImage as e:  # not recorded: a rerun with the right --image-root tries it again
+            if not n_missing:  # the first one (the bar counts them)
+                print(f"skipped: {e}", flush=True)
+            n_missing += 1
+        except (OSError, DataError) as e:  # unreadable (empty, corrupt, too large): record it, go on
             errors.append({"id": image_id, "image": shown, "error": f"{type(e).__name__}: {e}"})
             n_bad += 1
     if items:
@@ -82,10 +97,11 @@ for b0 in range(0, len(todo), args.batch_size):
             out.append({"id": image_id, "image": shown, "caption": cap, "tokens": n_tok, **settings})
         n_ok += len(items)
     bar.update(len(batch))
-    bar.set_postfix(errors=n_bad)
+    bar.set_postfix(errors=n_bad, missing=n_missing)
 bar.close()
 if rank == 0:
     print_skipped(skipped)
 rate = (n_ok + n_bad) / max(1e-9, time.time() - t0)
 print(f"rank {rank}/{world}: captioned {n_ok}, unreadable {n_bad} (listed in {args.out}.errors.jsonl), "
-      f"{rate:.1f} images/s; {args.out} now holds {len(CaptionFile(args.out).done)} ids")
+      f"missing {n_missing} (not recorded: check --image-root; a rerun tries them again), {rate:.1f} images/s; "
+      f"{args.out} now holds {len(CaptionFile(args.out).done)} ids")

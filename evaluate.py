@@ -72,6 +72,13 @@ with user_errors():
             break
         with skip_bad(skipped):
             items.append(data[i])
+    given = {}  # the --captions files, read and checked before any model loads
+    for path in args.captions:
+        given[path] = read_captions(path, skipped)
+        missing = [it["id"] for it in items if it["id"] not in given[path]]
+        if missing:
+            print_skipped(skipped)  # --skip-bad: the bad lines behind the missing ids
+            raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. {missing[0]!r}")
 for path in captioners:  # every rank captions its share; rank 0 keeps all captions
     with user_errors():
         model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
@@ -99,17 +106,9 @@ results, details = [], []  # details: per captioner, per image, the captions and
 for path in captioners + args.captions:
     if path in captioners:
         caps = captioned[path]
-    else:
-        with user_errors():
-            by_id = read_captions(path, skipped)
-            missing = [it["id"] for it in items if it["id"] not in by_id]
-            if missing:
-                print_skipped(skipped)  # --skip-bad: the bad lines behind the missing ids
-                raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. "
-                                f"{missing[0]!r}")
-        # not recorded: the judge tokenizer's count (the oracle: words) + 1 for the end token, which sampling counts
+    else:  # token counts the file lacks: the judge tokenizer's (the oracle: words) + 1 for the end token, as sampled
         count = (lambda c: len(jtok.encode(c)) + 1) if jtok else (lambda c: len(c.split()) + 1)
-        caps = [[(c, n if n is not None else count(c)) for c, n in by_id[it["id"]]] for it in items]
+        caps = [[(c, n if n is not None else count(c)) for c, n in given[path][it["id"]]] for it in items]
     details.append([])
     results.append({"path": path, **evaluate_captions(judge, jtok, fmt, items, caps, args.seed, details[-1])})
 write_results(args.out, results)

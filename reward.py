@@ -23,6 +23,7 @@ exit status 2; with --skip-bad such lines are left out, listed and counted inste
 """
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -60,14 +61,17 @@ parser.add_argument("--images", type=int, default=300, help="world: number of im
 parser.add_argument("--split", default="eval", help="world: split of the built-in world")
 parser.add_argument("--leaky", action="store_true", help="world: add the leaky question type")
 args = parser.parse_args()
+if args.filter_asks < 1 or args.questions_per_caption < 1 or args.images < 1:
+    parser.error("--filter-asks, --questions-per-caption and --images must be at least 1")
+if not args.out and args.command != "score" or args.command == "filter" and not args.data:
+    parser.error(f"{args.command} needs --out" + (" and --data" if args.command == "filter" else ""))
+if args.command == "score" and not args.captions:
+    parser.error("score needs --captions")
 skipped = [] if args.skip_bad else None  # --skip-bad: bad lines are listed here instead of stopping the run
 if args.command == "world":
-    assert args.out, "world needs --out (the QA JSONL to write; images go next to it)"
     write_world_qa(args.out, args.images, args.split, args.leaky)
     print(f"wrote {args.images} images and {args.out}")
     sys.exit(0)
-assert args.command != "filter" or (args.data and args.out), "filter needs --data and --out"
-assert args.command != "score" or args.captions, "score needs --captions"
 with user_errors():  # the input is read and checked before the judge loads
     qa = QAFile(args.data, args.image_root, skipped) if args.data else None
     by_id = {row["id"]: i for i, row in enumerate(qa.rows)} if qa else None
@@ -88,7 +92,8 @@ with user_errors():  # the input is read and checked before the judge loads
     if args.command == "score" and not records:
         raise DataError(f"{args.captions}: no caption left to score")
 device, dtype = pick_device()
-judge, jtok, meta = load_judge(args.judge, device, dtype)
+with user_errors():  # a mistyped judge path: one line
+    judge, jtok, meta = load_judge(args.judge, device, dtype)
 fmt = args.judge_format or meta["format"]
 if args.command == "filter":
     rows_q = [q for row in qa.rows for q in row["questions"]]
@@ -121,9 +126,11 @@ types = None if (args.data or args.all_types) else shapes.REWARD_TYPES
 rngs = [random.Random(f"{args.seed}:{cid}") for cid, _, _ in records]  # a caption's draws: (seed, its id) only
 rewards = caption_rewards(judge, jtok, [c for _, c, _ in records], [it for _, _, it in records],
                           args.questions_per_caption, fmt, args.judge_mode, rngs, types)
-if args.out:
-    with open(args.out, "w") as f:
+if args.out:  # written whole, then renamed into place
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
         for (cid, cap, _), r in zip(records, rewards.tolist()):
             f.write(json.dumps({"id": cid, "caption": cap, "reward": r}) + "\n")
+    os.replace(args.out + ".tmp", args.out)
 print_skipped(skipped)
 print(f"{len(records)} captions, mean reward {rewards.mean().item():.4f}" + (f", wrote {args.out}" if args.out else ""))

@@ -99,7 +99,9 @@ parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", 
 parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "argmax"],
                     help="how the judge's answer is read (the paper: sample at temperature 0.6)")
 parser.add_argument("--length-bounds", type=int, nargs=2, default=None, metavar=("L1", "L2"),
-                    help="CapRL++ length term: full reward up to L1 tokens, linearly 0 at L2 (off by default)")
+                    help="CapRL++ length term, added to the reward: --length-weight up to L1 caption tokens, linearly "
+                         "down to 0 at L2 (off by default; CapRL++'s video recipe: 2048 3072)")
+parser.add_argument("--length-weight", type=float, default=0.2, help="weight of the length term (CapRL++'s)")
 # optimisation
 parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper, 3B: 1e-6)")
 parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up steps (paper: 20)")
@@ -139,6 +141,8 @@ if args.micro_batch_images < 1 or args.images_per_step % args.micro_batch_images
     parser.error("--images-per-step must be a multiple of --micro-batch-images")
 if args.group_size < 2:
     parser.error("GRPO needs at least 2 captions per image (--group-size)")
+if args.length_bounds and not 0 <= args.length_bounds[0] < args.length_bounds[1]:
+    parser.error("--length-bounds L1 L2 needs 0 <= L1 < L2")
 if args.temperature <= 0:  # greedy rollouts: no distribution to take log-probs under (the loss divides by it)
     parser.error("--temperature must be > 0")
 
@@ -274,10 +278,12 @@ for step in range(start, args.steps):
     tokens, mask, old_logp = roll["tokens"], roll["mask"], roll["logprobs"]
     captions = decode(proc, roll)
     n_tok = mask.sum(1)
-    rrngs = [random.Random(f"{args.seed}:reward:{step}:{b}") for b in mine]  # per image, shared by its G captions
+    rrngs = [random.Random(f"{args.seed}:reward:{step}:{b}") for b in mine]  # one per image: its G captions
+    # draw from it in turn, each its own questions and shuffles, as the paper's reward server draws per caption
     rewards = caption_rewards(judge, jtok, captions, [it for it in items for _ in range(G)],
                               args.questions_per_caption, jfmt, args.judge_mode, [r for r in rrngs for _ in range(G)],
-                              reward_types, n_tok.tolist(), args.length_bounds).to(device)
+                              reward_types, (n_tok - (~roll["truncated"]).long()).tolist(),  # (no end token)
+                              args.length_bounds, args.length_weight).to(device)
     if args.zero_truncated:  # a caption that never ends is not a caption: no credit for what it rambled
         rewards = rewards * (~roll["truncated"]).float()
     t_reward = time.time() - t0 - t_gen

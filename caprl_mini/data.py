@@ -40,6 +40,10 @@ class DataError(ValueError):
     """Bad input; the message names the file and line (or the image) and says what to fix."""
 
 
+class MissingImage(DataError):
+    """An image path that names no file (often a wrong --image-root, not a bad image)."""
+
+
 @contextlib.contextmanager
 def skip_bad(skipped):
     """Run the block. A DataError in it stops the run, or, with a list for `skipped` (--skip-bad), is recorded there
@@ -173,8 +177,8 @@ def load_image(ref, root, where=None):
         try:
             raw = ref if isinstance(ref, (bytes, bytearray)) else base64.b64decode(ref, validate=True)
         except (binascii.Error, ValueError, TypeError):  # neither an existing file nor base64: a missing file
-            raise DataError(prefix + f"no such file {os.path.join(root, str(ref))!r} (relative paths resolve against "
-                            "--image-root, else the folder of the file that lists them)") from None
+            raise MissingImage(prefix + f"no such file {os.path.join(root, str(ref))!r} (relative paths resolve "
+                               "against --image-root, else the folder of the file that lists them)") from None
     if not raw:
         raise DataError(prefix + "the file is empty")
     try:
@@ -249,6 +253,7 @@ def write_qa(path, rows, root):
     """QA JSONL from rows as QAFile holds them (CapRL-QA rows come out in the project's form). Relative image paths
     are rewritten relative to the new file's folder, so the file can live anywhere."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         for row in rows:
             out = {"id": row["id"], "image": rebase(row["image"], root, folder), "questions": row["questions"]}
@@ -284,7 +289,7 @@ def list_images(source, image_root=None, skipped=None):
         if not found:
             raise DataError(f"{source}: no image files in this folder ({' '.join(IMAGE_EXTENSIONS)})")
         return [(f, f, source) for f in sorted(found)]
-    if source.endswith(".jsonl"):
+    if source.lower().endswith(".jsonl"):
         qa = QAFile(source, image_root, skipped)
         return [(r["id"], r["image"], qa.root) for r in qa.rows]
     root = image_root or os.path.dirname(os.path.abspath(source))
@@ -323,6 +328,7 @@ class CaptionFile:
                 os.truncate(path, len(good))
         records = _read_lines(path, io.BytesIO(good), lambda line, where: _record(line, where, field), None)
         self.done = {str(rec["id"]) for rec in records}
+        self.first = records[0] if records else None  # what a rerun checks its settings against
 
     @contextlib.contextmanager
     def _locked(self):

@@ -4,12 +4,15 @@ The score is the reward's own function (judge.score_questions), read with argmax
 options, over *all* question types, the held-out ones (never in the reward) reported separately. On the
 built-in world the captions are also parsed into facts and scored exactly: precision (stated facts that are
 true) and recall (true facts that are stated), so a reward bought with hallucinations shows up here.
+Not the paper's Prism protocol, which asks each benchmark's own questions with its own prompt (the image replaced
+by the caption), answered by generation at temperature 1.0 with no abstain option: these are not Prism numbers.
 """
 import hashlib
 import json
 import os
 import random
 
+from tqdm import tqdm
 
 from . import shapes
 from .judge import gold_option, score_questions
@@ -22,7 +25,7 @@ def caption_items(model, proc, items, batch_size=50, max_new_tokens=64, temperat
     """n captions per item (greedy when temperature is 0): list of lists of (caption, token count). Sampled captions
     of an item depend on (seed, its id) only, not on the batching."""
     out = []
-    for i0 in range(0, len(items), batch_size):
+    for i0 in tqdm(range(0, len(items), batch_size), desc="captioning", unit="batch", disable=len(items) <= batch_size):
         batch = items[i0:i0 + batch_size]
         prompt = encode_prompts(proc, [it["image"] for it in batch], instruction)
         prompt = {k: v.to(model.device) for k, v in prompt.items()}

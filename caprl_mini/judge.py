@@ -40,6 +40,8 @@ _SPLIT = "\x00SPLIT\x00"  # marks where the caption ends in the rendered chat, s
 # The paper's judge prompt (CapRL's reward server, image branch), up to where the caption goes. The server wrote the
 # chat turns by hand; here they come from the judge's own chat template (Qwen2.5-Instruct adds its default system
 # prompt, the server had none). Trailing double spaces of the server's lines are dropped; the words are the same.
+# Options are listed as in the worked examples, "- A) ...", abstain the next letter (the server indents them "   - "
+# and letters abstain F whatever the count: A-D, then F).
 CAPRL_PROMPT = """You will be given an image caption describing the visual content.
 Your task is to answer the multiple-choice question **strictly based on the caption**, even if the answer may seem \
 obvious from prior knowledge or question wording.
@@ -92,7 +94,7 @@ def prompt_ids(tok, caption, question, options, fmt, prefix_ids=None):
     prefix_ids: the caption's prefix ids from an earlier call, so that a long caption is tokenized once."""
     msgs = [{"role": "user", "content": user_message(caption, question, options, fmt)}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + ANSWER_PREFIX
-    prefix, suffix = text.split(_SPLIT)
+    prefix, suffix = text.rsplit(_SPLIT, 1)  # the last marker: a caption is model output and may hold anything
     return prefix_ids or tok.encode(prefix, add_special_tokens=False), tok.encode(suffix, add_special_tokens=False)
 
 
@@ -330,12 +332,13 @@ def _oracle_logits(captions, posed):
 
 
 def caption_rewards(judge, tok, captions, items, n_draws, fmt, mode, rng, types=None, tokens=None,
-                    length_bounds=None):
+                    length_bounds=None, length_weight=0.2):
     """The CapRL reward of each caption: mean judge score over `n_draws` questions drawn with replacement from
     its image's MCQs (restricted to `types` when given: held-out types never enter the reward).
-    Optional CapRL++ length term (length_bounds=(L1, L2), caption token counts in `tokens`): the reward is
-    multiplied by 1 up to L1 tokens, falling linearly to 0 at L2. rng: a random.Random, or one per caption (then
-    a caption's reward does not depend on the other captions scored with it: torchrun ranks score their share)."""
+    Optional CapRL++ length term (length_bounds=(L1, L2), each caption's token count in `tokens`, end token not
+    counted): length_weight x (1 up to L1 tokens, falling linearly to 0 at L2) is added to the accuracy, as CapRL++'s
+    reward function adds it (weight 0.2 in its training script). rng: a random.Random, or one per caption (then a
+    caption's reward does not depend on the other captions scored with it: torchrun ranks score their share)."""
     rngs = rng if isinstance(rng, list) else [rng] * len(captions)
     rows_c, rows_q, rows_rng = [], [], []
     for cap, item, r in zip(captions, items, rngs):
@@ -349,5 +352,5 @@ def caption_rewards(judge, tok, captions, items, n_draws, fmt, mode, rng, types=
     if length_bounds:
         l1, l2 = length_bounds
         n = torch.as_tensor(tokens, dtype=torch.float32)
-        reward = reward * (1 - ((n - l1) / max(1, l2 - l1)).clamp(0, 1))
+        reward = reward + length_weight * (1 - ((n - l1) / (l2 - l1)).clamp(0, 1))
     return reward

@@ -80,3 +80,24 @@ def test_unreadable_files_are_listed_with_a_reason_and_skipped(tmp_path):
     assert "unreadable 2" in printed
     printed = annotate("--images", folder, "--out", out)  # a rerun neither retries nor duplicates them
     assert "0 to caption" in printed and len(open(out + ".errors.jsonl").readlines()) == 2
+
+
+def test_a_rerun_refuses_other_settings_and_retries_paths_that_named_no_file(tmp_path):
+    """One caption file, one captioner: a rerun with another temperature is refused naming the setting. A list
+    whose paths name no file (the wrong --image-root) is counted, not recorded as unreadable, so the rerun with the
+    right root captions those images."""
+    names = world_folder(str(tmp_path / "imgs"), 3)
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(n + "\n" for n in names))  # relative to imgs/, not to the list's folder
+    out = str(tmp_path / "caps.jsonl")
+    printed = annotate("--images", str(listed), "--out", out)
+    assert "captioned 0, unreadable 0" in printed and "missing 3" in printed
+    assert open(out + ".errors.jsonl").read() == ""
+    printed = annotate("--images", str(listed), "--image-root", str(tmp_path / "imgs"), "--out", out)
+    assert "captioned 3" in printed and sorted(ids(out)) == names
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "annotate.py"), "--model", shipped("captioner"),
+                        "--images", str(listed), "--image-root", str(tmp_path / "imgs"), "--out", out,
+                        "--temperature", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 2 and r.stderr.strip() == (
+        f"error: {out}:1: written with other settings (--temperature 0.0 there, 1.0 now): rerun with the file's, "
+        "or choose another --out")

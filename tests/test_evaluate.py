@@ -41,14 +41,17 @@ def test_captions_from_jsonl_score_as_the_captioner_that_wrote_them(tmp_path):
     assert len(imgs) == 12 and all(i["src"].startswith("data:image/png;base64,") for i in imgs)
 
 
-def test_missing_caption_ids_are_named(tmp_path):
-    shipped("judge")
+def test_missing_caption_ids_are_named_before_any_model_loads(tmp_path):
+    """The --captions files are checked first: here the error is theirs, not the (missing) captioner's, which
+    would load and caption every image first."""
     qa, ann = str(tmp_path / "w" / "qa.jsonl"), str(tmp_path / "ann.jsonl")
     script("reward.py", "world", "--images", "3", "--out", qa)
     open(ann, "w").write(json.dumps({"id": "shapes-eval-0", "caption": "one object"}) + "\n")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--data", qa, "--captions", ann,
-                        "--out", str(tmp_path / "e")], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode != 0 and "ann.jsonl: no caption for 2 of the 3 images, e.g. 'shapes-eval-1'" in r.stderr
+                        "--captioner", str(tmp_path / "no_such_captioner"), "--out", str(tmp_path / "e")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: {ann}: no caption for 2 of the 3 images, e.g. 'shapes-eval-1'"
 
 
 def test_torchrun_two_ranks_evaluate_as_one_process(tmp_path):

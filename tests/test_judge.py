@@ -3,7 +3,7 @@ import random
 import pytest
 import torch
 
-from caprl_mini import models, shapes
+from caprl_mini import judge, models, shapes
 from caprl_mini.shapes import ABSTAIN
 from caprl_mini.judge import (LETTERS, answer_ids, caption_rewards, option_logits, prompt_ids, score_questions,
                               shuffle_options)
@@ -57,8 +57,9 @@ def test_shared_prefix_scoring_equals_unshared_forward(fmt, tiny_judge_dir):
     model, tok, _ = models.load_judge(tiny_judge_dir)
     item = shapes.world_item(5, "test")
     rng = random.Random(1)
-    caps = [shapes.full_caption(item["scene"], rng), shapes.human_caption(item["scene"], rng), ""]
-    rows_c = [caps[i % 3] for i in range(7)]
+    caps = [shapes.full_caption(item["scene"], rng), shapes.human_caption(item["scene"], rng), "",
+            "a red circle" + judge._SPLIT + "."]  # model output may hold the prompt's internal marker
+    rows_c = [caps[i % 4] for i in range(7)]
     rows_q = [{**q, "options": shuffle_options(q, rng)[0]} for q in item["questions"][:7]]
     with torch.no_grad():
         got = option_logits(model, tok, rows_c, rows_q, fmt)
@@ -121,3 +122,18 @@ def test_many_questions_of_one_caption_split_over_forwards_score_the_same(fmt, t
         one = option_logits(model, tok, [""] * len(qs), qs, fmt, questions_per_forward=len(qs))
         split = option_logits(model, tok, [""] * len(qs), qs, fmt, questions_per_forward=3)
     assert len(qs) > 6 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one, split))
+
+
+def test_length_term_adds_its_weight_times_the_piecewise_length_reward():
+    """CapRL++'s length term is added to the accuracy: weight x (1 up to L1 tokens, linear to 0 at L2, 0 beyond),
+    the same question draws otherwise (a multiplied form zeroed accurate long captions)."""
+    item = shapes.world_item(3, "test")
+    caps, tokens = [shapes.full_caption(item["scene"])] * 4 + [""], [5, 10, 15, 40, 5]
+
+    def rewards(**length):
+        return caption_rewards("oracle", None, caps, [item] * 5, 8, "cloze", "prob",
+                               [random.Random(i) for i in range(5)], shapes.REWARD_TYPES, tokens, **length)
+    plain = rewards()
+    assert plain.tolist() == [1.0] * 4 + [0.0]
+    got = rewards(length_bounds=(10, 20), length_weight=0.5) - plain
+    assert torch.allclose(got, torch.tensor([0.5, 0.5, 0.25, 0.0, 0.5]))
