@@ -40,9 +40,8 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     ids, am = prompt["input_ids"], prompt["attention_mask"]
     dev, G = ids.device, group_size
     static = dev.type == "cuda" if static is None else static
-    lm = model.model.language_model
-    if set(getattr(lm.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:  # both decoders
-        # keep every position of a row (the released Qwen-VL models do)
+    lm = model.model.language_model  # both decoders keep every position of a row (the released Qwen-VL models do)
+    if set(getattr(lm.config, "layer_types", None) or ["full_attention"]) != {"full_attention"}:
         raise NotImplementedError("sample(): sliding-window attention layers are not supported (use_sliding_window)")
     if not all(hasattr(layer.mlp, "gate_proj") for layer in lm.layers):  # KVDecoder reads one SwiGLU MLP a layer
         raise NotImplementedError("sample(): mixture-of-experts layers are not supported (Qwen3-VL-MoE)")
