@@ -86,6 +86,7 @@ for r in range(args.repeats + 1):
         sync()
         if r:  # round 0 warms up
             times[w].append(time.perf_counter() - t)
+        print(f"round {r} {w}: {time.perf_counter() - t:.3f} s", flush=True)  # a run cut short still shows these
         states[w] = h.detach().float()
         model.gradient_checkpointing_disable()
 t = {w: statistics.median(v) for w, v in times.items()}

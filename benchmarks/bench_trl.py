@@ -71,6 +71,7 @@ def trl_child():
     from caprl_mini.judge import caption_rewards
     from caprl_mini.models import CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, load_judge, load_policy, pick_device
     torch.set_num_threads(args.threads)
+    torch.backends.cuda.enable_cudnn_sdp(False)  # as the project's side (models.prepare_for_training)
     device, dtype = pick_device()  # as train_grpo.py: the judge on it in dtype; the policy fp32 (+ bf16 autocast)
     # the processor explicitly: without torchvision AutoProcessor may return only a tokenizer
     model, proc = load_policy(args.policy or SFT_CAPTIONER)
@@ -138,8 +139,15 @@ SHARED = ["--steps", str(args.steps), "--images-per-step", str(B), "--group-size
 def run_trl(seed):
     cmd = [sys.executable, __file__, "--child", "--seed", str(seed), "--threads", str(args.threads),
            "--micro-batch-images", str(M), "--policy", args.policy, "--judge", args.judge, "--data", args.data, *SHARED]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=ENV, cwd=ROOT).stdout
-    return [json.loads(l) for l in out.splitlines() if l.startswith('{"step_seconds"')]
+    return [json.loads(l) for l in run(cmd).splitlines() if l.startswith('{"step_seconds"')]
+
+
+def run(cmd):
+    """A side's process; its stdout, or on failure the end of its stderr (an out-of-memory, say) and exit 1."""
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    if r.returncode:
+        sys.exit(f"failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stderr[-4000:]}")
+    return r.stdout
 
 
 def run_project(seed):
@@ -150,7 +158,7 @@ def run_project(seed):
             if getattr(args, flag):
                 cmd += ["--" + flag, getattr(args, flag)]
         cmd += ["--micro-batch-images", str(args.micro_batch_images or math.gcd(B, 4))]  # its default 4, if it fits
-        subprocess.run(cmd, check=True, capture_output=True, env=ENV, cwd=ROOT)
+        run(cmd)
         rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     return [{"step_seconds": r["step_seconds"], "gen_seconds": r["gen_seconds"], "reward_seconds": r["reward_seconds"],
              "tokens": r["caption_tokens_mean"], "reward": r["reward_mean"]} for r in rows]

@@ -42,7 +42,17 @@ parser.add_argument("--atol", type=float, default=1e-3, help="largest difference
 args = parser.parse_args()
 dev = torch.device(args.device)
 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 both sides: kernels differ only
-results = {}
+
+
+class Results(dict):
+    """The checks' results, each printed as it is found: a run cut short by its time limit still shows them."""
+
+    def __setitem__(self, k, v):
+        super().__setitem__(k, v)
+        print(f"{k}: {v if isinstance(v, bool) else f'{v:.2e}'}", flush=True)
+
+
+results = Results()
 
 # sampling and teacher forcing: the shipped captioner, 4 images x G = 3 captions
 policy, proc = models.load_policy(models.SFT_CAPTIONER)
@@ -157,8 +167,6 @@ KVDecoder.flex = KVDecoder.fuse = False
 tolerance = lambda k: 0.1 if k in AMPS else args.atol  # noqa: E731
 ok = all(v is True or (not isinstance(v, bool) and v <= tolerance(k)) for k, v in results.items())
 name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-for k, v in results.items():
-    print(f"{k}: {v if isinstance(v, bool) else f'{v:.2e}'}")
 print(f"{'all checks passed' if ok else 'A CHECK FAILED'} on {name} (tolerance {args.atol})")
 print(json.dumps({"bench": "check_gpu", "device": name, "ok": ok, **results}))
 sys.exit(0 if ok else 1)
