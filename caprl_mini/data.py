@@ -147,6 +147,8 @@ def _question(q, where):
     letter = ans.strip().upper() if isinstance(ans, str) else None  # upper() can lengthen: "ﬀ" -> "FF"
     if letter is None or len(letter) != 1 or letter not in LETTERS[:len(opts)]:
         raise DataError(f"{where}: answer {ans!r} is not one of the option letters {LETTERS[:len(opts)]}")
+    if not isinstance(q.get("type", "qa"), str):  # evaluation groups and sorts the results by it
+        raise DataError(f"{where}: a question's 'type' must be text, got {q['type']!r}")
     return {"question": q["question"], "options": opts, "answer": letter, "type": q.get("type", "qa")}
 
 

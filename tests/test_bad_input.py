@@ -47,6 +47,7 @@ QA_BAD = {
     "answer not an option": (row("b", answer="D"), "answer 'D' is not one of the option letters ABC"),
     "one option": (row("b", options=["x"], answer="A"), "a question needs at least two options"),
     "repeated options": (row("b", options=["x", "y", "x"]), "options repeat (['x', 'y', 'x'])"),
+    "type not text": (row("b", type=None), "a question's 'type' must be text, got None"),
     "duplicate id": (row("a"), "duplicate id 'a' (first on line 1); ids must be unique"),
 }
 
