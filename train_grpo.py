@@ -391,7 +391,8 @@ if world > 1:
         sys.exit(0)  # rank 0 saves and evaluates
 if args.save_final:
     save_model(model, proc, final)
-    save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped})
+    if start < args.steps:  # else resumed from this very checkpoint: rewriting it would only open a window to lose it
+        save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped})
     print(f"saved {final}")
 if args.eval_images:  # both captioners as evaluate.py runs a saved one: weights in the device's dtype, no autocast
     model.eval().to(dtype)

@@ -37,6 +37,9 @@ def test_four_steps_equal_two_plus_resume_plus_two(tmp_path):
     run(*common, "--steps", "4", "--save-every", "2", "--out", a)
     run(*common, "--steps", "2", "--save-every", "2", "--out", b)  # stops after step 2 (a checkpoint at 2)
     run(*common, "--steps", "4", "--save-every", "2", "--out", b, "--resume")
+    last = os.stat(os.path.join(b, "checkpoints", "step_000004")).st_ino
+    run(*common, "--steps", "4", "--save-every", "2", "--out", b, "--resume")  # finished: nothing to train or rewrite
+    assert os.stat(os.path.join(b, "checkpoints", "step_000004")).st_ino == last
     ma, mb = metrics(a), metrics(b)
     assert [m["step"] for m in mb] == [0, 1, 2, 3] and ma == mb
     assert any(m["grad_norm"] > 0 for m in ma)  # the updates were real, so equality means something
