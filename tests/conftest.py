@@ -41,9 +41,10 @@ def tiny_judge_dir(tok, tmp_path_factory):
 
 
 def shipped(name):
+    """A shipped checkpoint's folder. They are in git: one missing is a broken checkout, a failure, not a skip."""
     path = os.path.join(models.ASSETS, name)
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        pytest.skip(f"shipped checkpoint {path} missing")
+        pytest.fail(f"shipped checkpoint {path} missing: a partial checkout?")
     return path
 
 

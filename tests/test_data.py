@@ -37,32 +37,6 @@ def test_reads_qa_jsonl_and_caprl_rows(tmp_path):
     assert b["image"].mode == "RGB"
 
 
-@pytest.mark.parametrize("bad,message", [
-    ('{"id": "x", "image": "img.png", "questions": [', "qa.jsonl:2: not valid JSON"),
-    ({"id": "x", "image": "img.png", "questions": [{"question": "q", "options": ["a", "b"], "answer": "C"}]},
-     "qa.jsonl:2: answer 'C' is not one of the option letters AB"),
-    ({"id": "x", "image": "img.png", "questions": [{"question": "q", "options": ["a"], "answer": "A"}]},
-     "qa.jsonl:2: a question needs at least two options"),
-    ({"id": "a", "image": "img.png", "questions": [{"question": "q", "options": ["a", "b"], "answer": "A"}]},
-     "qa.jsonl:2: duplicate id 'a' (first on line 1)"),
-    ({"id": "x", "questions": []}, "qa.jsonl:2: needs 'image'"),
-    ("[1, 2]", "qa.jsonl:2: a line must be a JSON object"),
-])
-def test_bad_input_names_file_and_line(tmp_path, bad, message):
-    img = image_file(tmp_path)
-    path = write(tmp_path, [good_row(img), bad])
-    with pytest.raises(DataError) as e:
-        QAFile(path)
-    assert message in str(e.value)
-
-
-def test_missing_image_names_file_and_line(tmp_path):
-    path = write(tmp_path, [good_row("nope.png")])
-    qa = QAFile(path)
-    with pytest.raises(DataError, match=r"qa.jsonl:1: cannot read image 'nope.png'"):
-        qa[0]
-
-
 def test_relative_image_paths_resolve_against_the_root_only(tmp_path, monkeypatch):
     """An image missing from the root is missing, even when the working folder holds one of the same name (it was
     read from there, silently the wrong image)."""

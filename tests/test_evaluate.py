@@ -77,6 +77,17 @@ def test_best_of_n_weighs_images_as_qa_accuracy_does():
     full = [shapes.full_caption(it["scene"]) if len(it["scene"]) > 1 else "an image." for it in items]
     one = evaluate_captions("oracle", None, "cloze", items, [[(c, 1)] for c in full])
     assert 0 < one["qa_accuracy"] < 1 and one["best_of_n_accuracy"] == one["qa_accuracy"]
+    # by hand: the oracle answers every question of a fully captioned image and none of "an image."
+    by_type = {}
+    for it in items:
+        for q in it["questions"]:
+            by_type.setdefault(q["type"], []).append(len(it["scene"]) > 1)
+    assert one["qa_accuracy_by_type"] == {t: sum(v) / len(v) for t, v in sorted(by_type.items())}
+    held = [r for t in shapes.HELDOUT_TYPES for r in by_type[t]]
+    assert one["heldout_types_accuracy"] == sum(held) / len(held) and 0 < sum(held) < len(held)
+    n_true = [4 * len(it["scene"]) + 1 for it in items]  # every object's 4 facts, and the count
+    assert one["fact_precision"] == 1.0  # "an image." states no fact
+    assert one["fact_recall"] == sum(n for n, it in zip(n_true, items) if len(it["scene"]) > 1) / sum(n_true)
     two = evaluate_captions("oracle", None, "cloze", items, [[(c, 1), ("", 1)] for c in full])
     assert two["best_of_n_accuracy"] == one["qa_accuracy"] and two["qa_accuracy"] == one["qa_accuracy"] / 2
 

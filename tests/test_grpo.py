@@ -52,6 +52,21 @@ def test_gradient_same_for_1_or_k_micro_batches(aggregation, split, fused):
     assert torch.allclose(grad(split), full, atol=1e-12, rtol=0)
 
 
+def test_token_and_sequence_aggregation_by_hand():
+    """Two captions of 3 and 1 tokens: token level averages the 4 tokens, sequence level averages the captions' own
+    token means (written out here, not through token_weights, which both of the tests above share)."""
+    old = torch.zeros(2, 3)
+    logp = torch.log(torch.tensor([[1.1, 1.0, 0.9], [1.2, 1.0, 1.0]]))  # ratios inside the clip range
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    adv = torch.tensor([1.0, -2.0])
+    terms = [-1.1, -1.0, -0.9, 2 * 1.2]  # -ratio * A of each real token
+    token, _ = policy_loss(logp, old, adv, mask, 4, aggregation="token")
+    sequence, _ = policy_loss(logp, old, adv, mask, 2, aggregation="sequence")
+    assert torch.isclose(token, torch.tensor(sum(terms) / 4))
+    assert torch.isclose(sequence, torch.tensor((sum(terms[:3]) / 3 + terms[3]) / 2))
+    assert not torch.isclose(token, sequence)
+
+
 def test_clip_and_kl():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.0]]))  # ratios 1.5, 0.5, 1.0 against old = 0
     old = torch.zeros(1, 3)
@@ -62,6 +77,7 @@ def test_clip_and_kl():
     assert st["clipped"] == 1 and abs(st["ratio_sum"] - 3.0) < 1e-6
     loss_neg, st = policy_loss(logp, old, torch.tensor([-1.0]), mask, 3)
     assert torch.isclose(loss_neg, (torch.tensor(1.5) + 0.8 + 1.0) / 3)  # A < 0: 0.5 clipped up to 0.8
+    assert st["clipped"] == 1  # ... and counted (the logged clip_frac): 1.5 is not clipped when A < 0
     kl_loss, _ = policy_loss(old, old, torch.tensor([0.0]), mask, 3, ref_logp=old, beta=0.1)
     assert kl_loss.item() == 0.0  # k3 is 0 at pi = ref
     kl_loss, _ = policy_loss(old, old, torch.tensor([0.0]), mask, 3, ref_logp=old - 1.0, beta=1.0)

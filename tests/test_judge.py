@@ -9,17 +9,6 @@ from caprl_mini.judge import (LETTERS, answer_ids, caption_rewards, option_logit
                               shuffle_options)
 
 
-@pytest.mark.parametrize("seed", range(50))
-def test_shuffle_remaps_gold_letter(seed):
-    rng = random.Random(seed)
-    q = {"question": "q?", "options": ["w", "x", "y", "z"][: rng.randint(2, 4)]}
-    q["answer"] = LETTERS[rng.randrange(len(q["options"]))]
-    opts, gold = shuffle_options(q, rng)
-    assert opts[-1] == shapes.ABSTAIN and len(opts) == len(q["options"]) + 1
-    assert opts[gold] == q["options"][LETTERS.index(q["answer"])]
-    assert sorted(opts[:-1]) == sorted(q["options"])
-
-
 def test_abstain_scores_zero_and_gold_scores_one():
     item = shapes.world_item(3, "test")
     qs = item["questions"]
@@ -34,6 +23,24 @@ def test_abstain_scores_zero_and_gold_scores_one():
     full = shapes.full_caption(item["scene"])
     r = caption_rewards("oracle", None, [full, ""], [item, item], 8, "cloze", "prob", rng, shapes.REWARD_TYPES)
     assert r.tolist() == [1.0, 0.0]
+
+
+def test_reading_modes_follow_their_formulas_on_fixed_option_scores(monkeypatch):
+    """With fixed option scores z in place of a judge's: prob is softmax(z)[gold], sample draws from
+    softmax(z / 0.6) with the row's own generator, argmax picks the top option, each read through the shuffle."""
+    score = {"red": 2.0, "blue": 0.0, "green": -1.0, ABSTAIN: 0.5}
+    monkeypatch.setattr(judge, "option_logits", lambda model, tok, caps, posed, fmt: [
+        torch.tensor([score[o] for o in q["options"]]) for q in posed])
+    q = {"question": "color?", "options": ["blue", "red", "green"], "answer": "B"}  # gold: red
+    for seed in range(20):
+        got = {m: score_questions("judge", None, ["c"], [q], "letter", m, [random.Random(seed)],
+                                  return_choice=m != "prob")[0] for m in ("prob", "argmax", "sample")}
+        rng = random.Random(seed)
+        opts, gold = shuffle_options(q, rng)
+        z = torch.tensor([score[o] for o in opts])
+        assert got["prob"] == pytest.approx(torch.softmax(z, 0)[gold].item(), abs=1e-7)
+        assert got["argmax"] == "red"
+        assert got["sample"] == opts[rng.choices(range(4), weights=torch.softmax(z / 0.6, 0).tolist())[0]]
 
 
 def _reference_scores(model, tok, caption, q, fmt):

@@ -15,12 +15,12 @@ NAMES = ["sft <baseline>", "caprl"]
 
 class Page(HTMLParser):
     """Records tag nesting errors, <img> sources, heading texts, the text inside <mark class="wrong"> (one string
-    per mark) and the whole text."""
+    per mark), the summary table's rows (a list of cell texts each) and the whole text."""
 
     def __init__(self):
         super().__init__()
         self.stack, self.errors, self.srcs, self.tags = [], [], [], []
-        self.h3, self.th, self.marks, self.text = [], [], [], []
+        self.h3, self.th, self.marks, self.text, self.rows = [], [], [], [], []
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -31,6 +31,11 @@ class Page(HTMLParser):
             self.marks.append("")
         if tag in ("h3", "th"):
             getattr(self, tag).append("")
+        summary = any(t == "table" and a.get("class") == "summary" for t, a in self.stack)
+        if summary and tag == "tr":
+            self.rows.append([])
+        if summary and tag in ("th", "td"):
+            self.rows[-1].append("")
         if tag not in VOID:
             self.stack.append((tag, attrs))
 
@@ -48,6 +53,8 @@ class Page(HTMLParser):
                 getattr(self, t)[-1] += data
         if any(t == "mark" and a.get("class") == "wrong" for t, a in self.stack):
             self.marks[-1] += data
+        if any(t == "table" and a.get("class") == "summary" for t, a in self.stack) and self.rows:
+            self.rows[-1][-1] += data
 
 
 def sentences(caption):
@@ -124,7 +131,11 @@ def test_captioner_names_head_every_column_and_the_summary(tmp_path):
     page, records, *_ = build(tmp_path)
     assert page.h3 == NAMES * len(records)  # escaped "<" read back as text
     assert all(name in page.th for name in NAMES)
-    assert any("held out" in th for th in page.th)  # held-out question types are marked
+    rows = {r[0].strip(): r[1:] for r in page.rows}  # label -> one cell per captioner, in NAMES' order
+    assert page.rows[0] == [""] + NAMES and rows["QA accuracy"] == ["0.500", "0.600"]
+    assert rows["captions per image"] == ["1", "2"] and rows["fact recall"] == ["0.800", "0.800"]
+    held = {label.split(" held out")[0] for label in rows if label.endswith(" held out")}
+    assert held == set(shapes.HELDOUT_TYPES)  # exactly the held-out question types are marked
 
 
 def test_only_the_false_clause_is_marked(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from caprl_mini import models, shapes
 from caprl_mini.logprobs import token_logprobs
-from caprl_mini.sampling import KVDecoder, decode, sample
+from caprl_mini.sampling import KVDecoder, decode, sample, unembed
 from conftest import shipped
 
 
@@ -73,6 +73,18 @@ def test_sampling_is_deterministic_under_a_seed(tiny_policy_dir):
     a = sample(model, prompt, 3, 12, 1.0, seeds=[5, 6, 7])
     b = sample(model, prompt, 3, 12, 1.0, seeds=[5, 6, 7])
     assert torch.equal(a["tokens"], b["tokens"])
+    for i in range(3):  # an image's G captions are G draws, not one draw repeated (a group needs its spread)
+        assert len({tuple(row.tolist()) for row in a["tokens"][3 * i:3 * i + 3]}) == 3
+
+
+def test_logits_are_fp32_under_bf16_autocast():
+    """The sampler's logits stay fp32 under the trainer's bf16 autocast, so the sampled log-probs are the ones the
+    trainer's fp32 teacher forcing computes (a bf16 product errs by ~1e-2 here)."""
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(16, 64, generator=g), torch.randn(200, 64, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = unembed(h, W)
+    assert z.dtype == torch.float32 and (z.double() - h.double() @ W.double().T).abs().max() < 1e-4
 
 
 def test_an_images_captions_depend_on_its_seed_not_on_its_batch(tiny_policy_dir):
