@@ -4,7 +4,7 @@ exact fact precision / recall; several captioners side by side, optionally as on
 
     python evaluate.py --captioner assets/captioner --captioner runs/grpo/final --out runs/eval --report report.html
     python evaluate.py --captioner Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct --data qa.jsonl \
-        --captions-per-image 4 --temperature 1.0 --out runs/eval_real          # the paper's Prism protocol
+        --captions-per-image 4 --temperature 1.0 --out runs/eval_real          # Prism's setting, the reward's scoring
     python evaluate.py --captions runs/annotations.jsonl --data runs/world/qa.jsonl   # captions made elsewhere
 
 --captions-per-image n reports the mean over all captions (Prism's number) and best-of-n (per image, the best

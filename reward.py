@@ -23,7 +23,6 @@ exit status 2; with --skip-bad such lines are left out, listed and counted inste
 """
 import argparse
 import json
-import os
 import random
 import re
 import sys
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 from caprl_mini import shapes
 from caprl_mini.data import (DataError, QAFile, caption_records, print_skipped, skip_bad, user_errors, write_qa,
-                             write_world_qa)
+                             write_whole, write_world_qa)
 from caprl_mini.judge import caption_rewards, score_questions
 from caprl_mini.models import JUDGE, load_judge, pick_device
 
@@ -41,6 +40,7 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("command", choices=["score", "filter", "world"], help="see above")
 parser.add_argument("--captions", default=None, help="score: JSONL of {id, caption}")
 parser.add_argument("--data", default=None, help="QA JSONL the ids refer to (default: the built-in world)")
+parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
 parser.add_argument("--judge", default=JUDGE, help="judge folder or hub id, or 'oracle'")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
                     help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
@@ -52,7 +52,6 @@ parser.add_argument("--out", default=None, help="output JSONL (score: default pr
 parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad rows, list and count them in the summary instead of stopping")
 # filter and world
-parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
 parser.add_argument("--filter-asks", type=int, default=4, help="filter: asks per question with an empty caption")
 parser.add_argument("--max-blind-accuracy", type=float, default=0.25,
                     help="filter: keep a question only if answered right blind in less than this fraction of the "
@@ -124,13 +123,12 @@ if args.command == "filter":
 
 types = None if (args.data or args.all_types) else shapes.REWARD_TYPES
 rngs = [random.Random(f"{args.seed}:{cid}") for cid, _, _ in records]  # a caption's draws: (seed, its id) only
-rewards = caption_rewards(judge, jtok, [c for _, c, _ in records], [it for _, _, it in records],
-                          args.questions_per_caption, fmt, args.judge_mode, rngs, types)
-if args.out:  # written whole, then renamed into place
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        for (cid, cap, _), r in zip(records, rewards.tolist()):
-            f.write(json.dumps({"id": cid, "caption": cap, "reward": r}) + "\n")
-    os.replace(args.out + ".tmp", args.out)
+rewards = torch.cat([  # 256 captions a call, for the progress bar: the same rewards, as each draws from its own rng
+    caption_rewards(judge, jtok, [c for _, c, _ in records[i:i + 256]], [it for _, _, it in records[i:i + 256]],
+                    args.questions_per_caption, fmt, args.judge_mode, rngs[i:i + 256], types)
+    for i in tqdm(range(0, len(records), 256), desc="scoring", unit="x256 captions")])
+if args.out:
+    write_whole(args.out, (json.dumps({"id": cid, "caption": cap, "reward": r}) + "\n"
+                           for (cid, cap, _), r in zip(records, rewards.tolist())))
 print_skipped(skipped)
 print(f"{len(records)} captions, mean reward {rewards.mean().item():.4f}" + (f", wrote {args.out}" if args.out else ""))

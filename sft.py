@@ -34,7 +34,8 @@ to --image-root, else the caption file's folder). The per-cell auxiliary loss ne
 (a QA JSONL written by `reward.py world` has them); without scenes it is off. A bad line or image in these files
 stops the run with `error: <file>:<line>: ...` (exit status 2); with --skip-bad it is left out, listed and counted.
 
-Simplifications: fresh scenes every step (no epochs), one process, no resume (each stage runs in minutes).
+Simplifications: fresh scenes every step (no epochs), one process, no resume (a captioner stage runs in minutes; the
+shipped judge's two runs took 48 and 100 minutes: README).
 """
 import argparse
 import json
@@ -45,6 +46,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from caprl_mini import shapes
 from caprl_mini.data import (DataError, QAFile, caption_records, load_image, print_skipped, skip_bad,
@@ -85,7 +87,8 @@ parser.add_argument("--full-frac", type=float, default=0.25, help="fraction of j
 parser.add_argument("--judge-heads", type=int, default=8, help="attention heads of a judge trained from scratch")
 # shared
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
-parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (AdamW), 100 warm-up steps, cosine")
+parser.add_argument("--lr", type=float, default=2e-3,
+                    help="peak AdamW learning rate; 100 warm-up steps, then cosine down to 0.1x")
 parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
 parser.add_argument("--eval-images", type=int, default=300,
                     help="held-out images for evaluation (0: none during training)")
@@ -164,7 +167,7 @@ def caption_file_batch():
             index = {r["id"]: k for k, r in enumerate(qa.rows)}
         root = args.image_root or os.path.dirname(os.path.abspath(args.captions))
         pairs = []
-        for rec in records:
+        for rec in tqdm(records, desc="reading images", unit="img"):  # all read up front: a bad one stops us here
             with skip_bad(skipped):
                 if args.data and rec["id"] not in index:
                     raise DataError(f"{rec['where']}: id {rec['id']!r} is not in {args.data}")

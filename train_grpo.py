@@ -2,7 +2,7 @@
 multiple-choice questions about the image it never sees.
 
     python train_grpo.py                                  # CPU: shipped SFT captioner + judge, built-in world,
-                                                          # then SFT vs GRPO evaluated side by side (~5 min)
+                                                          # then SFT vs GRPO evaluated side by side (~3.5 min)
     python train_grpo.py --policy Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct --data qa.jsonl \
         --lr 1e-6 --warmup-steps 20 --lr-schedule cosine --judge-mode sample --max-new-tokens 1024 \
         --max-pixels 1003520 --images-per-step 16 --micro-batch-images 1 \
@@ -11,10 +11,11 @@ multiple-choice questions about the image it never sees.
 
 The exact variant (each a flag; defaults in brackets):
   rollout   per step B images [8], G captions each [8], sampled at temperature 1 with no top-k / top-p, by the
-            KV-cached sampler (prompt prefilled once per image, cache expanded to G rows);
-  reward    per caption, N [8] questions drawn with replacement from its image's MCQs of the reward types
-            (held-out types never), options shuffled each draw, abstain option appended; the judge's reading
-            [prob: probability of the gold option; the paper samples at temperature 0.6, --judge-mode sample];
+            KV-cached sampler (prompt prefilled once per image; its G rows read that one cache);
+  reward    per caption, N [8] questions drawn with replacement from its image's MCQs (built-in world: the reward
+            types, held-out types never; --data: all), options shuffled each draw, abstain option appended; the
+            judge's reading [prob: probability of the gold option; the paper samples at temperature 0.6,
+            --judge-mode sample];
   advantage (r - mean_group) / (std_group + 1e-4) [std]; or r - mean_group [none] (Dr. GRPO);
   loss      clipped surrogate -min(rho A, clip(rho, 1 - 0.2, 1 + 0.28) A) per token, rho = pi / pi_old,
             summed over all completion tokens of the step and divided by their count (DAPO token level) [token];
@@ -71,7 +72,7 @@ from caprl_mini.sampling import decode, sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 # models and data
-parser.add_argument("--policy", default=SFT_CAPTIONER, help="captioner: folder or hub id (Qwen2/2.5-VL family)")
+parser.add_argument("--policy", default=SFT_CAPTIONER, help="captioner: folder or hub id (Qwen2/2.5/3-VL)")
 parser.add_argument("--judge", default=JUDGE, help="judge: folder or hub id of a chat LM, or 'oracle' (built-in world)")
 parser.add_argument("--data", default=None, help="QA JSONL; without it the built-in shapes world supplies images")
 parser.add_argument("--image-root", default=None, help="folder that relative image paths in --data resolve against")
@@ -82,7 +83,7 @@ parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the capt
 parser.add_argument("--min-pixels", type=int, default=None,
                     help="images are resized to at least this many pixels (default: the processor's)")
 parser.add_argument("--max-pixels", type=int, default=None,
-                    help="... and at most this many (a Qwen-VL image costs pixels / 784 tokens)")
+                    help="... and at most this many (an image costs pixels / 784 tokens; Qwen3-VL: / 1024)")
 # rollout
 parser.add_argument("--steps", type=int, default=150, help="GRPO steps")
 parser.add_argument("--images-per-step", type=int, default=8, help="B: images per step")
@@ -223,14 +224,6 @@ def all_cat(x):
     return torch.cat(out)
 
 
-def step_items(step):
-    """The step's images: drawn from (seed, step) alone, so a resumed run (or any rank) sees the same ones. Only
-    this rank's share is loaded."""
-    rng = random.Random(f"{args.seed}:images:{step}")
-    picks = [rng.randrange(len(data)) for _ in range(B)]
-    return [load(picks[b]) for b in mine]
-
-
 def load(i):
     """Item i; with --skip-bad, if its image cannot be read, the next readable item (the same on every rank and on
     resume: it depends on the data alone)."""
@@ -265,8 +258,10 @@ def completion_states(m, prompt, pos, nxt, tokens, mask, b0, b1):
 # ---------------------------------------------------------------- GRPO loop
 for step in range(start, args.steps):
     t0 = time.time()
+    rng = random.Random(f"{args.seed}:images:{step}")  # the step's images from (seed, step) alone: the same ones
+    picks = [rng.randrange(len(data)) for _ in range(B)]  # after a resume and on every rank
     with user_errors():
-        items = step_items(step)
+        items = [load(picks[b]) for b in mine]  # only this rank's share is loaded
     prompt = {k: v.to(device) for k, v in encode_prompts(proc, [it["image"] for it in items], args.instruction).items()}
     model.eval()
     with amp:  # image b's G captions are drawn with the seed (seed, step, b): independent of the other images

@@ -80,7 +80,7 @@ def trl_child():
     eos = eos if isinstance(eos, list) else [eos]
     world = QAFile(args.data) if args.data else World("train")
     types = None if args.data else shapes.REWARD_TYPES  # as train_grpo.py
-    items = []  # train_grpo.py's images, step by step (its step_items: B draws from (seed, step)); with
+    items = []  # train_grpo.py's images, step by step (B draws from (seed, step)); with
     for step in range(args.steps + 1):  # shuffle_dataset=False TRL's step s takes prompts s*B ... s*B+B-1: the same
         rng = random.Random(f"{args.seed}:images:{step}")
         items += [world[rng.randrange(len(world))] for _ in range(B)]

@@ -9,8 +9,8 @@
 
 A checkpoint is written into a temporary folder and renamed into place (atomic on POSIX), so a run killed
 mid-write leaves the previous checkpoint intact and never a half-written one that looks complete.
-Resume needs no RNG state: every random draw of a step (images, sampling, question draws) is seeded from
-(seed, step), so step k+1 after a resume is the same as step k+1 of an uninterrupted run.
+Resume needs no RNG state: every random draw of a step is seeded from (seed, step) (the images) or
+(seed, step, image) (sampling, question draws), so step k+1 after a resume is step k+1 of an uninterrupted run.
 """
 import json
 import os
@@ -19,6 +19,7 @@ import shutil
 
 import torch
 
+from .data import write_whole
 from .models import save_model
 
 
@@ -56,8 +57,7 @@ def list_checkpoints(run_dir):
 
 
 def latest_checkpoint(run_dir):
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1] if ckpts else None
+    return (list_checkpoints(run_dir) or [None])[-1]
 
 
 def resume_checkpoint(run_dir, resume, flags, may_change):
@@ -79,10 +79,7 @@ def resume_checkpoint(run_dir, resume, flags, may_change):
 
 def write_config(run_dir, flags):
     """run_dir/config.json, every flag, atomically (a kill mid-write leaves the previous one)."""
-    path = os.path.join(run_dir, "config.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(flags, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_whole(os.path.join(run_dir, "config.json"), [json.dumps(flags, indent=1)])
 
 
 def load_trainer_state(path):
@@ -101,6 +98,4 @@ def truncate_jsonl(path, last_step):
                 keep.append(line if line.endswith("\n") else line + "\n")
         except json.JSONDecodeError:  # only a kill mid-write makes one, and only the last line
             break
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    write_whole(path, keep)

@@ -251,16 +251,22 @@ def rebase(ref, root, folder):
     return ref
 
 
+def write_whole(path, lines):
+    """Write lines to path as a whole: into path.tmp (its folder created), then renamed into place, so a kill
+    mid-write leaves the previous file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 def write_qa(path, rows, root):
     """QA JSONL from rows as QAFile holds them (CapRL-QA rows come out in the project's form). Relative image paths
     are rewritten relative to the new file's folder, so the file can live anywhere."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for row in rows:
-            out = {"id": row["id"], "image": rebase(row["image"], root, folder), "questions": row["questions"]}
-            f.write(json.dumps({**out, **({"scene": row["scene"]} if "scene" in row else {})}) + "\n")
-    os.replace(path + ".tmp", path)
+    write_whole(path, (json.dumps({"id": row["id"], "image": rebase(row["image"], root, folder), "questions":
+                                   row["questions"], **({"scene": row["scene"]} if "scene" in row else {})}) + "\n"
+                       for row in rows))
 
 
 def write_world_qa(path, n, split="eval", leaky=False):

@@ -101,9 +101,9 @@ def fact_totals(pairs):
 
 
 def summary_rows(results):
-    """The summary table of print_table and the HTML report: rows (label, held-out type?, one value per captioner,
-    None where it has none); per-type rows are indented two spaces; a row nobody has (fact scores on real data) is
-    left out."""
+    """The summary table of write_results (console) and the HTML report: rows (label, held-out type?, one value per
+    captioner, None where it has none); per-type rows are indented two spaces; a row nobody has (fact scores on real
+    data) is left out."""
     types = dict.fromkeys(t for r in results for t in r.get("qa_accuracy_by_type", {}))
     rows = [("QA accuracy", False, [r.get("qa_accuracy") for r in results])]
     rows += [(f"  {t}", t in shapes.HELDOUT_TYPES, [r.get("qa_accuracy_by_type", {}).get(t) for r in results])
@@ -117,19 +117,14 @@ def summary_rows(results):
 
 def write_results(folder, results):
     """folder/results.json, {"captioners": [one evaluate_captions record + "path" each]} (evaluate.py, and
-    train_grpo.py's final evaluation), and the table on the console."""
+    train_grpo.py's final evaluation), and the table on the console: captioners side by side, one column each."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "results.json")
     with open(path, "w") as f:
         json.dump({"captioners": results}, f, indent=1)
-    print_table(results)
-    print(f"wrote {path}")
-
-
-def print_table(results):
-    """Captioners side by side, one column each."""
     names = [r["path"] if len(r["path"]) <= 28 else "..." + r["path"][-25:] for r in results]
     print(f"{'':24s}" + "".join(f"{n:>30s}" for n in names))
     for label, held, vals in summary_rows(results):
         print(f"{label + (' (held out)' if held else ''):24s}"
               + "".join(f"{v:30.3f}" if v is not None else f"{'-':>30s}" for v in vals))
+    print(f"wrote {path}")

@@ -16,7 +16,7 @@ Three ways to read the judge: sample (temperature 0.6 over the options, as the p
 mass on the gold option: expected accuracy, lowest variance).
 
 Cost: the caption is the shared prefix of all its questions. Each distinct caption's prefix (chat start + caption;
-its common start with the other captions once for all) is computed once into a KV cache, then every question is a
+its common start with the other captions of a forward once) is computed once into a KV cache, then every question is a
 short row over its caption's cached prefix (and, for cloze, every option a branch of that row under a tree mask):
 a caption is computed once for all its questions, and no question attends to another's tokens.
 Legend: C captions, Q questions (rows after expansion), O options, T tokens.

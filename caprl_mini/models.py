@@ -13,6 +13,7 @@ import os
 import re
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                           AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen2VLConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
@@ -59,7 +60,7 @@ def keep_freed_memory():
 
 
 def pick_device():
-    """cuda > mps > cpu, and bf16 where the device supports it (else fp32). Says what it picked. Under torchrun
+    """cuda > mps > cpu; bf16 on a GPU that supports it, else fp32 (also on MPS). Says what it picked. Under torchrun
     each process takes the GPU of its LOCAL_RANK. On a CPU, freed memory is kept for reuse (keep_freed_memory)."""
     if torch.cuda.is_available():
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -351,9 +352,5 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
 
 def pad_right(seqs, pad_id):
     """List of token lists -> (B, L) tensor and its 0/1 mask."""
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
+    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], batch_first=True, padding_value=pad_id)
+    return ids, (torch.arange(ids.shape[1]) < torch.tensor([len(s) for s in seqs])[:, None]).long()

@@ -11,7 +11,8 @@ html.escape, since captions are model output and may hold anything.
 results: the results.json records, one per captioner ("path" is its name). records, one per image:
     {"id", "image": PIL RGB, "scene": the world's scene or None,
      "captioners": [{"name", "captions": [{"caption", "answers": [
-         {"question", "options" (as shown, abstain last), "gold", "chosen", "right", "type"}]}]}]}
+         {"question", "options" (the data's order, abstain appended; the judge saw them shuffled), "gold", "chosen",
+          "right", "type"}]}]}]}
 """
 import base64
 import io

@@ -1,6 +1,6 @@
 """Hand-written, batched, KV-cached sampling of G captions per image.
 
-    prefill   each unique (image, prompt) once: vision tower + language model over the prompt, filling a cache;
+    prefill   each image's prompt once (not G times): vision tower + language model over the prompt, filling a cache;
     expand    the prompt's last state G times (rows grouped by image: row b*G + g is caption g of image b); its
               cache stays once per image;
     decode    all rows together, one token per step, until every row has emitted EOS or hit the length cap. The
@@ -120,7 +120,8 @@ class KVDecoder:
     the attention mask every step and concatenate the whole cache every token. Its two savings:
       - the prompt's keys and values are kept once per image (B, Hkv, P, d), not G times, and the G rows of an
         image ask their queries together against them (shared-prefix attention, as Hydragen / cascade inference);
-      - the new tokens' keys and values go into buffers (r, Hkv, L, d) allocated once, a column written per step.
+      - the new tokens' keys and values go into preallocated buffers (r, Hkv, L, d), a column written per step
+        (compacted when rows leave the batch).
     The softmax runs over [prompt scores, new-token scores] together: the same attention, not an approximation
     (tests/test_sampling.py checks it against teacher forcing and `generate`).
     fixed=True (the GPU path): every step has the same shapes (all L new-token positions read, the ones not yet
@@ -189,7 +190,12 @@ class KVDecoder:
         cast = lambda x: x if x is None or not self.copied else x.detach().to(dtype)  # noqa: E731
         mats = ({n: [cast(m.weight), cast(m.bias)] for n, m in linears(layer)} for layer in self.lm.layers)
         self.mats = [fused(w) if fixed and self.fuse else w for w in mats]  # one layer's unfused copies at a time
-        self.norms = [norm_weights(self.lm, i) for i in range(len(self.lm.layers))]
+        # layer i's RMSNorm weights: after attention, and the norm its output goes through next (the next layer's
+        # input norm; the last layer's: the final norm); Qwen3-VL's per-head query and key norms
+        afters = [layer.input_layernorm for layer in self.lm.layers[1:]] + [self.lm.norm]
+        self.norms = [{"post": layer.post_attention_layernorm.weight, "after": after.weight} | (
+            {"q": layer.self_attn.q_norm.weight, "k": layer.self_attn.k_norm.weight}
+            if hasattr(layer.self_attn, "q_norm") else {}) for layer, after in zip(self.lm.layers, afters)]
         a = self.lm.layers[0].self_attn
         self.head_dim, self.scaling, self.act = a.head_dim, a.scaling, self.lm.layers[0].mlp.act_fn
         self.eps = self.lm.norm.variance_epsilon  # every RMSNorm of the model has the config's
@@ -304,13 +310,15 @@ class KVDecoder:
     def layer_step(self, x, h, cos, sin, w, norms, kp, vp, k_buf, v_buf):
         """One decoder layer on the residual stream x (r, D) and its normed input h: writes this token's key and
         value into k_buf, v_buf and returns the new residual stream and its norm under norms["after"]. Every input is
-        a tensor or a dict of tensors (no module, no layer index), so one compiled function serves all layers."""
+        a tensor or a dict of tensors (no module, no layer index), so one compiled function serves all layers.
+        Linear layers as F.linear on their (weight, bias): an nn.Linear call costs hooks and dispatch, a few
+        microseconds each on the eager path, 7 a layer."""
         r, d = x.shape[0], self.head_dim
         if "qkv" in w:  # fused: one product, split (H*d, Hkv*d, Hkv*d)
             Dq = w["o_proj"][0].shape[1]
-            q, k, v = linear(h, w["qkv"]).split([Dq] + [(w["qkv"][0].shape[0] - Dq) // 2] * 2, -1)
+            q, k, v = F.linear(h, *w["qkv"]).split([Dq] + [(w["qkv"][0].shape[0] - Dq) // 2] * 2, -1)
         else:
-            q, k, v = (linear(h, w[n]) for n in ("q_proj", "k_proj", "v_proj"))
+            q, k, v = (F.linear(h, *w[n]) for n in ("q_proj", "k_proj", "v_proj"))
         q, k, v = (z.reshape(r, -1, 1, d) for z in (q, k, v))  # (r, H or Hkv, 1, d)
         if "q" in norms:
             q, k = rms_norm(q, norms["q"], self.eps), rms_norm(k, norms["k"], self.eps)
@@ -321,19 +329,14 @@ class KVDecoder:
             at = self.slots + self.t
         k_buf.index_copy_(2, at, k)
         v_buf.index_copy_(2, at, v)
-        x = x + linear(self.attention(q * cos + rotate_half(q) * sin, kp, vp, k_buf, v_buf), w["o_proj"])
+        x = x + F.linear(self.attention(q * cos + rotate_half(q) * sin, kp, vp, k_buf, v_buf), *w["o_proj"])
         h = rms_norm(x, norms["post"], self.eps)
         if "gate_up" in w:
-            g, u = linear(h, w["gate_up"]).chunk(2, -1)
+            g, u = F.linear(h, *w["gate_up"]).chunk(2, -1)
         else:
-            g, u = linear(h, w["gate_proj"]), linear(h, w["up_proj"])
-        x = x + linear(self.act(g) * u, w["down_proj"])
+            g, u = F.linear(h, *w["gate_proj"]), F.linear(h, *w["up_proj"])
+        x = x + F.linear(self.act(g) * u, *w["down_proj"])
         return x, rms_norm(x, norms["after"], self.eps)
-
-
-def linear(x, weight_bias):
-    """An nn.Linear's arithmetic without the module call (hooks, dispatch: a few microseconds each, 7 a layer)."""
-    return F.linear(x, *weight_bias)
 
 
 def fused(w):
@@ -375,24 +378,15 @@ def needs_copies(model, dtype):
     return w.dtype != dtype and torch.is_autocast_enabled(w.device.type)
 
 
-def norm_weights(lm, i):
-    """Layer i's RMSNorm weights as its step reads them: after attention, and the norm its output goes through next
-    (the next layer's input norm, the last layer's: the final norm); Qwen3-VL's per-head query and key norms."""
-    layers, a = lm.layers, lm.layers[i].self_attn
-    after = layers[i + 1].input_layernorm if i + 1 < len(layers) else lm.norm
-    norms = {"post": layers[i].post_attention_layernorm.weight, "after": after.weight}
-    return norms | ({"q": a.q_norm.weight, "k": a.k_norm.weight} if hasattr(a, "q_norm") else {})
+def rotate_half(x):
+    d = x.shape[-1] // 2
+    return torch.cat((-x[..., d:], x[..., :d]), -1)
 
 
 def rms_norm(x, weight, eps):
     """Hugging Face's Qwen2 RMSNorm: statistics in fp32, the weight applied in the input's dtype."""
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def rotate_half(x):
-    d = x.shape[-1] // 2
-    return torch.cat((-x[..., d:], x[..., :d]), -1)
 
 
 def decode(proc, out):
