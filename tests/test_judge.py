@@ -66,12 +66,13 @@ def test_shared_prefix_scoring_equals_unshared_forward(fmt, tiny_judge_dir):
     rng = random.Random(1)
     caps = [shapes.full_caption(item["scene"], rng), shapes.human_caption(item["scene"], rng), "",
             "a red circle" + judge._SPLIT + "."]  # model output may hold the prompt's internal marker
-    rows_c = [caps[i % 4] for i in range(7)]
     rows_q = [{**q, "options": shuffle_options(q, rng)[0]} for q in item["questions"][:7]]
-    with torch.no_grad():
-        got = option_logits(model, tok, rows_c, rows_q, fmt)
-        for c, q, z in zip(rows_c, rows_q, got):
-            assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
+    # mixed captions; then one caption for every row (the leak filter's empty one: no prefix beyond the shared start)
+    for rows_c in ([caps[i % 4] for i in range(7)], [""] * 7, [caps[1]] * 7):
+        with torch.no_grad():
+            got = option_logits(model, tok, rows_c, rows_q, fmt)
+            for c, q, z in zip(rows_c, rows_q, got):
+                assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
 
 
 def test_prob_mode_is_a_probability_and_a_pure_function_of_its_seed(tiny_judge_dir):
@@ -97,6 +98,14 @@ def test_cloze_dedupe_of_repeated_draws_keeps_each_rows_option_order(tiny_judge_
         for r, z in zip(rows, together):
             alone = option_logits(model, tok, [cap], [r], "cloze")[0]
             assert torch.allclose(z, alone, atol=1e-5)
+
+
+def test_letter_prompt_lists_the_shuffled_options_and_abstain_last(tok):
+    opts = ["blue", "red", ABSTAIN]
+    pre, suf = prompt_ids(tok, "a blue circle.", "What color is the circle?", opts, "letter")
+    assert tok.decode(pre + suf).endswith("caption: a blue circle.\nquestion: What color is the circle?\nA. blue\n"
+                                          f"B. red\nC. {ABSTAIN}<|im_end|>\n<|im_start|>assistant\nThe answer is")
+    assert tok.decode(pre).endswith("caption: a blue circle.\n")  # the part every question of the caption shares
 
 
 def test_caprl_prompt_is_the_papers_through_the_chat_template(tok, chat_judge_dir):
@@ -129,6 +138,26 @@ def test_many_questions_of_one_caption_split_over_forwards_score_the_same(fmt, t
         one = option_logits(model, tok, [""] * len(qs), qs, fmt, questions_per_forward=len(qs))
         split = option_logits(model, tok, [""] * len(qs), qs, fmt, questions_per_forward=3)
     assert len(qs) > 6 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(one, split))
+
+
+def test_rewards_draw_n_questions_with_replacement_from_the_reward_types_with_each_captions_generator(monkeypatch):
+    """Caption i's N draws are rng[i].choice over its image's reward-type questions, N times (with replacement);
+    its shuffles and sampled answers use rng[i] too, so a caption scores the same alone as among others."""
+    item = shapes.world_item(9, "test")
+    asked, gold = [], {q["question"]: judge.gold_option(q) for q in item["questions"]}
+    monkeypatch.setattr(judge, "option_logits", lambda model, tok, caps, posed, fmt: asked.extend(posed) or [
+        torch.tensor([1.0 if o == gold[q["question"]] else 0.0 for o in q["options"]]) for q in posed])
+    r = caption_rewards("judge", None, ["c0", "c1"], [item, item], 30, "letter", "sample",
+                        [random.Random(0), random.Random(1)], shapes.REWARD_TYPES)
+    pool = [q for q in item["questions"] if q["type"] in shapes.REWARD_TYPES]
+    assert len(pool) < len(item["questions"])  # the image has held-out questions, never asked
+    for i in range(2):
+        replay = random.Random(i)
+        drawn = [q["question"] for q in asked[30 * i:30 * i + 30]]
+        assert drawn == [replay.choice(pool)["question"] for _ in range(30)]
+    alone = caption_rewards("judge", None, ["c1"], [item], 30, "letter", "sample", [random.Random(1)],
+                            shapes.REWARD_TYPES)
+    assert alone.item() == r[1].item() and 0 < r[1] < 1  # sampled: neither all right nor all wrong
 
 
 def test_length_term_adds_its_weight_times_the_piecewise_length_reward():
