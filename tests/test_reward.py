@@ -2,10 +2,13 @@
 import json
 import os
 import random
+import runpy
 import subprocess
 import sys
 
-from caprl_mini import shapes
+import pytest
+
+from caprl_mini import judge, shapes
 from caprl_mini.data import QAFile
 from conftest import shipped
 
@@ -35,6 +38,34 @@ def test_leak_filter_drops_the_leaky_type_and_keeps_the_others(tmp_path):
     assert f"{shapes.LEAKY_TYPE:16s} dropped" in printed
     # the written file is a valid QA file wherever it lives: images resolve, scenes survive
     assert after[0]["image"].size == (84, 84) and after[0]["scene"] == json.loads(json.dumps(before[0]["scene"]))
+
+
+def test_leak_filter_drops_questions_answered_blind_at_least_the_threshold_fraction(tmp_path, monkeypatch, capsys):
+    """A scripted judge answers question j right blind in right[j] of 4 asks. With --max-blind-accuracy 0.5 the
+    filter keeps exactly the questions right in fewer than 2 asks; an image left without questions goes. Every ask
+    is argmax with an empty caption, and the asks reshuffle (one generator that moves on, not reseeded)."""
+    right = [0, 1, 2, 3, 4, 4, 2]  # questions 0-4 of image "a", 5-6 of image "b"
+    q = lambda j: {"question": f"q{j}?", "options": ["x", "y"], "answer": "A", "type": "t"}  # noqa: E731
+    qa, out = tmp_path / "qa.jsonl", tmp_path / "kept.jsonl"
+    qa.write_text(json.dumps({"id": "a", "image": "a.png", "questions": [q(j) for j in range(5)]}) + "\n"
+                  + json.dumps({"id": "b", "image": "b.png", "questions": [q(5), q(6)]}) + "\n")
+    asks = []
+
+    def scripted(model, tok, captions, questions, fmt, mode, rng):
+        asks.append((mode, set(captions), rng.getstate()))
+        rng.shuffle(list(range(10)))  # as the real shuffles move the generator on
+        return [float(len(asks) <= right[int(x["question"][1:-1])]) for x in questions]
+
+    monkeypatch.setattr(judge, "score_questions", scripted)
+    monkeypatch.setattr(sys, "argv", ["reward.py", "filter", "--data", str(qa), "--judge", "oracle", "--out", str(out),
+                                      "--filter-asks", "4", "--max-blind-accuracy", "0.5"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "reward.py"), run_name="__main__")
+    assert e.value.code == 0
+    kept = [json.loads(line) for line in open(out)]
+    assert [(r["id"], [x["question"] for x in r["questions"]]) for r in kept] == [("a", ["q0?", "q1?"])]
+    assert [(m, c) for m, c, _ in asks] == [("argmax", {""})] * 4 and len({s for _, _, s in asks}) == 4
+    assert "kept 2 of 7 questions, 1 of 2 images (dropped 1 left without questions)" in capsys.readouterr().out
 
 
 def test_a_captions_reward_does_not_depend_on_the_other_lines(tmp_path):
