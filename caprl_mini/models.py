@@ -327,7 +327,7 @@ def completion_hidden(model, input_ids, attention_mask, position_ids, next_pos, 
     own = (seg[:, :, None] == seg[:, None, :]) & (k <= k[:, None]) | (k == k[:, None])  # padding sees itself
     keys = attention_mask.bool()[:, None]  # (B, 1, P): the prompt's real tokens
     mask = torch.cat([keys.expand(-1, S, -1), own], -1)  # (B, S, P + S)
-    one_sequence = model.is_gradient_checkpointing
+    one_sequence = model.is_activation_checkpointing
     if one_sequence:  # the prompt's rows see the prompt causally (padding sees itself), none of the completions
         i = torch.arange(P, device=ids.device)
         top = keys & (i <= i[:, None]) | (i == i[:, None])  # (B, P, P)

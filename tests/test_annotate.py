@@ -53,12 +53,13 @@ def test_killed_run_resumes_with_every_image_exactly_once(tmp_path):
 def test_two_torchrun_ranks_cover_every_image_once(tmp_path):
     names = world_folder(str(tmp_path / "imgs"), 13)
     out = str(tmp_path / "caps.jsonl")
-    annotate("--images", str(tmp_path / "imgs"), "--out", out, "--batch-size", "3",
+    sampled = ["--temperature", "1", "--seed", "3"]  # each image's caption drawn from (seed, its id) alone
+    annotate("--images", str(tmp_path / "imgs"), "--out", out, "--batch-size", "3", *sampled,
              launcher=(sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"))
     got = ids(out)
     assert sorted(got) == names and len(got) == len(set(got))
-    single = str(tmp_path / "single.jsonl")  # the same captions as one process (greedy)
-    annotate("--images", str(tmp_path / "imgs"), "--out", single, "--batch-size", "5")
+    single = str(tmp_path / "single.jsonl")  # the same captions as one process in other batches
+    annotate("--images", str(tmp_path / "imgs"), "--out", single, "--batch-size", "5", *sampled)
     caps = lambda p: {json.loads(x)["id"]: json.loads(x)["caption"] for x in open(p)}  # noqa: E731
     assert caps(out) == caps(single)
     # "image" resolves from the output's folder, as sft.py --captions reads it ("imgs/000.png", not "000.png")

@@ -296,7 +296,8 @@ def test_training_with_skip_bad_replaces_unreadable_images_and_lists_every_bad_r
     assert "skipped 2 bad rows / images (--skip-bad):" in r.stdout
     assert f"  {qa}:4: answer 'Z'" in r.stdout and f"  {qa}:2: cannot read image '1.png'" in r.stdout
     assert len(open(tmp_path / "run" / "metrics.jsonl").readlines()) == 3
-    assert len(json.load(open(tmp_path / "run" / "eval" / "results.json"))["captioners"]) == 2
+    evaluated = json.load(open(tmp_path / "run" / "eval" / "results.json"))["captioners"]
+    assert [c["n_images"] for c in evaluated] == [2, 2]  # rows 0, 2 and row 1's replacement, 2 again: counted once
 
 
 def test_a_mistyped_model_path_is_one_error_line(tmp_path):

@@ -1,6 +1,10 @@
-"""End-to-end: the real train_grpo.py as a subprocess, from the shipped checkpoints."""
+"""End-to-end: the real train_grpo.py as a subprocess (or in this process, its calls recorded), from the shipped
+checkpoints."""
 import json
 import os
+import random
+import runpy
+import signal
 import subprocess
 import sys
 
@@ -8,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from caprl_mini import shapes
+from caprl_mini import grpo, judge, logprobs, models, sampling, shapes
+from caprl_mini.logprobs import token_logprobs
 from conftest import shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,3 +161,140 @@ def test_cosine_schedule_warms_up_then_decays_and_the_last_step_still_learns(tmp
         "--eval-images", "0", "--save-final", "0", "--out", out)
     lrs = [m["lr"] for m in metrics(out)]
     assert lrs == pytest.approx([1e-3, 1e-3, 1e-3 * 0.75, 1e-3 * 0.25])  # 0.5 (1 + cos(pi t)), t = 0, 0, 1/3, 2/3
+
+
+def run_in_process(monkeypatch, *args):
+    """train_grpo.py in this process, so that tests can wrap what it calls; returns its globals."""
+    monkeypatch.setattr(sys, "argv", ["train_grpo.py", *args])
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return runpy.run_path(os.path.join(ROOT, "train_grpo.py"), run_name="__main__")
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
+def spy(monkeypatch, owner, name, calls):
+    """Wrap owner.name: every call's arguments and result are appended to calls."""
+    real = getattr(owner, name)
+
+    def wrapped(*a, **k):
+        out = real(*a, **k)
+        calls.append((a, k, out))
+        return out
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+def test_every_flag_reaches_the_arithmetic(tmp_path, monkeypatch):
+    """One short run with non-default flags, its calls recorded: each flag arrives where it acts. --advantage none
+    (r - group mean), --mask-truncated (no loss on captions without EOS) with sequence aggregation (those captions
+    leave the normaliser), --beta (a frozen reference: the policy at step 0, apart from it by the last step),
+    --length-bounds/--length-weight (token counts without the end token), --grad-clip, --updates-per-rollout, the
+    warm-up learning rate, --gradient-checkpointing, the reward's generators from (seed, step, image), samples.jsonl."""
+    rolls, advs, losses, clips, lrs, rewards = [], [], [], [], [], []
+    spy(monkeypatch, sampling, "sample", rolls)
+    spy(monkeypatch, grpo, "advantages", advs)
+    spy(monkeypatch, grpo, "flat_token_loss", losses)
+    spy(monkeypatch, torch.nn.utils, "clip_grad_norm_", clips)
+    real_rewards = judge.caption_rewards
+
+    def caption_rewards(*a):  # the generators' states as they arrive (the call moves them on)
+        states = [rng.getstate() for rng in a[7]]
+        rewards.append((a, states, real_rewards(*a)))
+        return rewards[-1][2]
+    monkeypatch.setattr(judge, "caption_rewards", caption_rewards)
+
+    class AdamW(torch.optim.AdamW):
+        def step(self, *a, **k):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(*a, **k)
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    out = str(tmp_path / "run")
+    g = run_in_process(monkeypatch, "--judge", "oracle", "--images-per-step", "2", "--group-size", "4",
+                       "--micro-batch-images", "1", "--max-new-tokens", "24", "--steps", "3", "--warmup-steps", "2",
+                       "--lr", "1e-3", "--eval-images", "0", "--save-final", "0", "--log-samples", "8", "--out", out,
+                       "--advantage", "none", "--mask-truncated", "1", "--zero-truncated", "0", "--loss-aggregation",
+                       "sequence", "--beta", "0.5", "--length-bounds", "3", "6", "--length-weight", "0.5",
+                       "--grad-clip", "0.5", "--updates-per-rollout", "2", "--gradient-checkpointing", "1")
+    assert g["model"].is_activation_checkpointing and g["ref_model"] is not None
+    assert lrs == [5e-4] * 2 + [1e-3] * 4  # 2 updates a step; warm-up: lr (step + 1) / 2
+    assert [a[1] for a, _, _ in clips] == [0.5] * 6
+    logged = metrics(out)
+    samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
+    assert 0 < sum(m["truncated_frac"] for m in logged) < 3  # captions with and without EOS
+    for step, m in enumerate(logged):
+        roll, (a, states, r) = rolls[step][2], rewards[step]
+        done = ~roll["truncated"]  # (8,) the captions that ended with EOS
+        assert a[8] == shapes.REWARD_TYPES and a[9] == (roll["mask"].sum(1) - done.long()).tolist()
+        assert a[10:] == ([3, 6], 0.5)
+        assert states[::4] == [random.Random(f"0:reward:{step}:{b}").getstate() for b in (0, 1)]
+        assert advs[step][0][1:] == (4, "none")
+        assert torch.allclose(advs[step][2], r - r.view(2, 4).mean(1).repeat_interleave(4))
+        for update in range(2):
+            for b in range(2):  # micro-batch b: image b's 4 captions
+                la = losses[4 * step + 2 * update + b][0]
+                rows = slice(4 * b, 4 * b + 4)
+                assert torch.equal(la[2], roll["mask"][rows] * done[rows, None])  # the loss mask
+                assert la[3] == max(1, done.sum().item()) and la[6] == "sequence" and la[8] == 0.5
+        assert [s["reward"] for s in samples if s["step"] == step] == pytest.approx(r.tolist())
+        assert m["reward_mean"] == pytest.approx(r.mean().item())
+    # the first update of steps 0 and 2, where the policy is the one that sampled: the reference equals it at first,
+    # not after 4 updates
+    kl = [(la[7] - la[0])[la[9].bool()].abs().max().item() for la, _, _ in (losses[0], losses[8])]
+    assert kl[0] < 1e-4 < 1e-3 < kl[1], kl
+    ref, first = g["ref_model"], models.load_policy(shipped("captioner"))[0].state_dict()  # still the initial policy
+    assert all(torch.equal(v, first[k]) for k, v in ref.state_dict().items())
+    la = losses[-2][0]  # the last step's last update, image 0: its reference log-probs are the reference's own
+    h = g["completion_states"](ref, g["prompt"], g["pos"], g["nxt"], g["tokens"], g["mask"], 0, 1)
+    want = token_logprobs(h, ref.get_output_embeddings().weight, g["tokens"][:4][la[9].bool()])
+    assert torch.allclose(la[7][la[9].bool()], want, atol=1e-5)
+
+
+TINY = ["--judge", "oracle", "--images-per-step", "2", "--group-size", "4", "--max-new-tokens", "24", "--steps", "2",
+        "--lr", "1e-3", "--warmup-steps", "1", "--eval-images", "0", "--save-final", "0", "--micro-batch-images", "1"]
+
+
+def test_logged_metrics_count_what_they_say_whatever_the_micro_batches(tmp_path, monkeypatch):
+    """reward_mean is after the zero for captions without EOS, truncated_frac and frac_zero_std_groups count what
+    they name; and micro-batches of 1 or 2 images log the same step (entropy, loss, ratio, gradient norm)."""
+    runs = []
+    for micro in ("1", "2"):
+        rolls, rewards = [], []
+        spy(monkeypatch, sampling, "sample", rolls)
+        spy(monkeypatch, judge, "caption_rewards", rewards)
+        out = str(tmp_path / micro)
+        run_in_process(monkeypatch, *TINY, "--micro-batch-images", micro, "--out", out)
+        runs.append(metrics(out))
+        monkeypatch.undo()
+    assert 0 < sum(m["truncated_frac"] for m in runs[0]) < 2  # captions with and without EOS
+    for step, m in enumerate(runs[0]):
+        done = ~rolls[step][2]["truncated"]
+        r = rewards[step][2] * done  # --zero-truncated 1
+        assert m["truncated_frac"] == pytest.approx(1 - done.float().mean().item())
+        assert m["reward_mean"] == pytest.approx(r.mean().item())
+        assert m["frac_zero_std_groups"] == sum(len(set(g.tolist())) == 1 for g in r.view(2, 4)) / 2
+        assert runs[1][step] == pytest.approx(m, rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("broken", ["loss", "gradient"])
+def test_a_non_finite_loss_or_gradient_skips_the_update_and_says_which(tmp_path, monkeypatch, broken):
+    steps = []
+
+    class AdamW(torch.optim.AdamW):
+        def step(self, *a, **k):
+            steps.append(1)
+            return super().step(*a, **k)
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    if broken == "loss":
+        real = logprobs.logprobs_and_loss
+        monkeypatch.setattr(logprobs, "logprobs_and_loss", lambda *a, **k: (lambda lp, loss, ent: (
+            lp, loss * float("nan"), ent))(*real(*a, **k)))
+    else:
+        real = torch.nn.utils.clip_grad_norm_
+
+        def clip(params, *a, **k):
+            next(p for p in params if p.grad is not None).grad[0] = float("inf")
+            return real(params, *a, **k)
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    out = str(tmp_path / "run")
+    run_in_process(monkeypatch, *TINY, "--out", out)
+    assert [m["skipped"] for m in metrics(out)] == [f"non-finite {broken}"] * 2 and steps == []
