@@ -100,7 +100,7 @@ for name, checkpointing in (("packed", False), ("one sequence (checkpointing)", 
     for d in (torch.device("cpu"), dev):
         policy.to(d).zero_grad()
         if checkpointing:  # completion_hidden's other path: prompt and packed captions in one forward
-            policy.gradient_checkpointing_enable()
+            policy.activation_checkpointing_enable()
         p = {k: v.to(d) for k, v in prompt.items()}
         pos, nxt = models.rope_positions(policy, p["input_ids"], p["attention_mask"], p["image_grid_thw"])
         out = models.completion_hidden(policy, p["input_ids"], p["attention_mask"], pos, nxt, p["pixel_values"],
@@ -108,7 +108,7 @@ for name, checkpointing in (("packed", False), ("one sequence (checkpointing)", 
         (out * weights.to(d)).sum().backward()  # the backward the trainer runs, through the same masks
         h[d.type] = out.detach().cpu()
         grads[d.type] = {n: q.grad.to("cpu", copy=True) for n, q in policy.named_parameters() if q.grad is not None}
-        policy.gradient_checkpointing_disable()
+        policy.activation_checkpointing_disable()
     results[f"teacher forcing, {name}: max |state difference|"] = (h["cpu"] - h[dev.type]).abs().max().item()
     results[f"teacher forcing, {name}: max gradient difference / gradient scale"] = max(
         ((grads["cpu"][n] - grads[dev.type][n]).abs().max() / grads["cpu"][n].abs().max().clamp(min=1e-12)).item()

@@ -138,8 +138,8 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
             h = h[:, P - 1:P - 1 + L][cmask]
         else:
             if way == "under gradient checkpointing":  # caches are dropped there: prompt and completions as one
-                model.gradient_checkpointing_enable()  # sequence per image, still no prompt repeated
-                assert model.is_gradient_checkpointing
+                model.activation_checkpointing_enable()  # sequence per image, still no prompt repeated
+                assert model.is_activation_checkpointing
             seen = []
             hook = model.model.language_model.register_forward_pre_hook(
                 lambda m, a, kw: seen.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
