@@ -189,6 +189,9 @@ if rank == 0:  # the logs keep the steps before `start`: a fresh run (start 0) s
 skipped = [] if args.skip_bad else None  # (where, reason) of every bad line and image left out
 with user_errors():
     data = QAFile(args.data, args.image_root, skipped) if args.data else World("train")
+source = f"a QA file of {len(data)} rows" if args.data else "the built-in world"  # picks index it: keep it on resume
+if ckpt and state.get("data", source) != source:
+    parser.error(f"--resume: the run trained on {state['data']}, not {source} (the steps would draw other images)")
 bad_images = set()  # indices found unreadable (--skip-bad): never tried again
 reward_types = None if args.data else shapes.REWARD_TYPES
 W = model.get_output_embeddings().weight
@@ -366,7 +369,7 @@ for step in range(start, args.steps):
               f"reward {t_reward:.2f}s step {step_s:.2f}s | {captions[0][:90]}", flush=True)
     interrupted = bool(all_sum(len(stop)) > 0)  # every rank stops after the same step
     if rank == 0 and (interrupted or args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps):
-        save_checkpoint(args.out, step + 1, model, proc, opt, extra={"skipped_updates": n_skipped})
+        save_checkpoint(args.out, step + 1, model, proc, opt, extra={"skipped_updates": n_skipped, "data": source})
     if interrupted:
         if world > 1:  # every rank waits for rank 0's checkpoint: torchrun stops the group once one rank exits
             dist.barrier()
@@ -387,7 +390,7 @@ if world > 1:
 if args.save_final:
     save_model(model, proc, final)
     if start < args.steps:  # else resumed from this very checkpoint: rewriting it would only open a window to lose it
-        save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped})
+        save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped, "data": source})
     print(f"saved {final}")
 if args.eval_images:  # both captioners as evaluate.py runs a saved one: weights in the device's dtype, no autocast
     model.eval().to(dtype)

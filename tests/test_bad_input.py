@@ -3,6 +3,7 @@
 while the good ones load. Scripts end such errors with `error: ...` and exit status 2, never a traceback."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -333,3 +334,28 @@ def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path)
                          "--lr 0.0001 (was 1e-06)")
     assert errors[2].endswith("--steps 20 (was 10)")  # it would stretch the cosine
     assert errors[3].endswith("error: --temperature must be > 0")
+
+
+def test_resume_refuses_other_training_data_but_follows_a_moved_file(tmp_path):
+    """The step's images are drawn by index into the data: a resume on the built-in world of a run trained on a file,
+    or on a file of another length, would silently train on other images. A moved copy of the file resumes."""
+    for i in range(3):
+        Image.new("RGB", (28, 28), (60 * i, 30, 30)).save(tmp_path / f"{i}.png")
+    qa = write(tmp_path / "qa.jsonl", *[row(str(i), f"{i}.png") for i in range(3)])
+    out = str(tmp_path / "run")
+    args = ["train_grpo.py", "--steps", "1", "--images-per-step", "2", "--micro-batch-images", "1", "--group-size", "2",
+            "--max-new-tokens", "4", "--eval-images", "0", "--out", out]
+    r = script(*args, "--data", qa)  # its final checkpoint (step 1) records the data it trained on
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    more = write(tmp_path / "more.jsonl", *[row(str(i), f"{i}.png") for i in range(4)])
+    resume = [*args, "--resume", "--steps", "2"]
+    errors = scripts(resume, [*resume, "--data", more])
+    assert errors[0] == "train_grpo.py: error: --resume: the run trained on a QA file of 3 rows, not the built-in " \
+                        "world (the steps would draw other images)"
+    assert errors[1].endswith("the run trained on a QA file of 3 rows, not a QA file of 4 rows (the steps would draw "
+                              "other images)")
+    os.makedirs(tmp_path / "moved")
+    moved = shutil.copy(qa, tmp_path / "moved" / "qa.jsonl")
+    r = script(*resume, "--data", moved, "--image-root", str(tmp_path))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert len(open(os.path.join(out, "metrics.jsonl")).readlines()) == 2
