@@ -2,7 +2,7 @@
 multiple-choice questions about the image it never sees.
 
     python train_grpo.py                                  # CPU: shipped SFT captioner + judge, built-in world,
-                                                          # then SFT vs GRPO evaluated side by side (~3.5 min)
+                                                          # then SFT vs GRPO evaluated side by side (~2.5 min)
     python train_grpo.py --policy Qwen/Qwen2.5-VL-3B-Instruct --judge Qwen/Qwen2.5-3B-Instruct --data qa.jsonl \
         --lr 1e-6 --warmup-steps 20 --lr-schedule cosine --judge-mode sample --max-new-tokens 1024 \
         --max-pixels 1003520 --images-per-step 16 --micro-batch-images 1 \
