@@ -278,6 +278,7 @@ def test_logged_metrics_count_what_they_say_whatever_the_micro_batches(tmp_path,
 
 @pytest.mark.parametrize("broken", ["loss", "gradient"])
 def test_a_non_finite_loss_or_gradient_skips_the_update_and_says_which(tmp_path, monkeypatch, broken):
+    """A NaN loss or an inf gradient entry: AdamW never steps, and each step's log names which of the two it was."""
     steps = []
 
     class AdamW(torch.optim.AdamW):
