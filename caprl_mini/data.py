@@ -135,7 +135,8 @@ def _question(q, where):
     if not isinstance(q, dict) or not isinstance(q.get("question"), str):
         raise DataError(f"{where}: each question needs a 'question' field (text)")
     if isinstance(q.get("choices"), list) and "options" not in q:  # CapRL-QA: "A) text"
-        q = {**q, "options": [c.split(")", 1)[1].strip() if c[1:2] == ")" else c for c in map(str, q["choices"])]}
+        choices = map(str, q["choices"])  # "X) " stripped only with the choice's own letter ("5) kg" is text)
+        q = {**q, "options": [c[2:].strip() if c[:2] == f"{L})" else c for L, c in zip(LETTERS, choices)]}
     opts, ans = q.get("options"), q.get("answer")
     if not isinstance(opts, list) or len(opts) < 2:
         raise DataError(f"{where}: a question needs at least two options, got {opts!r}")

@@ -85,3 +85,28 @@ def test_caprl_qa_rows_with_paths_text_ground_truth_and_a_bad_row(tmp_path):
     bad = {"id": "r3", "image": "x.png", "reward_model": {"ground_truth": [{**gt[0], "answer": "E"}]}}
     with pytest.raises(DataError, match=r"qa.jsonl:3: answer 'E' is not one of the option letters ABCD"):
         QAFile(write(tmp_path, rows + [bad]), image_root=str(tmp_path / "imgs"))
+
+
+def test_nine_options_at_most_so_that_abstain_keeps_a_letter(tmp_path):
+    """Nine options take A-I and the judge lists abstain as J; a tenth option would leave abstain no letter (the
+    judge's prompt would fail mid-training), so the row is refused on load."""
+    from caprl_mini.judge import user_message
+    img = image_file(tmp_path)
+    nine = [f"o{i}" for i in range(9)]
+    qa = QAFile(write(tmp_path, [{**good_row(img), "questions": [{"question": "q?", "options": nine, "answer": "i"}]}]))
+    q = qa.rows[0]["questions"][0]
+    assert q["answer"] == "I" and q["options"] == nine
+    assert user_message("c", "q?", nine + [shapes.ABSTAIN], "caprl").endswith("- I) o8\n- J) Can not answer based on "
+                                                                             "the caption")
+    ten = {**good_row(img), "questions": [{"question": "q?", "options": nine + ["o9"], "answer": "A"}]}
+    with pytest.raises(DataError, match=r"qa.jsonl:1: at most 9 options \(one letter is kept for abstain\)"):
+        QAFile(write(tmp_path, [ten]))
+
+
+def test_caprl_choices_without_a_letter_prefix_keep_their_parentheses(tmp_path):
+    """Only a leading "X) " with the choice's own letter is CapRL-QA's prefix: a ")" later in the text, or after
+    another character, is the option's own text and stays."""
+    choices = ["A) f(x) = 1", "B) g(x)", "3 (approx.)", "(d) none", "5) kg", "x)y"]
+    gt = [{"question": "which?", "choices": choices, "answer": "C"}]
+    qa = QAFile(write(tmp_path, [{"id": "r", "image": image_file(tmp_path), "reward_model": {"ground_truth": gt}}]))
+    assert qa.rows[0]["questions"][0]["options"] == ["f(x) = 1", "g(x)", "3 (approx.)", "(d) none", "5) kg", "x)y"]

@@ -101,3 +101,20 @@ def test_sampling_flags_with_only_caption_files_are_a_usage_error(tmp_path):
                         "--out", str(tmp_path / "e")], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and "--captions files are evaluated as they are" in r.stderr, r.stderr[-2000:]
+
+
+def test_details_hold_each_captions_own_answers():
+    """The report's material: per item, per caption, the judge's answers to that caption. A full caption gets every
+    question right, the empty one after it abstains on every question (not a copy of the first caption's answers)."""
+    items = [shapes.world_item(i, "eval") for i in range(3)]
+    details, caps = [], [[(shapes.full_caption(it["scene"]), 1), ("", 1)] for it in items]
+    evaluate_captions("oracle", None, "cloze", items, caps, details=details)
+    assert [[c["caption"] for c in d["captions"]] for d in details] == [[shapes.full_caption(it["scene"]), ""]
+                                                                       for it in items]
+    for it, d in zip(items, details):
+        gold = [q["options"]["ABCD".index(q["answer"])] for q in it["questions"]]
+        full, empty = d["captions"]
+        assert [a["question"] for a in full["answers"]] == [q["question"] for q in it["questions"]]
+        assert [(a["gold"], a["chosen"], a["right"]) for a in full["answers"]] == [(g, g, True) for g in gold]
+        assert [(a["gold"], a["chosen"], a["right"]) for a in empty["answers"]] == [(g, shapes.ABSTAIN, False)
+                                                                                   for g in gold]

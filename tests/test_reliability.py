@@ -120,6 +120,17 @@ def test_failed_checkpoint_write_leaves_the_previous_one_intact(tmp_path, monkey
     assert {f: open(os.path.join(first, f), "rb").read() for f in os.listdir(first)} == before
 
 
+def test_checkpoints_beyond_keep_prune_the_oldest(tmp_path):
+    """keep=2: after steps 1..4 only the two newest checkpoints remain, and resume picks the newest, step 4."""
+    model, proc = models.load_policy(shipped("captioner"))
+    opt = torch.optim.AdamW(model.parameters())
+    for step in range(1, 5):
+        checkpoint.save_checkpoint(str(tmp_path), step, model, proc, opt, keep=2)
+    assert sorted(os.listdir(os.path.join(str(tmp_path), "checkpoints"))) == ["step_000003", "step_000004"]
+    latest = checkpoint.latest_checkpoint(str(tmp_path))
+    assert latest.endswith("step_000004") and checkpoint.load_trainer_state(latest)["step"] == 4
+
+
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
     model, proc = models.load_policy(shipped("captioner"))
     with torch.no_grad():

@@ -172,3 +172,39 @@ def test_real_data_has_no_marks_and_missing_metrics_are_left_out(tmp_path):
     page.feed((tmp_path / "r.html").read_text(encoding="utf-8"))
     assert page.errors == [] and page.marks == [] and "script" not in page.tags
     assert not {"fact precision", "held-out types", "best of n"} & {th.strip() for th in page.th}
+
+
+def test_highlight_titles_say_what_is_stated_and_what_the_image_holds():
+    """The tooltip of a false clause names the cell, the value the caption states, then the value in the image;
+    a clause at an empty cell says nothing is there. True clauses and the right count stay unmarked."""
+    from caprl_mini.report import _caption_html
+    scene = [{"pos": "top left", "shape": "circle", "color": "red", "size": "small"},
+             {"pos": "center", "shape": "star", "color": "blue", "size": "large"}]
+    cap = "two objects. a large blue circle at the top left, a small green star at the bottom right."
+    assert _caption_html(cap, scene) == (
+        'two objects. <mark class="wrong" title="color at the top left: blue stated, red in the image; size at the top '
+        'left: large stated, small in the image">a large blue circle at the top left</mark>, <mark class="wrong" '
+        'title="nothing at the bottom right">a small green star at the bottom right</mark>.')
+
+
+def test_images_shown_at_whole_multiples_and_never_shrunk_to_nothing(tmp_path):
+    """84 px images show at 2x (168 px); an image wider than 168 px shows at its own size, not at width 0."""
+    recs = [{"id": i, "image": Image.new("RGB", size, "white"), "scene": None, "captioners": []}
+            for i, size in enumerate([(84, 84), (400, 300)])]
+    write_report(tmp_path / "r.html", [], recs)
+    html = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert re.findall(r'<img( class="px")? src="[^"]*" width="(\d+)" height="(\d+)"', html) == [
+        (' class="px"', "168", "168"), ("", "400", "300")]
+
+
+def test_summary_numbers_accuracies_to_three_decimals_also_when_perfect(tmp_path):
+    """An accuracy of 1.0 reads 1.000 like its neighbours; token counts over 1 read to one decimal, integers as
+    they are."""
+    res = [{"path": "a", "qa_accuracy": 1.0, "fact_precision": 0.25, "mean_caption_tokens": 20.0,
+            "captions_per_image": 1}]
+    write_report(tmp_path / "r.html", res, [])
+    page = Page()
+    page.feed((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert {r[0].strip(): r[1:] for r in page.rows[1:]} == {
+        "QA accuracy": ["1.000"], "fact precision": ["0.250"], "mean caption tokens": ["20.0"],
+        "captions per image": ["1"]}

@@ -102,3 +102,33 @@ def test_human_captions_are_partial():
     recalls = [shapes.score_facts(shapes.human_caption(shapes.make_scene(i), rng), shapes.make_scene(i))["recall"]
                for i in range(200)]
     assert 0.15 < sum(recalls) / len(recalls) < 0.6
+
+
+@pytest.mark.parametrize("size, pixels", [("small", 11 * 11), ("large", 19 * 19)])
+def test_render_draws_each_object_in_its_own_cell_at_its_size(size, pixels):
+    """The image must show the scene's facts: a square at cell c (reading order) covers exactly its side^2 pixels
+    (int(r * 0.85) each way, r = 6 small / 11 large), all of them inside cell c's 28x28 block."""
+    for c, pos in enumerate(shapes.POSITIONS):
+        img = shapes.render([{"pos": pos, "shape": "square", "color": "red", "size": size}], seed=c)
+        red = [(x // shapes.CELL, y // shapes.CELL) for x in range(shapes.IMAGE_SIZE) for y in range(shapes.IMAGE_SIZE)
+               if img.getpixel((x, y)) == shapes.COLORS["red"]]
+        assert len(red) == pixels and set(red) == {(c % 3, c // 3)}, pos
+
+
+def test_a_clause_naming_no_cell_states_only_false_facts():
+    """"a red circle." names no cell: its position, shape and color are stated and all false (no None == None
+    match counts as true), and nothing is recalled."""
+    scene = [{"pos": "top left", "shape": "circle", "color": "red", "size": "small"}]
+    f = shapes.score_facts("a red circle.", scene)
+    assert f["stated"] == {"position": [0, 1], "shape": [0, 1], "color": [0, 1], "size": [0, 0], "count": [0, 0]}
+    assert f["n_recalled"] == 0 and f["n_true"] == 5
+    assert f["wrong"] == [(None, "position", None, None), (None, "shape", "circle", None), (None, "color", "red", None)]
+
+
+def test_oracle_abstains_on_where_when_the_caption_names_two_such_objects():
+    """"where is the red circle?" from a caption with two red circles has no single answer: the oracle abstains
+    (it does not pick the first), and answers the cell when the caption names one."""
+    q = {"type": "position", "question": "where is the red circle?", "options": ["top left", "center"], "answer": "A"}
+    two = "a small red circle at the top left. a large red circle at the center."
+    assert shapes.oracle_answer(two, q) == shapes.ABSTAIN
+    assert shapes.oracle_answer("a small red circle at the center. a blue star at the top left.", q) == "center"
