@@ -118,3 +118,34 @@ def test_logprobs_and_loss_fp32_under_bf16_autocast():
     loss.backward()
     assert lp.dtype == loss.dtype == torch.float32 and (lp.double() - naive(hd, Wd, y, 1.0)).abs().max() < 1e-4
     assert (h.grad - hd.grad).abs().max() < 1e-3 and (W.grad - Wd.grad).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("shift", [-1000.0, 1000.0])
+def test_fp32_logprobs_stable_under_a_large_logit_shift(shift):
+    """log softmax is shift-invariant: logits all far above (overflow of an unshifted exp) or all far below
+    (underflow of an exp shifted by anything but the running max) give the same fp32 log-probs, loss and gradients
+    as the float64 reference, in both the chunked token_logprobs and the fused logprobs_and_loss."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.cat([torch.randn(20, 8, generator=g), torch.ones(20, 1)], 1)  # a constant column: logits + shift
+    W = torch.cat([torch.randn(50, 8, generator=g), torch.full((50, 1), shift)], 1).requires_grad_()
+    y = torch.randint(0, 50, (20,), generator=g)
+    Wd = W.detach().double().requires_grad_()
+    ref = naive(h.double(), Wd, y, 0.5)
+    (ref ** 2).sum().backward()
+    lp = token_logprobs(h, W, y, 0.5, 8, 16)
+    assert (lp.double() - ref).abs().max() < 1e-3
+    flp, loss = logprobs_and_loss(h, W, y, lambda lp, rows: lp ** 2, 0.5, 8)
+    loss.backward()
+    assert (flp.double() - ref).abs().max() < 1e-3 and abs(loss.item() - (ref ** 2).sum().item()) < 1e-2
+    assert (W.grad.double() - Wd.grad).abs().max() < 1e-2
+
+
+def test_fused_loss_backward_runs_once():
+    """logprobs_and_loss hands its precomputed gradients to autograd (no copy, scaled in place): a second backward
+    through the same graph must raise, not rescale the already returned gradient and accumulate it again."""
+    g = torch.Generator().manual_seed(6)
+    h, W = torch.randn(6, 4, generator=g, requires_grad=True), torch.randn(10, 4, generator=g, requires_grad=True)
+    _, loss = logprobs_and_loss(h, W, torch.randint(0, 10, (6,), generator=g), lambda lp, rows: lp)
+    (2.0 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once per forward"):
+        loss.backward()

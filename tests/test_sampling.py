@@ -7,7 +7,7 @@ import torch
 
 from caprl_mini import models, shapes
 from caprl_mini.logprobs import token_logprobs
-from caprl_mini.sampling import KVDecoder, decode, sample, unembed
+from caprl_mini.sampling import KVDecoder, decode, inverse_cdf, sample, unembed
 from conftest import shipped
 
 
@@ -101,6 +101,75 @@ def test_an_images_captions_depend_on_its_seed_not_on_its_batch(tiny_policy_dir)
         assert (together["mask"][rows, n:] == 0).all()
     other = sample(model, models.encode_prompts(proc, images), 3, 16, 1.0, seeds=[10, 11, 99])
     assert torch.equal(other["tokens"][:6], together["tokens"][:6]) and not torch.equal(other["tokens"], together["tokens"])
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_sampled_tokens_are_inverse_cdf_draws_at_the_temperature(tiny_policy_dir, static):
+    """At a temperature T != 1 each token is the inverse-CDF draw from softmax(logits / T) at the rollout's uniform
+    (image b's from seeds[b] alone: torch.rand(L, G), one draw per step for each of its G rows) and its log-prob is
+    log softmax(logits / T) of it: what teacher-forced fp32 logits give, token for token."""
+    model, proc = models.load_policy(tiny_policy_dir)
+    prompt = models.encode_prompts(proc, mixed_images())
+    G, L, T, seeds = 3, 10, 0.6, [4, 5, 6]
+    out = sample(model, prompt, G, L, T, seeds, static=static)
+    n = out["tokens"].shape[1]
+    u = torch.cat([torch.rand(L, G, generator=torch.Generator().manual_seed(s)).T for s in seeds])[:, :n]
+    pos, nxt = models.rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
+    pr = {k: prompt[k].repeat_interleave(G, 0) for k in ("input_ids", "attention_mask")}
+    ids, am, ps = models.with_completions(pr, pos.repeat_interleave(G, 1), nxt.repeat_interleave(G),
+                                          out["tokens"], out["mask"])
+    P = prompt["input_ids"].shape[1]
+    with torch.no_grad():
+        h, _ = models.policy_hidden(model, ids, am, ps, prompt["pixel_values"], prompt["image_grid_thw"], repeat=G,
+                                    prompt_len=P)
+        lp = torch.log_softmax(h[:, P - 1:P - 1 + n] @ model.get_output_embeddings().weight.T / T, -1)
+    m = out["mask"].bool()
+    cdf = lp[m].exp().cumsum(-1)
+    drawn = torch.searchsorted(cdf, (u[m] * cdf[:, -1])[:, None], right=True)[:, 0]
+    assert torch.equal(out["tokens"][m], drawn)
+    assert (lp[m].gather(1, drawn[:, None])[:, 0] - out["logprobs"][m]).abs().max() < 1e-5
+    assert len(set(map(tuple, out["tokens"].tolist()))) == 3 * G  # not a degenerate rollout
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_caption_ending_at_the_length_cap_is_not_truncated(static):
+    """truncated means no EOS within max_new_tokens: with the cap at a caption's length, the caption whose EOS is
+    the cap-th token ended (not truncated), the longer ones are cut there (truncated)."""
+    model, proc = models.load_policy(shipped("captioner"))
+    prompt = models.encode_prompts(proc, [shapes.world_item(i, "test")["image"] for i in range(6)])
+    n = sample(model, prompt, 1, 64, 0)["mask"].sum(1)
+    cap = int(n.unique()[-2])  # some captions end exactly there, some are longer
+    out = sample(model, prompt, 1, cap, 0, static=static)
+    assert out["mask"].sum(1).tolist() == n.clamp(max=cap).tolist()
+    assert out["truncated"].tolist() == (n > cap).tolist() and (n == cap).any()
+
+
+def test_inverse_cdf_never_draws_a_zero_probability_token():
+    """inverse_cdf draws token k with cdf(k - 1) <= u * total < cdf(k): a token of probability 0 (an empty step of
+    the cdf, as softmax entries underflowed at a low temperature) is never drawn, also at u = 0 and at a cdf step's
+    edge; u = 1 (outside [0, 1), reachable by rounding) still gives a token index, the last."""
+    probs = torch.tensor([[0.0, 0.0, 0.5, 0.0, 0.5, 0.0, 1e-30]]).expand(6, -1)
+    u = torch.tensor([0.0, 0.25, 0.5, 0.75, 1 - 2 ** -24, 1.0])
+    assert inverse_cdf(probs, u).tolist() == [2, 2, 4, 4, 4, 6]
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_rows_keep_their_images_positions_as_rows_leave(tiny_policy_dir, static):
+    """Images whose grids span different rotary extents (square, 1 x 9, 9 x 1 merged patches) start their captions at
+    different positions (the square's earlier); as rows end at different steps (and leave the dynamic batch), each
+    row's new tokens keep its own image's positions: the sampled log-probs equal teacher forcing."""
+    model, proc = models.load_policy(tiny_policy_dir)
+    model.generation_config.eos_token_id = list(range(100, 140))  # any of 40 tokens ends a caption
+    a = shapes.world_item(0, "test")["image"]
+    side = proc.image_processor.patch_size * 2 * 9  # 9 merged patches in a row
+    prompt = models.encode_prompts(proc, [a, a.resize((side, side // 9)), a.resize((side // 9, side))])
+    nxt = models.rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])[1]
+    assert nxt.unique().numel() > 1
+    out = sample(model, prompt, 4, 16, 1.0, [7, 8, 9], static=static)
+    assert out["mask"].sum(1).unique().numel() > 2  # rows really end at different steps
+    with torch.no_grad():
+        tf = teacher_forced_logprobs(model, prompt, out, 4)
+    assert ((tf - out["logprobs"]) * out["mask"]).abs().max() < 1e-5
 
 
 def _generate(model, prompt, n):
