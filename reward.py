@@ -97,9 +97,14 @@ fmt = args.judge_format or meta["format"]
 if args.command == "filter":
     rows_q = [q for row in qa.rows for q in row["questions"]]
     rng = random.Random(args.seed)
-    right = torch.zeros(len(rows_q))
-    for _ in tqdm(range(args.filter_asks), desc="blind asks"):  # each ask reshuffles the options
-        right += torch.tensor(score_questions(judge, jtok, [""] * len(rows_q), rows_q, fmt, "argmax", rng))
+    right, bar = torch.zeros(len(rows_q)), tqdm(total=args.filter_asks * len(rows_q), desc="blind asks", unit="q")
+    for _ in range(args.filter_asks):  # each ask reshuffles the options (rng: in question order, whatever the chunks)
+        for i in range(0, len(rows_q), 4096):  # 4,096 questions a call, for the progress bar
+            chunk = rows_q[i:i + 4096]
+            right[i:i + len(chunk)] += torch.tensor(score_questions(judge, jtok, [""] * len(chunk), chunk, fmt,
+                                                                    "argmax", rng))
+            bar.update(len(chunk))
+    bar.close()
     leaks = iter((right / args.filter_asks >= args.max_blind_accuracy).tolist())
     kept, dropped = [], {}
     for row in qa.rows:
