@@ -96,11 +96,9 @@ def _answers_html(answers):
     return '<ul class="qs">' + "".join(lines) + "</ul>"
 
 
-def _number(v):
-    """Accuracies to 3 decimals, token counts to 1, integers as they are, missing as a dash."""
-    if v is None:
-        return "–"
-    return v if isinstance(v, int) else f"{v:.3f}" if v <= 1 else f"{v:.1f}"
+def _number(v, digits):
+    """A float to `digits` decimals, an integer as it is, missing as a dash."""
+    return "–" if v is None else v if isinstance(v, int) else f"{v:.{digits}f}"
 
 
 def _summary_html(results):
@@ -109,7 +107,8 @@ def _summary_html(results):
     body = []
     for label, held, vals in summary_rows(results):
         mark = ' <span class="held">held out</span>' if held else ""
-        cells = "".join(f"<td>{_number(v)}</td>" for v in vals)
+        digits = 1 if label in ("mean caption tokens", "captions per image") else 3  # means of counts; rates
+        cells = "".join(f"<td>{_number(v, digits)}</td>" for v in vals)
         body.append(f"<tr><th>{escape(label)}{mark}</th>{cells}</tr>")
     return f'<table class="summary">{head}{"".join(body)}</table>'
 

@@ -198,13 +198,14 @@ def test_images_shown_at_whole_multiples_and_never_shrunk_to_nothing(tmp_path):
 
 
 def test_summary_numbers_accuracies_to_three_decimals_also_when_perfect(tmp_path):
-    """An accuracy of 1.0 reads 1.000 like its neighbours; token counts over 1 read to one decimal, integers as
-    they are."""
+    """An accuracy of 1.0 reads 1.000 like its neighbours; the means of counts (tokens, captions per image: floats in
+    real results) read to one decimal whatever their size, integers as they are."""
     res = [{"path": "a", "qa_accuracy": 1.0, "fact_precision": 0.25, "mean_caption_tokens": 20.0,
-            "captions_per_image": 1}]
+            "captions_per_image": 1.0}, {"path": "b", "qa_accuracy": 0.5, "mean_caption_tokens": 0.5,
+                                         "captions_per_image": 4}]
     write_report(tmp_path / "r.html", res, [])
     page = Page()
     page.feed((tmp_path / "r.html").read_text(encoding="utf-8"))
     assert {r[0].strip(): r[1:] for r in page.rows[1:]} == {
-        "QA accuracy": ["1.000"], "fact precision": ["0.250"], "mean caption tokens": ["20.0"],
-        "captions per image": ["1"]}
+        "QA accuracy": ["1.000", "0.500"], "fact precision": ["0.250", "–"], "mean caption tokens": ["20.0", "0.5"],
+        "captions per image": ["1.0", "4"]}
