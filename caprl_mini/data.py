@@ -350,7 +350,7 @@ class CaptionFile:
     def append(self, record):
         with self._locked():
             os.write(self.fd, (json.dumps(record) + "\n").encode("utf-8"))
-        self.done.add(record["id"])
+        self.done.add(str(record["id"]))  # as a reopened file reads it
 
 
 def caption_records(path, skipped=None):

@@ -207,8 +207,9 @@ def test_caption_file_keeps_a_last_record_without_its_newline(tmp_path):
     path.write_bytes(b'{"id": "a", "caption": "one"}\n{"id": "b", "caption": "two"}')
     f = CaptionFile(str(path))
     f.append({"id": "c", "caption": "three"})
-    assert f.done == CaptionFile(str(path)).done == {"a", "b", "c"}
-    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c"]
+    f.append({"id": 4, "caption": "four"})  # a number id: done as text, before a reopen as after
+    assert f.done == CaptionFile(str(path)).done == {"a", "b", "c", "4"}
+    assert [json.loads(x)["id"] for x in path.read_text().splitlines()] == ["a", "b", "c", 4]
     path.write_bytes(b'{"id": "a", "caption": "one"}\n{"id": "b", "capt')
     assert CaptionFile(str(path)).done == {"a"} and path.read_bytes() == b'{"id": "a", "caption": "one"}\n'
     path.write_bytes(b'{"id": "a", "caption": "one"}\n{"id": "b", "text": "two"}')  # whole, but not a record
