@@ -102,16 +102,16 @@ def fact_totals(pairs):
 
 def summary_rows(results):
     """The summary table of write_results (console) and the HTML report: rows (label, held-out type?, one value per
-    captioner, None where it has none); per-type rows are indented two spaces; a row nobody has (fact scores on real
-    data) is left out."""
+    captioner, None where it has none, decimals to show: 3 for rates, 1 for means of counts); per-type rows are
+    indented two spaces; a row nobody has (fact scores on real data) is left out."""
     types = dict.fromkeys(t for r in results for t in r.get("qa_accuracy_by_type", {}))
-    rows = [("QA accuracy", False, [r.get("qa_accuracy") for r in results])]
-    rows += [(f"  {t}", t in shapes.HELDOUT_TYPES, [r.get("qa_accuracy_by_type", {}).get(t) for r in results])
+    rows = [("QA accuracy", False, [r.get("qa_accuracy") for r in results], 3)]
+    rows += [(f"  {t}", t in shapes.HELDOUT_TYPES, [r.get("qa_accuracy_by_type", {}).get(t) for r in results], 3)
              for t in types]
-    rows += [(label, False, [r.get(k) for r in results]) for label, k in [
-        ("held-out types", "heldout_types_accuracy"), ("best of n", "best_of_n_accuracy"),
-        ("fact precision", "fact_precision"), ("fact recall", "fact_recall"),
-        ("mean caption tokens", "mean_caption_tokens"), ("captions per image", "captions_per_image")]]
+    rows += [(label, False, [r.get(k) for r in results], digits) for label, k, digits in [
+        ("held-out types", "heldout_types_accuracy", 3), ("best of n", "best_of_n_accuracy", 3),
+        ("fact precision", "fact_precision", 3), ("fact recall", "fact_recall", 3),
+        ("mean caption tokens", "mean_caption_tokens", 1), ("captions per image", "captions_per_image", 1)]]
     return [row for row in rows if any(v is not None for v in row[2])]
 
 
@@ -124,7 +124,7 @@ def write_results(folder, results):
         json.dump({"captioners": results}, f, indent=1)
     names = [r["path"] if len(r["path"]) <= 28 else "..." + r["path"][-25:] for r in results]
     print(f"{'':24s}" + "".join(f"{n:>30s}" for n in names))
-    for label, held, vals in summary_rows(results):
+    for label, held, vals, digits in summary_rows(results):
         print(f"{label + (' (held out)' if held else ''):24s}"
-              + "".join(f"{v:30.3f}" if v is not None else f"{'-':>30s}" for v in vals))
+              + "".join(f"{v:30.{digits}f}" if v is not None else f"{'-':>30s}" for v in vals))
     print(f"wrote {path}")

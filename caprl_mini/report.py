@@ -105,9 +105,8 @@ def _summary_html(results):
     """Rows = metrics (evaluation.summary_rows), columns = captioners."""
     head = "<tr><th></th>" + "".join(f"<th>{escape(str(r['path']))}</th>" for r in results) + "</tr>"
     body = []
-    for label, held, vals in summary_rows(results):
+    for label, held, vals, digits in summary_rows(results):
         mark = ' <span class="held">held out</span>' if held else ""
-        digits = 1 if label in ("mean caption tokens", "captions per image") else 3  # means of counts; rates
         cells = "".join(f"<td>{_number(v, digits)}</td>" for v in vals)
         body.append(f"<tr><th>{escape(label)}{mark}</th>{cells}</tr>")
     return f'<table class="summary">{head}{"".join(body)}</table>'

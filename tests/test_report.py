@@ -7,6 +7,7 @@ from html.parser import HTMLParser
 from PIL import Image
 
 from caprl_mini import shapes
+from caprl_mini.evaluation import write_results
 from caprl_mini.report import write_report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -197,9 +198,9 @@ def test_images_shown_at_whole_multiples_and_never_shrunk_to_nothing(tmp_path):
         (' class="px"', "168", "168"), ("", "400", "300")]
 
 
-def test_summary_numbers_accuracies_to_three_decimals_also_when_perfect(tmp_path):
+def test_summary_numbers_accuracies_to_three_decimals_also_when_perfect(tmp_path, capsys):
     """An accuracy of 1.0 reads 1.000 like its neighbours; the means of counts (tokens, captions per image: floats in
-    real results) read to one decimal whatever their size, integers as they are."""
+    real results) read to one decimal whatever their size, integers as they are; the console table alike."""
     res = [{"path": "a", "qa_accuracy": 1.0, "fact_precision": 0.25, "mean_caption_tokens": 20.0,
             "captions_per_image": 1.0}, {"path": "b", "qa_accuracy": 0.5, "mean_caption_tokens": 0.5,
                                          "captions_per_image": 4}]
@@ -209,3 +210,7 @@ def test_summary_numbers_accuracies_to_three_decimals_also_when_perfect(tmp_path
     assert {r[0].strip(): r[1:] for r in page.rows[1:]} == {
         "QA accuracy": ["1.000", "0.500"], "fact precision": ["0.250", "–"], "mean caption tokens": ["20.0", "0.5"],
         "captions per image": ["1.0", "4"]}
+    write_results(str(tmp_path / "eval"), res)
+    console = {line[:24].strip(): line[24:].split() for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert console == {"QA accuracy": ["1.000", "0.500"], "fact precision": ["0.250", "-"],
+                       "mean caption tokens": ["20.0", "0.5"], "captions per image": ["1.0", "4.0"]}
