@@ -13,16 +13,19 @@ score   --captions: JSONL of {"id", "caption"}; each id must be an id of --data 
 filter  the paper's leak filter: every question is asked --filter-asks times with an EMPTY caption, options
         shuffled each time; a question the judge still gets right in --max-blind-accuracy of the asks or more
         is answerable without the image (from priors or its own wording) and is dropped (paper: kept only when
-        right in fewer than 0.25 of 4 asks, i.e. never). Prints the drops per
-        question type; images left without questions are dropped and counted. (The paper also keeps only
-        questions a VLM answers right with the image, > 0.75; that needs a VLM judge and is not done here.)
+        right in fewer than 0.25 of 4 asks, i.e. never). Prints the drops per question type; images left without
+        questions are dropped and counted. Resumable: rerun a killed run with the same settings and it goes on
+        from OUT.partial.json (deleted at the end), writing what one uninterrupted run writes. (The paper also
+        keeps only questions a VLM answers right with the image, > 0.75; that needs a VLM judge, not done here.)
 world   writes the built-in world as a QA JSONL with PNG files, optionally with a deliberately leaky question type
         (shapes.LEAKY_TYPE: "the object at the X is red. what color is the object at the X?").
 Bad input (a malformed line, a missing field, an unknown id) stops the run with `error: <file>:<line>: ...` and
 exit status 2; with --skip-bad such lines are left out, listed and counted instead.
 """
 import argparse
+import hashlib
 import json
+import os
 import random
 import re
 import sys
@@ -96,13 +99,36 @@ with user_errors():  # a mistyped judge path: one line
 fmt = args.judge_format or meta["format"]
 if args.command == "filter":
     rows_q = [q for row in qa.rows for q in row["questions"]]
-    rng = random.Random(args.seed)
-    right, bar = torch.zeros(len(rows_q)), tqdm(total=args.filter_asks * len(rows_q), desc="blind asks", unit="q")
-    for _ in range(args.filter_asks):  # each ask reshuffles the options (rng: in question order, whatever the chunks)
-        for i in range(0, len(rows_q), 4096):  # 4,096 questions a call, for the progress bar
+    n_q, asks = len(rows_q), args.filter_asks * len(rows_q)
+    # resumable: after each call the counts so far and the generator's state go to OUT.partial.json; a rerun with
+    # the same settings goes on from there, with the shuffles of one uninterrupted run, and the file goes at the end
+    partial = args.out + ".partial.json"
+    digest = hashlib.sha256(json.dumps(rows_q, sort_keys=True).encode()).hexdigest()[:16]
+    settings = {"questions": f"{n_q} questions, sha256 {digest}", "judge": args.judge, "judge_format": fmt,
+                "seed": args.seed, "filter_asks": args.filter_asks}
+    rng, right, asked = random.Random(args.seed), torch.zeros(n_q), 0
+    if os.path.exists(partial):
+        with user_errors(), open(partial) as f:
+            state = json.load(f)
+            changed = [f"{k} {state['settings'][k]!r} there, {v!r} now" for k, v in settings.items()
+                       if state["settings"][k] != v]
+            if changed:
+                raise DataError(f"{partial}: a filter run with other settings ({'; '.join(changed)}): rerun with "
+                                "its settings, or delete the file to start over")
+        right, asked, (version, internal, gauss) = torch.tensor(state["right"]), state["asked"], state["rng"]
+        rng.setstate((version, tuple(internal), gauss))
+        print(f"resuming from {partial}: {asked} of {asks} blind asks done")
+    bar = tqdm(total=asks, initial=asked, desc="blind asks", unit="q")
+    for ask in range(args.filter_asks):  # each ask reshuffles the options (rng: in question order, whatever the chunks)
+        for i in range(0, n_q, 4096):  # 4,096 questions a call: the progress bar's and the partial file's step
+            if ask * n_q + i < asked:
+                continue
             chunk = rows_q[i:i + 4096]
             right[i:i + len(chunk)] += torch.tensor(score_questions(judge, jtok, [""] * len(chunk), chunk, fmt,
                                                                     "argmax", rng))
+            asked = ask * n_q + i + len(chunk)
+            write_whole(partial, [json.dumps({"settings": settings, "asked": asked, "right": right.tolist(),
+                                              "rng": rng.getstate()})])
             bar.update(len(chunk))
     bar.close()
     leaks = iter((right / args.filter_asks >= args.max_blind_accuracy).tolist())
@@ -122,8 +148,9 @@ if args.command == "filter":
     print_skipped(skipped)
     for t, (d, n) in sorted(dropped.items()):
         print(f"{t:16s} dropped {d:5d} of {n:5d} ({d / n:.0%})")
-    print(f"kept {sum(len(r['questions']) for r in kept)} of {len(rows_q)} questions, {len(kept)} of {len(qa)} "
+    print(f"kept {sum(len(r['questions']) for r in kept)} of {n_q} questions, {len(kept)} of {len(qa)} "
           f"images (dropped {len(qa) - len(kept)} left without questions); wrote {args.out}")
+    os.remove(partial)
     sys.exit(0)
 
 types = None if (args.data or args.all_types) else shapes.REWARD_TYPES

@@ -68,6 +68,47 @@ def test_leak_filter_drops_questions_answered_blind_at_least_the_threshold_fract
     assert "kept 2 of 7 questions, 1 of 2 images (dropped 1 left without questions)" in capsys.readouterr().out
 
 
+def test_a_killed_leak_filter_resumes_and_writes_what_one_run_writes(tmp_path, monkeypatch, capsys):
+    """reward.py filter killed after 2 of its 4 calls (one an ask here) goes on from OUT.partial.json: the rerun
+    makes only calls 3 and 4, each with the generator state of the uninterrupted run's, and writes the same file;
+    the partial file goes at the end. A rerun with another seed is refused, naming the file and the setting."""
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"id": f"i{k}", "image": "a.png", "questions": [
+        {"question": f"q{k}{j}?", "options": ["x", "y", "z"], "answer": "A", "type": "t"} for j in range(3)]}) + "\n"
+        for k in range(4)))
+    calls = []
+
+    def scripted(model, tok, captions, questions, fmt, mode, rng):
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        calls.append(rng.getstate())
+        return [float(rng.random() < 0.3) for _ in questions]  # right or not by the generator: draws must line up
+
+    def run(out, *extra):
+        monkeypatch.setattr(sys, "argv", ["reward.py", "filter", "--data", str(qa), "--judge", "oracle", "--out",
+                                          str(out), "--max-blind-accuracy", "0.5", *extra])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "reward.py"), run_name="__main__")
+        return e.value.code
+
+    monkeypatch.setattr(judge, "score_questions", scripted)
+    kill_at = None
+    assert run(tmp_path / "whole.jsonl") == 0
+    whole_calls, calls[:] = list(calls), []
+    kill_at, out = 2, tmp_path / "out.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    assert not out.exists() and os.path.exists(f"{out}.partial.json")
+    assert run(out, "--seed", "1") == 2
+    err = capsys.readouterr().err
+    assert f"{out}.partial.json" in err and "seed 0 there, 1 now" in err
+    kill_at, calls[:] = None, []
+    assert run(out) == 0 and calls == whole_calls[2:]
+    assert "resuming from" in capsys.readouterr().out
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not os.path.exists(f"{out}.partial.json")
+    assert 0 < sum(len(json.loads(x)["questions"]) for x in out.read_text().splitlines()) < 12  # some dropped
+
+
 def test_a_captions_reward_does_not_depend_on_the_other_lines(tmp_path):
     """reward.py score: the same (id, caption) scores the same alone, after other lines and twice in one file (one
     generator for the whole file made each line's question draws depend on every line before it)."""
