@@ -60,6 +60,8 @@ def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
         by_type.setdefault(q.get("type", "qa"), []).append(r)
     for it, caps in zip(items, captions):  # rows are grouped by item, then caption
         per_caption = []
+        if details is not None:  # one entry per item, also one with no caption: the report pairs them by position
+            details.append({"captions": []})
         for cap, _ in caps:
             n = len(it["questions"])
             per_caption.append(sum(right[k:k + n]))  # questions this caption answered right
@@ -67,8 +69,6 @@ def evaluate_captions(judge, jtok, fmt, items, captions, seed=0, details=None):
                 answers = [{"question": q["question"], "options": q["options"] + [shapes.ABSTAIN], "type": q.get(
                     "type", "qa"), "gold": g, "chosen": c, "right": bool(r)}
                     for q, g, c, r in zip(it["questions"], gold[k:k + n], chosen[k:k + n], right[k:k + n])]
-                if len(per_caption) == 1:
-                    details.append({"captions": []})
                 details[-1]["captions"].append({"caption": cap, "answers": answers})
             k += n
         best.append(max(per_caption, default=0.0))

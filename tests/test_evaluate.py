@@ -105,13 +105,17 @@ def test_sampling_flags_with_only_caption_files_are_a_usage_error(tmp_path):
 
 def test_details_hold_each_captions_own_answers():
     """The report's material: per item, per caption, the judge's answers to that caption. A full caption gets every
-    question right, the empty one after it abstains on every question (not a copy of the first caption's answers)."""
+    question right, the empty one after it abstains on every question (not a copy of the first caption's answers).
+    An item with no caption gets an entry with none."""
     items = [shapes.world_item(i, "eval") for i in range(3)]
     details, caps = [], [[(shapes.full_caption(it["scene"]), 1), ("", 1)] for it in items]
     evaluate_captions("oracle", None, "cloze", items, caps, details=details)
     assert [[c["caption"] for c in d["captions"]] for d in details] == [[shapes.full_caption(it["scene"]), ""]
                                                                        for it in items]
-    for it, d in zip(items, details):
+    details = []  # an item with no caption keeps its place: the next item's answers are not shifted onto it
+    evaluate_captions("oracle", None, "cloze", items, [caps[0], [], caps[2]], details=details)
+    assert [len(d["captions"]) for d in details] == [2, 0, 2]
+    for it, d in zip(items[:1] + items[2:], details[:1] + details[2:]):
         gold = [q["options"]["ABCD".index(q["answer"])] for q in it["questions"]]
         full, empty = d["captions"]
         assert [a["question"] for a in full["answers"]] == [q["question"] for q in it["questions"]]
