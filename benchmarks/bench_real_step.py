@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,8 +127,11 @@ cmd = [sys.executable, os.path.join(ROOT, "train_grpo.py"), "--policy", os.path.
        str(args.new_tokens), "--lr", "1e-6", "--zero-truncated", "0", "--eval-images", "0", "--save-every", "0",
        "--save-final", "0", "--out", os.path.join(work, "run"), *args.extra.split()]
 print(" ".join(cmd), flush=True)
-subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-m = [json.loads(line) for line in open(os.path.join(work, "run", "metrics.jsonl"))][-1]
+try:
+    subprocess.run(cmd, check=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    m = [json.loads(line) for line in open(os.path.join(work, "run", "metrics.jsonl"))][-1]
+finally:  # the random weights: tens of GB at 3B
+    shutil.rmtree(work)
 update = m["step_seconds"] - m["gen_seconds"] - m["reward_seconds"]
 print(f"\nstep ({args.images} images x G={args.group_size}, {m['caption_tokens_mean']:.0f} new tokens, "
       f"{img_tok} image tokens), {device}:")
