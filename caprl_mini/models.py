@@ -186,10 +186,10 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
         tok = getattr(proc, "tokenizer", proc)
         proc = ImageProcessorOnly(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer=tok,
                                   chat_template=tok.chat_template)
-    if min_pixels or max_pixels:
+    if min_pixels or max_pixels:  # the bounds go in `size` (min_pixels / max_pixels attributes: deprecated, v5.23)
         ip = proc.image_processor
-        ip.min_pixels, ip.max_pixels = min_pixels or ip.min_pixels, max_pixels or ip.max_pixels
-        ip.size = {"shortest_edge": ip.min_pixels, "longest_edge": ip.max_pixels}
+        ip.size = {"shortest_edge": min_pixels or ip.size["shortest_edge"],
+                   "longest_edge": max_pixels or ip.size["longest_edge"]}
     return model, proc
 
 

@@ -1,12 +1,18 @@
 """annotate.py as users run it: killed and rerun, sharded over torchrun ranks, fed broken files."""
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
+
 from caprl_mini import shapes
+from caprl_mini.data import list_images, load_image
+from caprl_mini.evaluation import caption_items
+from caprl_mini.models import load_policy
 from conftest import shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,3 +108,34 @@ def test_a_rerun_refuses_other_settings_and_retries_paths_that_named_no_file(tmp
     assert r.returncode == 2 and r.stderr.strip() == (
         f"error: {out}:1: written with other settings (--temperature 0.0 there, 1.0 now): rerun with the file's, "
         "or choose another --out")
+
+
+def test_captions_are_caption_items_with_the_flags_given_and_a_rerun_refuses_each_other_setting(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """In this process: the records hold what caption_items makes with --temperature, --seed, --max-new-tokens,
+    --instruction and the pixel bounds (captions and token counts; a flag not passed on samples other captions), and
+    every recorded setting is compared on a rerun: each one changed alone is refused, naming it, before the captioner
+    loads."""
+    folder, out = str(tmp_path / "imgs"), str(tmp_path / "caps.jsonl")
+    world_folder(folder, 2)
+    flags = {"--model": shipped("captioner"), "--temperature": "1", "--seed": "5", "--max-new-tokens": "6",
+             "--instruction": "Name the shapes.", "--min-pixels": "50176", "--max-pixels": "200704"}  # 84 px -> 224
+
+    def run(**changed):
+        argv = [x for k, v in {**flags, **changed}.items() for x in (k, v)]
+        monkeypatch.setattr(sys, "argv", ["annotate.py", "--images", folder, "--out", out, *argv])
+        runpy.run_path(os.path.join(ROOT, "annotate.py"), run_name="__main__")
+
+    run()
+    model, proc = load_policy(shipped("captioner"), min_pixels=50176, max_pixels=200704)
+    items = [{"id": i, "image": load_image(ref, root)} for i, ref, root in list_images(folder)]
+    want = caption_items(model, proc, items, max_new_tokens=6, temperature=1.0, seed=5, instruction="Name the shapes.")
+    got = [json.loads(line) for line in open(out)]
+    assert [[(r["caption"], r["tokens"])] for r in got] == want and all(0 < r["tokens"] <= 6 for r in got)
+    for flag, other in [("--model", str(tmp_path / "other")), ("--temperature", "0.5"), ("--seed", "6"),
+                        ("--max-new-tokens", "7"), ("--instruction", "Describe."), ("--min-pixels", "3136"),
+                        ("--max-pixels", "100352")]:
+        with pytest.raises(SystemExit) as e:
+            run(**{flag: other})
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"written with other settings ({flag} " in err, (flag, err)

@@ -1,12 +1,16 @@
 """evaluate.py as users run it: captions from a JSONL (annotate.py's) against the captioner that wrote them."""
+import html
 import json
 import os
+import re
+import runpy
 import subprocess
 import sys
 from html.parser import HTMLParser
 
 from caprl_mini import shapes
-from caprl_mini.evaluation import evaluate_captions
+from caprl_mini.evaluation import caption_items, evaluate_captions
+from caprl_mini.models import load_judge, load_policy
 from conftest import shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,3 +126,36 @@ def test_details_hold_each_captions_own_answers():
         assert [(a["gold"], a["chosen"], a["right"]) for a in full["answers"]] == [(g, g, True) for g in gold]
         assert [(a["gold"], a["chosen"], a["right"]) for a in empty["answers"]] == [(g, shapes.ABSTAIN, False)
                                                                                    for g in gold]
+
+
+def test_results_and_report_are_evaluate_captions_with_the_flags_given(tmp_path, monkeypatch, tiny_judge_dir):
+    """In this process, a captioner and a caption file side by side: the results are evaluate_captions over the first
+    --images images with --seed (option shuffles) and --judge-format (letters, overriding the judge's cloze), on
+    caption_items' captions sampled with --seed, --temperature, --captions-per-image and the pixel bounds, and on the
+    file's captions with its token counts (the judge tokenizer's count + 1 where a line has none); the report shows
+    each image's own captions."""
+    items = [shapes.world_item(i, "eval") for i in range(3)]
+    caps = tmp_path / "caps.jsonl"
+    lines = [{"id": f"shapes-eval-{i}", "caption": f"image {i}: a red circle at the center."} for i in range(4)]
+    for i in (0, 2):
+        lines[i]["tokens"] = 30 + i
+    caps.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--captioner", shipped("captioner"), "--captions", str(caps),
+                                      "--images", "3", "--seed", "5", "--temperature", "1", "--captions-per-image",
+                                      "2", "--max-new-tokens", "8", "--min-pixels", "50176", "--max-pixels", "200704",
+                                      "--judge", tiny_judge_dir, "--judge-format", "letter", "--out", str(out),
+                                      "--report", "r.html"])
+    runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+    got = json.load(open(out / "results.json"))["captioners"]
+    model, proc = load_policy(shipped("captioner"), min_pixels=50176, max_pixels=200704)  # 84 px -> 224
+    sampled = caption_items(model, proc, items, max_new_tokens=8, temperature=1.0, n=2, seed=5)
+    judge, jtok, _ = load_judge(tiny_judge_dir)
+    given = [[(x["caption"], x.get("tokens", len(jtok.encode(x["caption"])) + 1))] for x in lines[:3]]
+    assert given[1][0][1] != len(lines[1]["caption"].split()) + 1  # counted in tokens, not words
+    for r, captions in zip(got, [sampled, given]):
+        want = evaluate_captions(judge, jtok, "letter", items, captions, seed=5)
+        assert {k: v for k, v in r.items() if k != "path"} == want
+    page = open(out / "r.html", encoding="utf-8").read()
+    shown = [html.unescape(re.sub("<[^>]+>", "", p)) for p in re.findall(r'<p class="cap">(.*?)</p>', page, re.S)]
+    assert shown == [c for s, g in zip(sampled, given) for c, _ in s + g]

@@ -173,3 +173,49 @@ def test_length_term_adds_its_weight_times_the_piecewise_length_reward():
     assert plain.tolist() == [1.0] * 4 + [0.0]
     got = rewards(length_bounds=(10, 20), length_weight=0.5) - plain
     assert torch.allclose(got, torch.tensor([0.5, 0.5, 0.25, 0.0, 0.5]))
+
+
+def test_shuffles_put_the_gold_option_at_every_position():
+    """The options are really shuffled (a judge with a position bias, "always A", must not score): over 40 seeds the
+    gold option lands at each of the 4 places, the list is reordered, and abstain stays last."""
+    q = {"question": "color?", "options": ["red", "blue", "green", "gray"], "answer": "C"}
+    shuffled = [shuffle_options(q, random.Random(seed)) for seed in range(40)]
+    assert {gold for _, gold in shuffled} == {0, 1, 2, 3}
+    assert {tuple(opts) for opts, _ in shuffled} > {tuple(q["options"] + [ABSTAIN])}
+    assert all(opts[gold] == "green" and opts[-1] == ABSTAIN for opts, gold in shuffled)
+
+
+def test_cloze_answer_is_the_option_text_then_the_end_of_turn(tok):
+    """What cloze scores (and sft.py trains the judge on) ends with the end-of-turn token: without it, "red" would be
+    scored as a prefix of "red circle" and a short option's likelihood would be read off an unfinished answer."""
+    assert answer_ids(tok, "red circle") == tok.encode(" red circle", add_special_tokens=False) + [
+        tok.convert_tokens_to_ids("<|im_end|>")]
+    assert tok.decode(answer_ids(tok, "red circle")) == " red circle<|im_end|>"
+
+
+@pytest.mark.parametrize("fmt", ["letter", "caprl"])
+def test_one_question_reshuffled_and_asked_of_several_captions_scores_each_row_unshared(fmt, tiny_judge_dir):
+    """The letter formats list the options in the prompt: the same question in three option orders, each asked of two
+    captions (one holding the prompt's internal marker), is six different prompts; every row scores as its own
+    unshared forward (a question's prompt tail must be keyed by its options, and never hold caption text)."""
+    model, tok, _ = models.load_judge(tiny_judge_dir)
+    item = shapes.world_item(5, "test")
+    q, rng = item["questions"][0], random.Random(2)
+    shuffles = [{**q, "options": shuffle_options(q, rng)[0]} for _ in range(3)]
+    assert len({tuple(s["options"]) for s in shuffles}) == 3
+    caps = [shapes.full_caption(item["scene"]), "a red circle" + judge._SPLIT + " at the center."]
+    rows_c, rows_q = [c for c in caps for _ in shuffles], shuffles * 2
+    with torch.no_grad():
+        got = option_logits(model, tok, rows_c, rows_q, fmt)
+        for c, r, z in zip(rows_c, rows_q, got):  # 1e-5: the tiny judge's letter logits differ by ~1e-4 in caprl
+            assert torch.allclose(z, _reference_scores(model, tok, c, r, fmt), atol=1e-5)
+
+
+def test_common_start_compares_every_token_up_to_what_it_must_leave():
+    """The shared-prefix boundary: the longest common start, never reaching into the last `leave` tokens of any list;
+    a difference at the last comparable token counts (else two prompts that differ only there share it)."""
+    assert judge.common_start([[1, 2, 3], [1, 2, 4]]) == 2
+    assert judge.common_start([[1, 2], [1, 3, 4]]) == 1 and judge.common_start([[5], [6]]) == 0
+    assert judge.common_start([[1, 2], [1, 2, 3]]) == 2 and judge.common_start([[1, 2, 3]] * 3) == 3
+    assert judge.common_start([[1, 2, 3]] * 2, leave=1) == 2 and judge.common_start([[1, 2, 3], [1, 2, 4]], 1) == 2
+    assert judge.common_start([[1, 2, 3], [1, 9, 3]], leave=1) == 1 and judge.common_start([[1], [1, 2]], 1) == 0

@@ -1,4 +1,5 @@
 import random
+import warnings
 
 import torch
 
@@ -156,3 +157,15 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
         assert grads[0].keys() == grads[k].keys() and len(grads[0]) > 10
         for n in grads[0]:  # relative to the tensor's scale: these gradients reach 30, fp32 sums in another order
             assert (grads[0][n] - grads[k][n]).abs().max() <= 1e-5 * grads[0][n].abs().max() + 1e-7, n
+
+
+def test_pixel_bounds_apply_alone_or_together_without_the_deprecated_arguments():
+    """load_policy's --min-pixels / --max-pixels: either alone keeps the processor's other bound (one alone used to
+    raise AttributeError: the processor has no max_pixels attribute), and the processor is never called with the
+    min_pixels / max_pixels arguments transformers 5.23 deprecates (they set size; the image's token grid shows it)."""
+    img = shapes.world_item(0)["image"]  # 84 x 84: 6 x 6 patches of 14 at the shipped bounds (7,056 pixels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        for lo, hi, grid in [(None, None, 6), (100 * 100, None, 8), (None, 40 * 40, 2), (224 * 224, 448 * 448, 16)]:
+            _, proc = models.load_policy(shipped("captioner"), min_pixels=lo, max_pixels=hi)
+            assert proc.image_processor(img)["image_grid_thw"].tolist() == [[1, grid, grid]], (lo, hi)

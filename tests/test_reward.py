@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from caprl_mini import judge, shapes
-from caprl_mini.data import QAFile
+from caprl_mini import judge, models, shapes
+from caprl_mini.data import QAFile, write_world_qa
 from conftest import shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,3 +127,55 @@ def test_a_captions_reward_does_not_depend_on_the_other_lines(tmp_path):
 
     alone = scores(line)[0]
     assert 0 < alone < 1 and scores(other, line, line)[1:] == [alone, alone]
+
+
+def _score_in_process(monkeypatch, *args):
+    """reward.py score run as a script in this process (no model to load: the oracle)."""
+    monkeypatch.setattr(sys, "argv", ["reward.py", "score", *args])
+    runpy.run_path(os.path.join(ROOT, "reward.py"), run_name="__main__")
+
+
+def test_score_writes_the_trainers_reward_with_each_captions_seeded_draws(tmp_path, monkeypatch):
+    """reward.py score's line k is caption_rewards over --questions-per-caption draws with --judge-mode, the
+    generator Random(f"{--seed}:{id}"), the id's own world item (its split) and the reward types (every type with
+    --all-types), also past the first 256-caption call. A judge with graded option scores (the oracle's choice
+    preferred, not certain) so that prob, sample and argmax read different numbers and every draw shows."""
+    def graded(captions, posed):
+        return [torch.tensor([2.0 if o == shapes.oracle_choice(c, q) else 0.3 * len(o) for o in q["options"]])
+                for c, q in zip(captions, posed)]
+    monkeypatch.setattr(judge, "_oracle_logits", graded)
+    items = [shapes.world_item(i, "eval") for i in range(20)]
+    lines = [(items[k % 20], shapes.human_caption(items[k % 20]["scene"], random.Random(k))) for k in range(260)]
+    caps, out = tmp_path / "caps.jsonl", tmp_path / "r.jsonl"
+    caps.write_text("".join(json.dumps({"id": it["id"], "caption": c}) + "\n" for it, c in lines))
+
+    def want(n, mode, seed, types, k=len(lines)):
+        return judge.caption_rewards("oracle", None, [c for _, c in lines[:k]], [it for it, _ in lines[:k]], n,
+                                     "cloze", mode, [random.Random(f"{seed}:{it['id']}") for it, _ in lines[:k]],
+                                     types).tolist()
+
+    _score_in_process(monkeypatch, "--captions", str(caps), "--judge", "oracle", "--seed", "3",
+                      "--questions-per-caption", "5", "--judge-mode", "sample", "--out", str(out))
+    assert [json.loads(x)["reward"] for x in open(out)] == want(5, "sample", 3, shapes.REWARD_TYPES)
+    caps.write_text("".join(caps.read_text().splitlines(True)[:4]))
+    _score_in_process(monkeypatch, "--captions", str(caps), "--judge", "oracle", "--all-types", "--out", str(out))
+    assert [json.loads(x)["reward"] for x in open(out)] == want(8, "prob", 0, None, 4)
+
+
+def test_score_on_a_qa_file_asks_each_ids_own_questions_in_the_judge_format_given(tmp_path, monkeypatch,
+                                                                                   tiny_judge_dir):
+    """With --data, a line's questions are its id's row (whatever the two files' orders), every type drawn, and
+    --judge-format overrides the judge's judge.json (cloze here; asked as letters): the rewards are those of
+    caption_rewards with that format, to float precision."""
+    qa, caps, out = str(tmp_path / "w" / "qa.jsonl"), tmp_path / "caps.jsonl", tmp_path / "r.jsonl"
+    write_world_qa(qa, 4, "eval")
+    rows = QAFile(qa).rows
+    lines = [(rows[k], f"caption {k}: a red circle at the center.") for k in (2, 0, 3)]
+    caps.write_text("".join(json.dumps({"id": r["id"], "caption": c}) + "\n" for r, c in lines))
+    _score_in_process(monkeypatch, "--captions", str(caps), "--data", qa, "--judge", tiny_judge_dir,
+                      "--judge-format", "letter", "--questions-per-caption", "3", "--out", str(out))
+    model, tok, meta = models.load_judge(tiny_judge_dir)
+    assert meta["format"] == "cloze"
+    want = judge.caption_rewards(model, tok, [c for _, c in lines], [{"questions": r["questions"]} for r, _ in lines],
+                                 3, "letter", "prob", [random.Random(f"0:{r['id']}") for r, _ in lines])
+    assert [json.loads(x)["reward"] for x in open(out)] == pytest.approx(want.tolist(), abs=1e-6)
