@@ -186,7 +186,8 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
         tok = getattr(proc, "tokenizer", proc)
         proc = ImageProcessorOnly(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer=tok,
                                   chat_template=tok.chat_template)
-    if min_pixels or max_pixels:  # the bounds go in `size` (min_pixels / max_pixels attributes: deprecated, v5.23)
+    if min_pixels or max_pixels:  # in `size` only: set as attributes they reach each call as the min_pixels /
+        # max_pixels arguments transformers 5.23 deprecates (the PIL processor has no such attributes of its own)
         ip = proc.image_processor
         ip.size = {"shortest_edge": min_pixels or ip.size["shortest_edge"],
                    "longest_edge": max_pixels or ip.size["longest_edge"]}
