@@ -97,8 +97,8 @@ def _answers_html(answers):
 
 
 def _number(v, digits):
-    """A float to `digits` decimals, an integer as it is, missing as a dash."""
-    return "–" if v is None else v if isinstance(v, int) else f"{v:.{digits}f}"
+    """A value to `digits` decimals (as the console's table), missing as a dash."""
+    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def _summary_html(results):

@@ -134,7 +134,7 @@ def test_captioner_names_head_every_column_and_the_summary(tmp_path):
     assert all(name in page.th for name in NAMES)
     rows = {r[0].strip(): r[1:] for r in page.rows}  # label -> one cell per captioner, in NAMES' order
     assert page.rows[0] == [""] + NAMES and rows["QA accuracy"] == ["0.500", "0.600"]
-    assert rows["captions per image"] == ["1", "2"] and rows["fact recall"] == ["0.800", "0.800"]
+    assert rows["captions per image"] == ["1.0", "2.0"] and rows["fact recall"] == ["0.800", "0.800"]
     held = {label.split(" held out")[0] for label in rows if label.endswith(" held out")}
     assert held == set(shapes.HELDOUT_TYPES)  # exactly the held-out question types are marked
 
@@ -200,7 +200,7 @@ def test_images_shown_at_whole_multiples_and_never_shrunk_to_nothing(tmp_path):
 
 def test_summary_numbers_accuracies_to_three_decimals_also_when_perfect(tmp_path, capsys):
     """An accuracy of 1.0 reads 1.000 like its neighbours; the means of counts (tokens, captions per image: floats in
-    real results) read to one decimal whatever their size, integers as they are; the console table alike."""
+    real results) read to one decimal whatever their size, an integer too; the console table alike, cell for cell."""
     res = [{"path": "a", "qa_accuracy": 1.0, "fact_precision": 0.25, "mean_caption_tokens": 20.0,
             "captions_per_image": 1.0}, {"path": "b", "qa_accuracy": 0.5, "mean_caption_tokens": 0.5,
                                          "captions_per_image": 4}]
@@ -209,7 +209,7 @@ def test_summary_numbers_accuracies_to_three_decimals_also_when_perfect(tmp_path
     page.feed((tmp_path / "r.html").read_text(encoding="utf-8"))
     assert {r[0].strip(): r[1:] for r in page.rows[1:]} == {
         "QA accuracy": ["1.000", "0.500"], "fact precision": ["0.250", "–"], "mean caption tokens": ["20.0", "0.5"],
-        "captions per image": ["1.0", "4"]}
+        "captions per image": ["1.0", "4.0"]}
     write_results(str(tmp_path / "eval"), res)
     console = {line[:24].strip(): line[24:].split() for line in capsys.readouterr().out.splitlines()[1:-1]}
     assert console == {"QA accuracy": ["1.000", "0.500"], "fact precision": ["0.250", "-"],
