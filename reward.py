@@ -9,16 +9,17 @@ score   --captions: JSONL of {"id", "caption"}; each id must be an id of --data 
         shapes-<split>-<index>). Writes {"id", "caption", "reward"} per line and prints the mean. The reward is
         the function the trainer optimises (caprl_mini.judge.caption_rewards). A caption's question draws and
         option shuffles depend on (--seed, its id) only: it scores the same wherever it stands in the file, and
-        captions of one image (e.g. two captioners') are asked the same questions.
+        captions of one image (e.g. two captioners') are asked the same questions. Resumable with --out (below).
 filter  the paper's leak filter: every question is asked --filter-asks times with an EMPTY caption, options
         shuffled each time; a question the judge still gets right in --max-blind-accuracy of the asks or more
         is answerable without the image (from priors or its own wording) and is dropped (paper: kept only when
         right in fewer than 0.25 of 4 asks, i.e. never). Prints the drops per question type; images left without
-        questions are dropped and counted. Resumable: rerun a killed run with the same settings and it goes on
-        from OUT.partial.json (deleted at the end), writing what one uninterrupted run writes. (The paper also
-        keeps only questions a VLM answers right with the image, > 0.75; that needs a VLM judge, not done here.)
+        questions are dropped and counted. (The paper also keeps only questions a VLM answers right with the
+        image, > 0.75; that needs a VLM judge, not done here.)
 world   writes the built-in world as a QA JSONL with PNG files, optionally with a deliberately leaky question type
         (shapes.LEAKY_TYPE: "the object at the X is red. what color is the object at the X?").
+score and filter are resumable: rerun a killed run with the same settings and it goes on from OUT.partial.jsonl
+(deleted at the end), writing what one uninterrupted run writes; other settings are refused.
 Bad input (a malformed line, a missing field, an unknown id) stops the run with `error: <file>:<line>: ...` and
 exit status 2; with --skip-bad such lines are left out, listed and counted instead.
 """
@@ -97,38 +98,57 @@ device, dtype = pick_device()
 with user_errors():  # a mistyped judge path: one line
     judge, jtok, meta = load_judge(args.judge, device, dtype)
 fmt = args.judge_format or meta["format"]
+# resumable: OUT.partial.jsonl holds the run's settings, then one line per judge call (appended as it ends); a rerun
+# with the same settings takes those calls' results from it and makes only the rest, writing what one uninterrupted
+# run writes; the file goes at the end. Appended, not rewritten: its size and writes grow with the work, not its square
+partial = args.out and args.out + ".partial.jsonl"
+
+
+def logged_calls(settings):
+    """The calls a killed run with these settings logged in `partial` ([] if none, and the settings line written);
+    a last line the kill cut short is dropped. Other settings are refused, naming the file and each setting."""
+    if not partial:
+        return []
+    lines = open(partial).readlines() if os.path.exists(partial) else [json.dumps(settings) + "\n"]
+    with user_errors():
+        changed = [f"{k} {v!r} there, {settings.get(k)!r} now" for k, v in json.loads(lines[0]).items()
+                   if settings.get(k) != v]
+        if changed:
+            raise DataError(f"{partial}: a run with other settings ({'; '.join(changed)}): rerun with its settings, "
+                            "or delete the file to start over")
+    lines = lines[:1] + [x for x in lines[1:] if x.endswith("\n")]  # a line is whole once its newline is written
+    write_whole(partial, lines)
+    return [json.loads(x) for x in lines[1:]]
+
+
+def log_call(result):
+    if partial:
+        with open(partial, "a") as f:
+            f.write(json.dumps(result) + "\n")
+
+
 if args.command == "filter":
     rows_q = [q for row in qa.rows for q in row["questions"]]
     n_q, asks = len(rows_q), args.filter_asks * len(rows_q)
-    # resumable: after each call the counts so far and the generator's state go to OUT.partial.json; a rerun with
-    # the same settings goes on from there, with the shuffles of one uninterrupted run, and the file goes at the end
-    partial = args.out + ".partial.json"
     digest = hashlib.sha256(json.dumps(rows_q, sort_keys=True).encode()).hexdigest()[:16]
-    settings = {"questions": f"{n_q} questions, sha256 {digest}", "judge": args.judge, "judge_format": fmt,
-                "seed": args.seed, "filter_asks": args.filter_asks}
-    rng, right, asked = random.Random(args.seed), torch.zeros(n_q), 0
-    if os.path.exists(partial):
-        with user_errors(), open(partial) as f:
-            state = json.load(f)
-            changed = [f"{k} {state['settings'][k]!r} there, {v!r} now" for k, v in settings.items()
-                       if state["settings"][k] != v]
-            if changed:
-                raise DataError(f"{partial}: a filter run with other settings ({'; '.join(changed)}): rerun with "
-                                "its settings, or delete the file to start over")
-        right, asked, (version, internal, gauss) = torch.tensor(state["right"]), state["asked"], state["rng"]
-        rng.setstate((version, tuple(internal), gauss))
-        print(f"resuming from {partial}: {asked} of {asks} blind asks done")
-    bar = tqdm(total=asks, initial=asked, desc="blind asks", unit="q")
+    calls = logged_calls({"command": "filter", "questions": f"{n_q} questions, sha256 {digest}", "judge": args.judge,
+                          "judge_format": fmt, "seed": args.seed, "filter_asks": args.filter_asks})
+    rng, right = random.Random(args.seed), torch.zeros(n_q)
+    if calls:
+        print(f"resuming from {partial}: {sum(len(c['right']) for c in calls)} of {asks} blind asks done")
+    bar = tqdm(total=asks, desc="blind asks", unit="q")
     for ask in range(args.filter_asks):  # each ask reshuffles the options (rng: in question order, whatever the chunks)
         for i in range(0, n_q, 4096):  # 4,096 questions a call: the progress bar's and the partial file's step
-            if ask * n_q + i < asked:
-                continue
             chunk = rows_q[i:i + 4096]
-            right[i:i + len(chunk)] += torch.tensor(score_questions(judge, jtok, [""] * len(chunk), chunk, fmt,
-                                                                    "argmax", rng))
-            asked = ask * n_q + i + len(chunk)
-            write_whole(partial, [json.dumps({"settings": settings, "asked": asked, "right": right.tolist(),
-                                              "rng": rng.getstate()})])
+            if calls:  # done before the kill: its results, and the generator's state after it
+                call = calls.pop(0)
+                version, internal, gauss = call["rng"]
+                rng.setstate((version, tuple(internal), gauss))
+            else:
+                call = {"right": score_questions(judge, jtok, [""] * len(chunk), chunk, fmt, "argmax", rng),
+                        "rng": rng.getstate()}
+                log_call(call)
+            right[i:i + len(chunk)] += torch.tensor(call["right"])
             bar.update(len(chunk))
     bar.close()
     leaks = iter((right / args.filter_asks >= args.max_blind_accuracy).tolist())
@@ -155,12 +175,27 @@ if args.command == "filter":
 
 types = None if (args.data or args.all_types) else shapes.REWARD_TYPES
 rngs = [random.Random(f"{args.seed}:{cid}") for cid, _, _ in records]  # a caption's draws: (seed, its id) only
-rewards = torch.cat([  # 256 captions a call, for the progress bar: the same rewards, as each draws from its own rng
-    caption_rewards(judge, jtok, [c for _, c, _ in records[i:i + 256]], [it for _, _, it in records[i:i + 256]],
-                    args.questions_per_caption, fmt, args.judge_mode, rngs[i:i + 256], types)
-    for i in tqdm(range(0, len(records), 256), desc="scoring", unit="x256 captions")])
+digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()[:16]
+rewards = [r for call in logged_calls({
+    "command": "score", "captions": f"{len(records)} captions, sha256 {digest}", "judge": args.judge,
+    "judge_format": fmt, "judge_mode": args.judge_mode, "seed": args.seed, "all_types": args.all_types,
+    "questions_per_caption": args.questions_per_caption}) for r in call["rewards"]]
+if rewards:
+    print(f"resuming from {partial}: {len(rewards)} of {len(records)} captions scored")
+bar = tqdm(total=len(records), initial=len(rewards), desc="scoring", unit="captions")
+for i in range(len(rewards), len(records), 256):  # 256 captions a call: each draws from its own rng, so the chunks
+    chunk = records[i:i + 256]  # (and a resume) leave the rewards as they are
+    call = {"rewards": caption_rewards(judge, jtok, [c for _, c, _ in chunk], [it for _, _, it in chunk],
+                                       args.questions_per_caption, fmt, args.judge_mode, rngs[i:i + 256],
+                                       types).tolist()}
+    log_call(call)
+    rewards += call["rewards"]
+    bar.update(len(chunk))
+bar.close()
 if args.out:
     write_whole(args.out, (json.dumps({"id": cid, "caption": cap, "reward": r}) + "\n"
-                           for (cid, cap, _), r in zip(records, rewards.tolist())))
+                           for (cid, cap, _), r in zip(records, rewards)))
+    os.remove(partial)
 print_skipped(skipped)
-print(f"{len(records)} captions, mean reward {rewards.mean().item():.4f}" + (f", wrote {args.out}" if args.out else ""))
+print(f"{len(records)} captions, mean reward {torch.tensor(rewards).mean().item():.4f}" +
+      (f", wrote {args.out}" if args.out else ""))

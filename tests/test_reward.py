@@ -70,7 +70,7 @@ def test_leak_filter_drops_questions_answered_blind_at_least_the_threshold_fract
 
 
 def test_a_killed_leak_filter_resumes_and_writes_what_one_run_writes(tmp_path, monkeypatch, capsys):
-    """reward.py filter killed after 2 of its 4 calls (one an ask here) goes on from OUT.partial.json: the rerun
+    """reward.py filter killed after 2 of its 4 calls (one an ask here) goes on from OUT.partial.jsonl: the rerun
     makes only calls 3 and 4, each with the generator state of the uninterrupted run's, and writes the same file;
     the partial file goes at the end. A rerun with another seed is refused, naming the file and the setting."""
     qa = tmp_path / "qa.jsonl"
@@ -99,14 +99,14 @@ def test_a_killed_leak_filter_resumes_and_writes_what_one_run_writes(tmp_path, m
     kill_at, out = 2, tmp_path / "out.jsonl"
     with pytest.raises(KeyboardInterrupt):
         run(out)
-    assert not out.exists() and os.path.exists(f"{out}.partial.json")
+    assert not out.exists() and os.path.exists(f"{out}.partial.jsonl")
     assert run(out, "--seed", "1") == 2
     err = capsys.readouterr().err
-    assert f"{out}.partial.json" in err and "seed 0 there, 1 now" in err
+    assert f"{out}.partial.jsonl" in err and "seed 0 there, 1 now" in err
     kill_at, calls[:] = None, []
     assert run(out) == 0 and calls == whole_calls[2:]
     assert "resuming from" in capsys.readouterr().out
-    assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not os.path.exists(f"{out}.partial.json")
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not os.path.exists(f"{out}.partial.jsonl")
     assert 0 < sum(len(json.loads(x)["questions"]) for x in out.read_text().splitlines()) < 12  # some dropped
 
 
@@ -160,6 +160,48 @@ def test_score_writes_the_trainers_reward_with_each_captions_seeded_draws(tmp_pa
     caps.write_text("".join(caps.read_text().splitlines(True)[:4]))
     _score_in_process(monkeypatch, "--captions", str(caps), "--judge", "oracle", "--all-types", "--out", str(out))
     assert [json.loads(x)["reward"] for x in open(out)] == want(8, "prob", 0, None, 4)
+
+
+def test_a_killed_score_resumes_and_writes_what_one_run_writes(tmp_path, monkeypatch, capsys):
+    """reward.py score --out killed in its 3rd 256-caption call goes on from OUT.partial.jsonl: the rerun scores only
+    the last 8 captions (their own draws) and writes what one uninterrupted run writes; the partial file goes at the
+    end. A rerun with another --judge-mode is refused, naming the file and the setting."""
+    items = [shapes.world_item(i, "eval") for i in range(30)]
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"id": items[k % 30]["id"], "caption": shapes.human_caption(
+        items[k % 30]["scene"], random.Random(k))}) + "\n" for k in range(520)))
+    real, calls = judge.caption_rewards, []
+
+    def killable(model, tok, captions, *rest):
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt
+        calls.append(list(captions))
+        return real(model, tok, captions, *rest)
+
+    def run(out, *extra):
+        _score_in_process(monkeypatch, "--captions", str(caps), "--judge", "oracle", "--questions-per-caption", "3",
+                          "--out", str(out), *extra)
+
+    monkeypatch.setattr(judge, "caption_rewards", killable)
+    kill_at, out = None, tmp_path / "out.jsonl"
+    run(tmp_path / "whole.jsonl")
+    whole_calls, calls[:], kill_at = list(calls), [], 2
+    assert [len(c) for c in whole_calls] == [256, 256, 8]
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    lines = open(f"{out}.partial.jsonl").readlines()
+    assert not out.exists() and json.loads(lines[0])["command"] == "score" and len(lines) == 3
+    with open(f"{out}.partial.jsonl", "a") as f:
+        f.write('{"rewards": [0.5, 0.')  # a third call's line, cut short
+    with pytest.raises(SystemExit) as e:
+        run(out, "--judge-mode", "sample")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"{out}.partial.jsonl" in err and "judge_mode 'prob' there, 'sample' now" in err
+    kill_at, calls[:] = None, []
+    run(out)
+    assert calls == whole_calls[2:] and "resuming from" in capsys.readouterr().out
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not os.path.exists(f"{out}.partial.jsonl")
+    assert len({json.loads(x)["reward"] for x in out.read_text().splitlines()}) > 1
 
 
 def test_score_on_a_qa_file_asks_each_ids_own_questions_in_the_judge_format_given(tmp_path, monkeypatch,
