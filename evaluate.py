@@ -37,7 +37,8 @@ parser.add_argument("--image-root", default=None, help="folder that relative ima
 parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad --data / --captions lines and unreadable images (listed and counted) instead of "
                          "stopping with an error naming the file and line")
-parser.add_argument("--images", type=int, default=200, help="number of held-out images")
+parser.add_argument("--images", type=int, default=200,
+                    help="images to evaluate: the built-in world's held-out split, or --data's first readable rows")
 parser.add_argument("--captions-per-image", type=int, default=1, help="captions per image (the paper: 4)")
 parser.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
 parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap")

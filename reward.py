@@ -48,7 +48,8 @@ parser.add_argument("--image-root", default=None, help="folder that relative ima
 parser.add_argument("--judge", default=JUDGE, help="judge folder or hub id, or 'oracle'")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
                     help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
-parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "argmax"], help="how the answer is read")
+parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "argmax"],
+                    help="score: how the judge's answer is read (filter always reads argmax)")
 parser.add_argument("--questions-per-caption", type=int, default=8, help="N question draws per caption")
 parser.add_argument("--all-types", action="store_true", help="built-in world: draw held-out question types too")
 parser.add_argument("--seed", type=int, default=0, help="seed of question draws and option shuffling")

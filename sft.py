@@ -89,7 +89,8 @@ parser.add_argument("--judge-heads", type=int, default=8, help="attention heads 
 parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
 parser.add_argument("--lr", type=float, default=2e-3,
                     help="peak AdamW learning rate; 100 warm-up steps, then cosine down to 0.1x")
-parser.add_argument("--eval-every", type=int, default=250, help="steps between held-out evaluations")
+parser.add_argument("--eval-every", type=int, default=250,
+                    help="steps between held-out evaluations (judge: also between saves of --out)")
 parser.add_argument("--eval-images", type=int, default=300,
                     help="held-out images for evaluation (0: none during training)")
 parser.add_argument("--captioner", default=SFT_CAPTIONER, help="eval: the captioner to evaluate")
@@ -122,6 +123,7 @@ def update(model, opt, loss, lr):
 
 
 # ---------------------------------------------------------------- captioner
+# B images per batch, P prompt tokens, L caption tokens (right-padded), D hidden
 def cell_targets(scenes):
     """Per image token (one per grid cell, row-major): occupied, shape, color, size class ids; -100 if empty."""
     t = torch.full((len(scenes) * 9, 4), -100, dtype=torch.long)

@@ -32,10 +32,10 @@ The exact variant (each a flag; defaults in brackets):
 Memory (README, "Train a real captioner"): fp32 weights and AdamW with bf16 autocast on a GPU, a bf16 judge, fused
 log-probs + loss (logprobs.py), each image's prompt once with its captions packed after it (models.completion_hidden),
 --micro-batch-images, and optionally --gradient-checkpointing 1 and --freeze-vision 1.
-More than one GPU: `torchrun --nproc_per_node N train_grpo.py ...` (data parallel). Rank r samples and scores the
-step's images r*B/N ... (r+1)*B/N - 1 (their groups are whole, so advantages need no communication), the loss is
-normalised by the step's global token count and the gradients are summed over ranks (all-reduce), so N ranks make
-the update 1 rank makes at the same B. A rollout's randomness derives from (seed, step, image) alone. Rank 0 writes
+More than one GPU: `torchrun --nproc_per_node W train_grpo.py ...` (data parallel, W ranks). Rank r samples and
+scores the step's images r*B/W ... (r+1)*B/W - 1 (their groups are whole, so advantages need no communication), the
+loss is normalised by the step's global token count and the gradients are summed over ranks (all-reduce), so W ranks
+make the update 1 rank makes at the same B. A rollout's randomness derives from (seed, step, image) alone. Rank 0 writes
 logs and checkpoints. (Data parallel only: every rank holds the whole model, so no FSDP.)
 Faults: `--resume` continues from the newest checkpoint exactly as if never stopped (checkpoints are atomic, a log
 line cut by a kill is dropped); a non-finite reward, loss or gradient skips that update (logged, counted), so it
@@ -91,8 +91,9 @@ parser.add_argument("--group-size", type=int, default=8, help="G: captions sampl
 parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap in tokens")
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
 parser.add_argument("--decode", default="auto", choices=["auto", "static", "dynamic"],
-                    help="rollout decoding: fixed batch, compiled CUDA-graph step (finished rows ride along), or "
-                         "eager, finished rows dropped; both allocate for the rollout only (auto: static on CUDA)")
+                    help="rollout decoding: static, a fixed batch (finished rows ride along; on CUDA a compiled step "
+                         "replayed as a CUDA graph), or dynamic, eager, finished rows dropped; both allocate for the "
+                         "rollout only (auto: static on CUDA)")
 # reward
 parser.add_argument("--questions-per-caption", type=int, default=8, help="N: question draws per caption")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],

@@ -39,10 +39,10 @@ from caprl_mini.logprobs import logprobs_and_loss, token_logprobs  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--tokens", type=int, default=0, help="N (0: 1,024 on CPU, 16,384 on GPU)")
-parser.add_argument("--hidden", type=int, default=2048)
-parser.add_argument("--vocab", type=int, default=151936)
-parser.add_argument("--repeats", type=int, default=1)
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+parser.add_argument("--hidden", type=int, default=2048, help="D, the hidden width (3B: 2048)")
+parser.add_argument("--vocab", type=int, default=151936, help="V, the vocabulary (Qwen's)")
+parser.add_argument("--repeats", type=int, default=1, help="timed runs of each variant, interleaved (median)")
+parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 parser.add_argument("--entropy", action="store_true", help="also time the loss with the entropy (two ways)")
 parser.add_argument("--child", help=argparse.SUPPRESS)  # CPU memory probe: the variant to run
 args = parser.parse_args()

@@ -9,12 +9,12 @@
 TRL is not a dependency of the project: install it in a separate venv (benchmarks/README.md).
 Same work on both sides: the shipped tiny captioner (Qwen2.5-VL) and judge (or --policy / --judge), B images x G
 captions per step from the built-in world or --data (the same images at the same step on both sides), the chat
-prompt (image + the caption
-instruction), sampling at temperature 1 with no top-k / top-p, stop at EOS or at --max-new-tokens, reward =
-caption_rewards (N = 8 question draws, the judge's format and "prob" reading, reward types only) times "not
-truncated" (the project's --zero-truncated, default 1), group-std advantages, clip 0.2 / 0.28, token-level (DAPO)
-loss, beta 0, AdamW lr 1e-4 after a 10-step linear warm-up, grad clip 1, one optimizer step per rollout, fp32 on a
-CPU, fp32 weights under bf16 autocast on a GPU (both sides). --micro-batch-images M: both sides run the update in
+prompt (image + the caption instruction), sampling at temperature 1 with no top-k / top-p, stop at EOS or at
+--max-new-tokens, reward = caption_rewards (N = 8 question draws, the judge's format and "prob" reading; built-in
+world: reward types only, --data: all) times "not truncated" (the project's --zero-truncated, default 1),
+group-std advantages, clip 0.2 / 0.28, token-level (DAPO) loss, beta 0, AdamW lr 1e-4 after a 10-step linear
+warm-up, grad clip 1, one optimizer step per rollout, fp32 on a CPU, fp32 weights under bf16 autocast on a GPU (both
+sides). --micro-batch-images M: both sides run the update in
 B / M micro-batches of M x G captions (TRL: per-device batch M x G, B / M accumulation steps, one generation batch of
 B x G); without it the project runs its default (4) and TRL one batch of B x G.
 Both stop at EOS, so the captions each side samples differ: generated tokens per caption are reported next to

@@ -31,7 +31,8 @@ part() {  # name, seconds, command...
 # check: ~9 compiled graphs of the static step (fp32, bf16 autocast, a new length; flex, flex + fused, each in both);
 # each result printed as found
 part check 180 python benchmarks/check_gpu.py
-# generate, the sampler and the sampler with flex attention (KVDecoder.flex); recompiles: any recompile of the step
+# generate, the sampler, and the sampler with flex attention (KVDecoder.flex) and with flex + fused projections
+# (KVDecoder.fuse): bench_sampling.py's GPU default; recompiles: any recompile of the step
 # (a flex or fused variant that breaks the CUDA context, which no Python exception handler survives, ends the run:
 # then generate and the default sampler alone, within the same limit)
 part sampling 300 bash -c "TORCH_LOGS=recompiles python benchmarks/bench_sampling.py --device cuda --repeats 2 ||

@@ -4,8 +4,9 @@
     RUN/metrics.jsonl      one line per step
     RUN/samples.jsonl      a few sampled captions per step, with their rewards
     RUN/checkpoints/step_NNNNNN/   model + processor (save_pretrained, safetensors, loadable by transformers)
-                                   + trainer_state.pt (optimizer state, step)
+                                   + trainer_state.pt (optimizer state, step, skipped-update count, data source)
     RUN/final/             the last model, same layout as a checkpoint's model part
+    RUN/eval/results.json  train_grpo.py's final evaluation, SFT and trained captioner side by side
 
 A checkpoint is written into a temporary folder and renamed into place (atomic on POSIX), so a run killed
 mid-write leaves the previous checkpoint intact and never a half-written one that looks complete.

@@ -6,7 +6,7 @@ CapRL-QA rows (the released CapRL-QA-75K exported to JSONL) are accepted too:
     {"id"?, "image" | "images", "reward_model": {"ground_truth": [{"question", "choices": ["A) ...", ...], "answer": "C"}]}}
 Images: a path (relative paths resolve against --image-root, else the JSONL's folder), or bytes / base64.
 
-Captions on disk (annotate.py writes them, evaluate.py --captions and sft.py --captions read them): JSONL of
+Captions on disk (annotate.py writes them; evaluate.py, sft.py and reward.py score read them with --captions): JSONL of
 {"id", "image", "caption", ...}, appended and flushed one record at a time (CaptionFile).
 
 Bad input. Text files are read as UTF-8, one JSON object per line, every line validated on load; images are read

@@ -1,6 +1,7 @@
 """GRPO arithmetic: group advantages, the clipped policy-gradient loss, the k3 KL estimator.
 
-Legend: B images, G captions per image, R = B*G rows, L completion tokens.
+Legend: B images, G captions per image, R = B*G rows, r rows of a micro-batch, L completion tokens, n the tokens of a
+micro-batch that flat_token_loss keeps (`keep`), flattened.
 Sign convention: `policy_loss` returns a loss to *minimise*; its gradient ascends advantage-weighted log-probs.
 Normalisation: the loss of a micro-batch is a *sum* divided by the global count of the whole batch (tokens for
 "token" aggregation, captions for "sequence"), so summing micro-batch losses (gradient accumulation) gives

@@ -19,7 +19,8 @@ Cost: the caption is the shared prefix of all its questions. Each distinct capti
 its common start with the other captions of a forward once) is computed once into a KV cache, then every question is a
 short row over its caption's cached prefix (and, for cloze, every option a branch of that row under a tree mask):
 a caption is computed once for all its questions, and no question attends to another's tokens.
-Legend: C captions, Q questions (rows after expansion), O options, T tokens.
+Legend: C captions, n question rows of a forward (one per (caption, question) pair), O options, K tokens all the
+prefixes share, P a prefix's tokens after them, T tokens of a question row, S key positions, D hidden.
 """
 
 import copy

@@ -14,7 +14,7 @@ Fused log-prob + loss (`logprobs_and_loss`, Liger-style): `token_logprobs` costs
         is not: the temporary is one (row_chunk, V) buffer (256 x 151,936 x 4 B = 155 MB), updated in place.
 Logits are computed in fp32 whatever the input dtype, and divided by the same temperature as the sampler, so
 on-policy importance ratios are exactly 1 up to matmul rounding.
-Legend: N tokens (rows), D hidden, V vocabulary, n rows in a chunk.
+Legend: N tokens (rows), D hidden, V vocabulary, n rows in a chunk, v vocabulary entries in a chunk.
 """
 import torch
 

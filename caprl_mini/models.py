@@ -236,7 +236,8 @@ def save_model(model, proc_or_tok, path, meta=None):
 
 
 # ---------------------------------------------------------------- the policy's forward, shared by sampler, trainer, sft
-# B rows, T tokens, D hidden. Prompts are left-padded so that every row's next token sits at column T.
+# B rows (prompts), T tokens, D hidden; P prompt tokens, L completion tokens, G completions per prompt, S packed
+# completion tokens of one prompt. Prompts are left-padded so that every row's next token sits at column T.
 CAPTION_INSTRUCTION = "Please describe this image in detail."
 
 
