@@ -92,6 +92,7 @@ for path in captioners:  # every rank captions its share; rank 0 keeps all capti
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, mine)
+    # rank k captioned items k, k + world, ...: item i is rank i % world's caption i // world
     captioned[path] = [parts[i % world][i // world] for i in range(len(items))]
     del model
     gc.collect()  # whatever of it sits in a reference cycle goes now, not at the collector's next run

@@ -237,7 +237,7 @@ class KVDecoder:
         sn = q @ K.transpose(-1, -2)
         if self.fixed:
             sn = sn.masked_fill_(torch.arange(K.shape[2], device=q.device) > self.t, -float("inf"))
-        s = torch.cat([sp, sn], -1) * self.scaling  # (r, Hkv, n_rep, P + n)
+        s = torch.cat([sp, sn], -1) * self.scaling  # (r, Hkv, n_rep, P + new positions read)
         pp, pn = s.softmax(-1).split([Kp.shape[2], K.shape[2]], -1)
         o = self.by_row(self.by_image(pp) @ Vp) + pn @ V  # (r, Hkv, n_rep, d)
         return o.reshape(r, -1)
