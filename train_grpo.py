@@ -102,14 +102,16 @@ parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "
                     help="how the judge's answer is read (the paper: sample at temperature 0.6)")
 parser.add_argument("--length-bounds", type=int, nargs=2, default=None, metavar=("L1", "L2"),
                     help="CapRL++ length term, added to the reward: --length-weight up to L1 caption tokens, linearly "
-                         "down to 0 at L2 (off by default; CapRL++'s video recipe: 2048 3072)")
+                         "down to 0 at L2 (off by default; CapRL++'s video recipe: 2048 3072). A penalty of c per "
+                         "token past L1, up to a constant: L2 >= --max-new-tokens, weight c * (L2 - L1)")
 parser.add_argument("--length-weight", type=float, default=0.2, help="weight of the length term (CapRL++'s)")
 # optimisation
 parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper, 3B: 1e-6)")
 parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up steps (paper: 20)")
 parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                     help="after warm-up: constant, or cosine down to 0 (reached one step after the last; paper)")
-parser.add_argument("--advantage", default="std", choices=["std", "none"], help="group advantage scaling")
+parser.add_argument("--advantage", default="std", choices=["std", "none"],
+                    help="std: GRPO's (r - mean) / std per group; none: r - mean (Dr. GRPO; RLOO's up to a constant)")
 parser.add_argument("--loss-aggregation", default="token", choices=["token", "sequence"], help="see docstring")
 parser.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
 parser.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above 1 (DAPO clip-higher)")
@@ -165,7 +167,7 @@ try:  # a fresh run into a folder with checkpoints, or a resume with other train
     ckpt = resume_checkpoint(args.out, args.resume, vars(args), may_change=(
         "resume", "out", "policy", "judge", "data", "image_root", "skip_bad", "decode", "save_every", "save_final",
         "eval_images", "log_samples", "micro_batch_images", "gradient_checkpointing")
-        + (("steps",) if args.lr_schedule == "constant" else ()))
+        + (("steps",) if args.lr_schedule == "constant" else ()), default=parser.get_default)
 except ValueError as e:
     parser.error(str(e))
 pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
@@ -276,7 +278,7 @@ for step in range(start, args.steps):
     t_gen = time.time() - t0
     tokens, mask, old_logp = roll["tokens"], roll["mask"], roll["logprobs"]
     captions = decode(proc, roll)
-    n_tok = mask.sum(1)
+    n_tok = mask.sum(1)  # tokens per caption, its end token included (logged so; the length term counts without it)
     rrngs = [random.Random(f"{args.seed}:reward:{step}:{b}") for b in mine]  # one per image: its G captions
     # draw from it in turn, each its own questions and shuffles, as the paper's reward server draws per caption
     rewards = caption_rewards(judge, jtok, captions, [it for it in items for _ in range(G)],

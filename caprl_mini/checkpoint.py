@@ -61,18 +61,19 @@ def latest_checkpoint(run_dir):
     return (list_checkpoints(run_dir) or [None])[-1]
 
 
-def resume_checkpoint(run_dir, resume, flags, may_change):
+def resume_checkpoint(run_dir, resume, flags, may_change, default):
     """The newest checkpoint of run_dir to continue from, or None. Refuses (ValueError) a folder that holds
     checkpoints without `resume` (a fresh run would mix with them and prune them by name), and a resume whose
-    `flags` differ from the run's config.json in any flag not in `may_change` (it would silently train another run)."""
+    `flags` differ from the run's config.json in any flag not in `may_change` (it would silently train another run).
+    A flag the config lacks (a run started before the flag existed) ran at default(flag)."""
     ckpt = latest_checkpoint(run_dir)
     if ckpt and not resume:
         raise ValueError(f"{run_dir} holds an earlier run's checkpoints ({ckpt}): add --resume to continue it, or "
                          "choose another --out")
     if ckpt and os.path.exists(os.path.join(run_dir, "config.json")):  # write_config's: never half-written
         saved = json.load(open(os.path.join(run_dir, "config.json")))
-        changed = [f"--{k.replace('_', '-')} {v} (was {saved[k]})" for k, v in flags.items()
-                   if k in saved and saved[k] != v and k not in may_change]
+        changed = [f"--{k.replace('_', '-')} {v} (was {saved.get(k, default(k))})" for k, v in flags.items()
+                   if saved.get(k, default(k)) != v and k not in may_change]
         if changed:
             raise ValueError(f"--resume with other flags than {run_dir} was started with: {', '.join(changed)}")
     return ckpt

@@ -22,7 +22,10 @@ def zero_variance(rewards, group_size):
 
 def advantages(rewards, group_size, scale="std", eps=1e-4):
     """Per-caption advantages from rewards (R,), rows grouped by image.
-    scale="std": (r - mean) / (std + eps) per group (GRPO); scale="none": r - mean (Dr. GRPO, no length/std bias).
+    scale="std": (r - mean) / (std + eps) per group (GRPO); scale="none": r - mean (Dr. GRPO's: no std division; its
+    other half, no length normalisation, is the trainer's --loss-aggregation). "none" is RLOO's leave-one-out
+    advantage r - mean(others) times (G - 1) / G, a constant scale that AdamW cancels (but for its eps and gradient
+    clipping).
     Zero-variance groups get advantage exactly 0 either way."""
     r = rewards.view(-1, group_size)  # (B, G)
     a = r - r.mean(1, keepdim=True)

@@ -239,7 +239,9 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
     answers = {o: answer_ids(tok, o) for o in {o for q in questions for o in q["options"]}} if fmt == "cloze" else {}
     letter_ids = W.new_tensor([_letter_id(tok, L) for L in LETTERS[:max(len(q["options"]) for q in questions)]]
                               if fmt != "cloze" else [], dtype=torch.long)
-    suffixes, out = {}, [None] * len(captions)  # a question's suffix does not depend on the caption: tokenized once
+    # a question's suffix does not depend on the caption (user_message puts the caption before _SPLIT): tokenized once.
+    # A fork that moves the caption after the question must key this by caption too, and loses the shared prefix
+    suffixes, out = {}, [None] * len(captions)
     distinct = list(rows_of)
     window = 8 * captions_per_forward  # captions tokenized and sorted at a time: bounded memory for big jobs
     for w0 in range(0, len(distinct), window):

@@ -320,7 +320,8 @@ def test_a_mistyped_model_path_is_one_error_line(tmp_path):
 
 def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path):
     """A fresh run into a folder with checkpoints would prune them by name and mix with them; a resume with another
-    learning rate (or any flag that changes the training) would silently train another run. Both stop with one line."""
+    learning rate (or any flag that changes the training) would silently train another run. Both stop with one line.
+    A flag the run's config.json lacks (written before the flag existed) is compared with its default."""
     for name, config in (("a", {"lr": 1e-6, "steps": 10, "out": "elsewhere"}), ("b", {"lr_schedule": "cosine",
                                                                                     "steps": 10})):
         os.makedirs(tmp_path / name / "checkpoints" / "step_000002")
@@ -329,13 +330,15 @@ def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path)
     errors = scripts(["train_grpo.py", "--out", str(a)],  # the four at once: ~7 s of imports each
                      ["train_grpo.py", "--out", f"{a}/", "--resume", "--steps", "20"],  # --steps, paths may change
                      ["train_grpo.py", "--out", str(b), "--resume", "--steps", "20", "--lr-schedule", "cosine"],
-                     ["train_grpo.py", "--out", str(tmp_path / "new"), "--temperature", "0"])
+                     ["train_grpo.py", "--out", str(tmp_path / "new"), "--temperature", "0"],
+                     ["train_grpo.py", "--out", str(a), "--resume", "--lr", "1e-6", "--beta", "0.1", "--steps", "10"])
     assert errors[0] == (f"train_grpo.py: error: {a} holds an earlier run's checkpoints ({a}/checkpoints/step_000002):"
                          " add --resume to continue it, or choose another --out")
     assert errors[1] == (f"train_grpo.py: error: --resume with other flags than {a}/ was started with: "
                          "--lr 0.0001 (was 1e-06)")
     assert errors[2].endswith("--steps 20 (was 10)")  # it would stretch the cosine
     assert errors[3].endswith("error: --temperature must be > 0")
+    assert errors[4].endswith("was started with: --beta 0.1 (was 0.0)")  # "a" has no "beta": it ran at the default
 
 
 def test_resume_refuses_other_training_data_but_follows_a_moved_file(tmp_path):
