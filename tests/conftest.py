@@ -1,5 +1,6 @@
 """Shared fixtures: tiny models built from configs and saved to a temporary folder (no downloads)."""
 import os
+import runpy
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -55,3 +56,11 @@ def chat_judge_dir(tok, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("chat_judge"))
     models.save_model(model, t, path)
     return path
+
+
+def sft(monkeypatch, *args):
+    """sft.py's namespace, these arguments parsed and nothing run: a test replaces there what it watches, then calls
+    a stage (train_captioner, train_judge) or a helper itself."""
+    monkeypatch.setattr(sys, "argv", ["sft.py", *args])
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sft.py")
+    return runpy.run_path(path, run_name="sft")["update"].__globals__  # the functions' own (run_path returns a copy)

@@ -1,6 +1,7 @@
 """Bad input wherever data enters (QA JSONL, images, list files, caption JSONL): a DataError naming the file and line
 (or the image) and what to fix, or, with a `skipped` list (--skip-bad), the bad line left out, listed and counted
 while the good ones load. Scripts end such errors with `error: ...` and exit status 2, never a traceback."""
+import contextlib
 import json
 import os
 import shutil
@@ -15,7 +16,7 @@ from PIL import Image
 from caprl_mini import checkpoint, models
 from caprl_mini.data import (CaptionFile, DataError, QAFile, list_images, load_image, read_captions, skip_bad,
                              user_errors)
-from conftest import shipped
+from conftest import sft, shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -269,6 +270,29 @@ def test_scripts_end_bad_input_with_one_error_line_and_status_2(folder):
     for name, err in zip(runs, errors):
         bad = f"{caps}:2: empty caption" if name == "sft.py" else f"{qa}:2: answer 'Z' is not one of the option letters"
         assert err.startswith(f"error: {bad}"), (name, err)
+
+
+def test_sft_caption_jsonl_skip_bad_lists_and_counts_unknown_ids_and_unreadable_images(folder, monkeypatch, capsys):
+    """sft.py --captions --data: a caption whose id --data lacks, or whose image cannot be read, stops the run with
+    its file:line; with --skip-bad it is left out, listed and counted, with the bad lines, and the rest trains."""
+    truncated_png(folder / "trunc.png")
+    qa = write(folder / "qa.jsonl", row("a"), row("b", "trunc.png"))
+    caps = write(folder / "caps.jsonl", {"id": "a", "caption": "a red square."}, {"id": "nope", "caption": "x."},
+                 {"id": "b", "caption": "a star."}, {"id": "a", "caption": ""})
+    args = ["captioner", "--captions", caps, "--data", qa, "--out", str(folder / "unused")]
+    for flags, line in [([], f"error: {caps}:4: empty caption"), (["--skip-bad"], None)]:
+        with pytest.raises(SystemExit) if line else contextlib.nullcontext():
+            sft(monkeypatch, *args, *flags)["caption_file_batch"]()
+        printed = capsys.readouterr()
+        assert printed.err.strip().splitlines()[-1].startswith(line) if line else "Traceback" not in printed.err
+    assert "skipped 3 bad rows / images (--skip-bad):" in printed.out and "1 (image, caption) pairs" in printed.out
+    for where, why in [(f"{caps}:4", "empty caption"), (f"{caps}:2", f"id 'nope' is not in {qa}"),
+                       (f"{qa}:2", "cannot read image 'trunc.png'")]:
+        assert f"  {where}: {why}" in printed.out, (where, printed.out)
+    write(caps, {"id": "nope", "caption": "x."})
+    with pytest.raises(SystemExit):
+        sft(monkeypatch, *args)["caption_file_batch"]()
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {caps}:1: id 'nope' is not in {qa}"
 
 
 def test_reward_score_skip_bad_lists_and_counts_the_bad_lines(tmp_path):

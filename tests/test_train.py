@@ -1,5 +1,5 @@
 """End-to-end: the real train_grpo.py as a subprocess (or in this process, its calls recorded), from the shipped
-checkpoints."""
+checkpoints; sft.py's stages and helpers in this process, on tiny models it builds with a few steps."""
 import json
 import os
 import random
@@ -7,14 +7,18 @@ import runpy
 import signal
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file
 
 from caprl_mini import grpo, judge, logprobs, models, sampling, shapes
 from caprl_mini.logprobs import token_logprobs
-from conftest import shipped
+from conftest import sft, shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING = {"gen_tokens_per_s", "gen_seconds", "reward_seconds", "step_seconds"}
@@ -300,3 +304,271 @@ def test_a_non_finite_loss_or_gradient_skips_the_update_and_says_which(tmp_path,
     out = str(tmp_path / "run")
     run_in_process(monkeypatch, *TINY, "--out", out)
     assert [m["skipped"] for m in metrics(out)] == [f"non-finite {broken}"] * 2 and steps == []
+
+
+# ---------------------------------------------------------------- sft.py
+def record_lr(g):
+    """Record each (step, total) the learning rate is asked for."""
+    calls, lr_at = [], g["lr_at"]
+    g["lr_at"] = lambda step, total, peak: calls.append((step, total)) or lr_at(step, total, peak)
+    return calls
+
+
+def test_sft_lr_warms_up_over_100_steps_then_decays_to_a_tenth(monkeypatch):
+    lr_at = sft(monkeypatch, "judge", "--out", "unused")["lr_at"]
+    assert [lr_at(s, 1100, 1.0) for s in (0, 49, 99, 100, 600, 1100)] == pytest.approx([0.01, 0.5, 1, 1, 0.55, 0.1])
+    assert lr_at(1099, 1100, 1.0) > 0.1
+
+
+def test_sft_update_steps_at_its_lr_on_this_loss_gradient_clipped_to_norm_1(monkeypatch):
+    """Under SGD the step is lr x the gradient: of this loss only (the last one's cleared), at norm 1 (clipped)."""
+    update = sft(monkeypatch, "judge", "--out", "unused")["update"]
+    model = torch.nn.Linear(2, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    w0 = model.weight.detach().clone()
+    update(model, opt, 10 * model.weight[0, 0], 0.1)
+    update(model, opt, 10 * model.weight[0, 1], 0.1)
+    assert torch.allclose(w0 - model.weight.detach(), torch.tensor([[0.1, 0.1]]))
+
+
+def test_sft_stage_two_alone_from_the_saved_stage_one_is_the_same_model(tmp_path, monkeypatch):
+    """`--init <stage 1> --full-steps 0` redoes stage 2 exactly (sft.py's docstring): each stage has its own seeds,
+    optimizer, schedule and data, full captions in stage 1 and human ones (some facts left out) in stage 2."""
+    p, a, b = (str(tmp_path / n) for n in "pab")
+    common = ["--human-steps", "2", "--batch-size", "4", "--eval-images", "0"]
+    runs = []
+    for args in (["--full-steps", "2", "--perception-out", p, "--out", a],
+                 ["--init", p, "--full-steps", "0", "--out", b]):
+        g = sft(monkeypatch, "captioner", *common, *args)
+        lrs, recalls, world_batch = record_lr(g), [], g["world_batch"]
+
+        def recorded(human):  # world_batch, each batch's (human?, recall of each caption) recorded
+            draw = world_batch(human)
+
+            def d(rng):
+                images, caps, scenes = draw(rng)
+                recalls.append((human, [shapes.score_facts(c, s)["recall"] for c, s in zip(caps, scenes)]))
+                return images, caps, scenes
+            return d
+        g["world_batch"] = recorded
+        g["train_captioner"]()
+        runs.append((lrs, recalls))
+    assert runs[0][0] == [(0, 2), (1, 2)] * 2 and runs[1][0] == [(0, 2), (1, 2)]
+    assert runs[0][1][2:] == runs[1][1]  # stage 2's data, whatever ran before it
+    assert all(h is False and min(r) == 1 for h, r in runs[0][1][:2])  # stage 1: every fact
+    assert all(h is True for h, _ in runs[1][1]) and min(min(r) for _, r in runs[1][1]) < 1
+    wa, wb, wp = (load_file(os.path.join(x, "model.safetensors")) for x in (a, b, p))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa) and any(not torch.equal(wa[k], wp[k]) for k in wa)
+
+
+def world_qa(folder, n, scenes=True):
+    """A QA JSONL of built-in world images in folder/imgs, with their scenes (as `reward.py world` writes them)."""
+    os.makedirs(os.path.join(folder, "imgs"), exist_ok=True)
+    rows = []
+    for i in range(n):
+        it = shapes.world_item(i, "test")
+        it["image"].save(os.path.join(folder, "imgs", f"{i}.png"))
+        qs = [{k: q[k] for k in ("question", "options", "answer", "type")} for q in it["questions"]]
+        rows.append({"id": str(i), "image": f"imgs/{i}.png", "questions": qs,
+                     **({"scene": it["scene"]} if scenes else {})})
+    path = os.path.join(folder, "qa.jsonl")
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def cells(scenes):
+    """Reference per-cell targets, 9 rows per image (row-major cells): occupied, shape, color, size; -100 if empty."""
+    rows = []
+    for scene in scenes:
+        at = {o["pos"]: o for o in scene}
+        rows += [[1, shapes.SHAPES.index(at[p]["shape"]), list(shapes.COLORS).index(at[p]["color"]),
+                  shapes.SIZES.index(at[p]["size"])] if p in at else [0, -100, -100, -100] for p in shapes.POSITIONS]
+    return torch.tensor(rows)
+
+
+def test_sft_captioner_loss_is_the_caption_tokens_plus_the_weighted_cell_loss(tmp_path, monkeypatch):
+    """A --captions stage with scenes (--data as `reward.py world` writes it): each step's loss is the mean NLL of
+    exactly the captions' tokens and EOS, plus --aux-weight times the four per-cell cross-entropies against the
+    scenes of the images drawn; the head trains with the model; the schedule runs over --caption-steps."""
+    qa = world_qa(str(tmp_path), 3)
+    caps = tmp_path / "caps.jsonl"  # image i's caption starts with NUMBERS[i] and has its own length (padding)
+    caps.write_text("".join(json.dumps({"id": str(i), "caption": f"{shapes.NUMBERS[i]} objects." + " a red star." * i})
+                            + "\n" for i in range(3)))
+    g = sft(monkeypatch, "captioner", "--captions", str(caps), "--data", qa, "--caption-steps", "2", "--batch-size",
+            "3", "--aux-weight", "0.5", "--eval-images", "0", "--out", str(tmp_path / "out"))
+    lrs, seen = record_lr(g), {k: [] for k in ("batch", "nll", "ce", "loss", "opt", "stage")}
+    real = {k: g[k] for k in ("caption_file_batch", "token_logprobs", "update", "captioner_stage")}
+
+    def caption_file_batch():
+        draw = real["caption_file_batch"]()
+        return lambda rng: seen["batch"].append(draw(rng)) or seen["batch"][-1]
+
+    def token_logprobs(h, W, y):
+        seen["nll"].append((y, real["token_logprobs"](h, W, y)))
+        return seen["nll"][-1][1]
+
+    def cross_entropy(x, y, **k):
+        seen["ce"].append((y, F.cross_entropy(x, y, **k)))
+        return seen["ce"][-1][1]
+
+    def update(model, opt, loss, lr):
+        seen["loss"].append(loss.item())
+        seen["opt"].append(opt)
+        real["update"](model, opt, loss, lr)
+
+    def captioner_stage(model, proc, *a, **k):
+        seen["stage"].append((proc.tokenizer, model.config.text_config.hidden_size))
+        real["captioner_stage"](model, proc, *a, **k)
+    g.update(caption_file_batch=caption_file_batch, token_logprobs=token_logprobs, update=update,
+             captioner_stage=captioner_stage, F=types.SimpleNamespace(cross_entropy=cross_entropy))
+    g["train_captioner"]()
+    assert lrs == [(0, 2), (1, 2)] and len(seen["loss"]) == 2
+    params = seen["opt"][0].param_groups[0]["params"]
+    (tok, D), K = seen["stage"][0], 2 + len(shapes.SHAPES) + len(shapes.COLORS) + len(shapes.SIZES)
+    assert [tuple(p.shape) for p in params[-2:]] == [(K, D), (K,)]  # the per-cell head, in the optimizer
+    eos = tok.convert_tokens_to_ids(tok.eos_token)
+    assert any(len(set(texts)) > 1 for _, texts, _ in seen["batch"])  # captions of several lengths in a batch
+    for step, (images, texts, scenes) in enumerate(seen["batch"]):
+        y, lp = seen["nll"][step]
+        assert y.tolist() == [t for c in texts for t in tok.encode(c, add_special_tokens=False) + [eos]]
+        assert scenes == [shapes.make_scene(shapes.NUMBERS.index(c.split()[0]), "test") for c in texts]
+        ce = seen["ce"][4 * step:4 * step + 4]
+        assert [t.tolist() for t, _ in ce] == [cells(scenes)[:, k].tolist() for k in range(4)]
+        assert seen["loss"][step] == pytest.approx(-lp.mean().item() + 0.5 * sum(v.item() for _, v in ce), rel=1e-5)
+
+
+def test_sft_judge_loss_is_the_mean_nll_of_the_answer_tokens_alone(tok, monkeypatch):
+    """judge_loss on a padded batch equals, for each (caption, question, answer) run alone, the NLL of the answer
+    tokens (with the end of turn) and of nothing else, averaged over all answer tokens."""
+    rows = [("a red circle at the center.", "what color is the object at the center?", "red"),
+            ("", "how many objects are there?", shapes.ABSTAIN),
+            ("two objects. a small blue star at the top left.", "what is at the top left?", "small blue star")]
+    g = sft(monkeypatch, "judge", "--out", "unused", "--batch-size", "3")
+    examples = iter(rows)
+    g["judge_example"] = lambda: (lambda cap, q, a: (cap, [(q, a)]))(*next(examples))
+    model, _ = models.build_tiny_judge(tok, seed=0)
+    loss = g["judge_loss"](model, tok, model.get_output_embeddings().weight, model.config.hidden_size)
+    nll = []
+    with torch.no_grad():
+        for cap, q, a in rows:
+            pre, suf = judge.prompt_ids(tok, cap, q, None, "cloze")
+            ans = judge.answer_ids(tok, a)
+            ids = torch.tensor(pre + suf + ans)
+            lp = model(input_ids=ids[None]).logits[0, :-1].log_softmax(-1)  # row j predicts token j + 1
+            nll += (-lp[-len(ans):].gather(1, ids[-len(ans):, None])).flatten().tolist()
+    assert loss.item() == pytest.approx(sum(nll) / len(nll), rel=1e-5)
+
+
+def test_sft_judge_data_follows_its_flags(monkeypatch):
+    """The judge reads the caption, not the scene: with an empty caption every answer is abstain. --restate adds
+    'what is at the <cell>?'; --many-objects draws scenes in proportion to their object count (3 objects on average
+    instead of 2.5); --full-frac 1 makes every caption a full one; at the default some captions are empty."""
+    plain = sft(monkeypatch, "judge", "--out", "unused")
+    flags = sft(monkeypatch, "judge", "--out", "unused", "--many-objects", "--restate", "--full-frac", "1")
+    objects = lambda g: sum(sum(q.startswith("what color") for q, _ in g["judge_example"]()[1])  # noqa: E731
+                            for _ in range(400)) / 400
+    assert objects(plain) < 2.75 < objects(flags)
+    cap, qa = flags["judge_example"]()
+    assert any(q.startswith("what is at the") for q, _ in qa) and not any(q.startswith("what is at the")
+                                                                          for q, _ in plain["judge_example"]()[1])
+    rng = random.Random(0)
+    scenes = [shapes.make_scene(i, "test") for i in range(100)]
+    assert all(shapes.score_facts(flags["mixed_caption"](s, rng), s)["recall"] == 1 for s in scenes)
+    assert 0 < sum(plain["mixed_caption"](s, rng) == "" for s in scenes * 4) < 40
+    flags["mixed_caption"] = lambda scene, rng: ""
+    assert all(a == shapes.ABSTAIN for _ in range(20) for _, a in flags["judge_example"]()[1])
+
+
+def test_sft_judge_starts_as_the_captioners_language_model_and_stop_at_keeps_its_schedule(tmp_path, monkeypatch):
+    """A judge from a captioner (--judge-init) reads text exactly as the captioner's language model does. Training
+    it with --judge-stop-at stops early on the --judge-steps schedule, evaluated and saved every --eval-every steps;
+    --seed decides the initial weights of a captioner and of a judge from scratch."""
+    cap = str(tmp_path / "cap")
+    for stage, zero_steps in (("captioner", ["--full-steps", "0", "--human-steps", "0"]),
+                              ("judge", ["--judge-init", "", "--judge-steps", "0"])):
+        for seed in "10":
+            sft(monkeypatch, stage, *zero_steps, "--seed", seed, "--out", str(tmp_path / f"{stage}{seed}"))[
+                f"train_{stage}"]()
+        w0, w1 = (load_file(os.path.join(tmp_path, f"{stage}{seed}", "model.safetensors")) for seed in "01")
+        assert not any(torch.equal(w0[k], w1[k]) for k in w0 if w0[k].dim() == 2)  # norms and biases start at 1, 0
+    os.rename(tmp_path / "captioner0", cap)
+    j = str(tmp_path / "judge")
+    sft(monkeypatch, "judge", "--judge-init", cap, "--judge-steps", "0", "--out", j)["train_judge"]()
+    policy, proc = models.load_policy(cap)
+    jm, jtok, meta = models.load_judge(j)
+    ids = torch.tensor([jtok.encode("two objects. a large red star at the center. what color is the object at the "
+                                    "center?")])
+    with torch.no_grad():
+        assert torch.allclose(policy(input_ids=ids).logits, jm(input_ids=ids).logits, atol=1e-5)
+    g = sft(monkeypatch, "judge", "--judge-init", j, "--judge-steps", "10", "--judge-stop-at", "5", "--eval-every",
+            "2", "--eval-images", "1", "--batch-size", "2", "--out", j)
+    lrs, evals = record_lr(g), []
+    g["judge_eval"] = lambda *a: evals.append(len(lrs)) or {}
+    g["train_judge"]()
+    assert lrs == [(s, 10) for s in range(5)] and evals == [2, 4]
+
+
+def test_sft_eval_numbers_of_an_exact_judge_and_captioner(monkeypatch):
+    """judge_eval with the oracle as judge: every question right from the full caption, an abstention wherever the
+    human caption lacks the answer; accuracy pooled over questions (not types). caption_eval on the eval split, in
+    eval mode: full captions score precision and recall 1, empty ones state nothing (precision None, recall 0)."""
+    g = sft(monkeypatch, "eval", "--out", "unused")
+    j = g["judge_eval"]("oracle", None, {"format": "cloze"}, 6)
+    assert j["full_caption_accuracy"] == j["abstain_when_missing"] == 1
+    assert all(v["full_caption_accuracy"] == 1 for v in j["by_type"].values())
+    real = g["score_questions"]  # the oracle's choices, but right on color questions alone
+    g["score_questions"] = lambda m, t, caps, qs, fmt, mode, rng, return_choice=False: (
+        real("oracle", t, caps, qs, fmt, mode, rng, return_choice=True) if return_choice
+        else [float(q["type"] == "color") for q in qs])
+    qs = [q for i in range(6) for q in shapes.world_item(i, "eval")["questions"]]
+    j = g["judge_eval"](None, None, {"format": "cloze"}, 6)
+    assert j["full_caption_accuracy"] == pytest.approx(sum(q["type"] == "color" for q in qs) / len(qs))
+    seen = []
+    for caption, precision, recall in ((lambda s: shapes.full_caption(s), 1, 1), (lambda s: "", None, 0)):
+        def caption_items(model, proc, items, caption=caption):
+            seen.append((model.training, [it["id"] for it in items]))
+            return [[(caption(it["scene"]), 7)] for it in items]
+        g["caption_items"] = caption_items
+        c = g["caption_eval"](torch.nn.Linear(1, 1), None, 5)
+        assert c == {"precision_by_attribute": dict.fromkeys(["position", *shapes.ATTRIBUTES, "count"], precision),
+                     "recall": recall, "mean_caption_tokens": 7}
+    assert seen == [(False, [f"shapes-eval-{i}" for i in range(5)])] * 2
+
+
+def test_sft_eval_writes_what_it_prints(tmp_path, monkeypatch, capsys):
+    """`python sft.py eval` (here of a random pair, built by sft.py with 0 steps): warmstart.json holds the numbers
+    of the printed table."""
+    cap, jdg, out = (str(tmp_path / n) for n in ("cap", "judge", "eval"))
+    sft(monkeypatch, "captioner", "--full-steps", "0", "--human-steps", "0", "--out", cap)["train_captioner"]()
+    sft(monkeypatch, "judge", "--judge-init", cap, "--judge-steps", "0", "--out", jdg)["train_judge"]()
+    capsys.readouterr()
+    sft(monkeypatch, "eval", "--out", out, "--eval-images", "2", "--captioner", cap, "--judge", jdg)["evaluate_pair"]()
+    printed = capsys.readouterr().out
+    res = json.load(open(os.path.join(out, "warmstart.json")))
+    j, c = res["judge"], res["captioner"]
+    assert f"  {'all':28s}  {j['full_caption_accuracy']:16.3f}   {j['abstain_when_missing']:18.3f}" in printed
+    for t, v in j["by_type"].items():
+        assert f"  {t:28s}  {v['full_caption_accuracy']:16.3f}" in printed
+    assert f"captioner recall {c['recall']:.3f}, mean caption tokens {c['mean_caption_tokens']:.1f}" in printed
+
+
+def test_sft_caption_jsonl_pairs_each_caption_with_its_own_image(tmp_path, monkeypatch):
+    """--captions draws (image, caption) pairs: the image by id from --data (with its scenes when the file has them,
+    else none), or from each record's "image" path, relative to --image-root, else to the caption file's folder
+    (not the working directory)."""
+    data, own = tmp_path / "data", tmp_path / "own"
+    qa, bare = world_qa(str(data), 4), world_qa(str(own), 4, scenes=False)
+    pixels = [np.asarray(Image.open(data / "imgs" / f"{i}.png").convert("RGB")) for i in range(4)]
+    assert all((pixels[i] != pixels[k]).any() for i in range(4) for k in range(i))
+    records = [{"id": str(i), "image": f"imgs/{i}.png", "caption": f"caption {i}."} for i in (2, 0, 3, 1)]
+    for caps, flags, scenes in [(data / "caps.jsonl", ["--data", qa], True),
+                                (own / "caps.jsonl", ["--data", bare], False),
+                                (own / "caps.jsonl", [], False),  # the images next to the caption file
+                                (tmp_path / "caps.jsonl", ["--image-root", str(data)], False)]:
+        caps.write_text("".join(json.dumps(r) + "\n" for r in records))
+        g = sft(monkeypatch, "captioner", "--captions", str(caps), *flags, "--batch-size", "12", "--out", "unused")
+        images, texts, drawn = g["caption_file_batch"]()(random.Random(0))
+        index = [int(t.split()[1][:-1]) for t in texts]
+        assert len(set(index)) == 4 and all((np.asarray(im) == pixels[i]).all() for im, i in zip(images, index))
+        assert drawn == ([shapes.make_scene(i, "test") for i in index] if scenes else None)
