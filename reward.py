@@ -10,8 +10,9 @@ score   --captions: JSONL of {"id", "caption"}; each id must be an id of --data 
         the function the trainer optimises (caprl_mini.judge.caption_rewards). A caption's question draws and
         option shuffles depend on (--seed, its id) only: it scores the same wherever it stands in the file, and
         captions of one image (e.g. two captioners') are asked the same questions. Resumable with --out (below).
-        (The trainer also gives a caption cut at its length cap 0, --zero-truncated; a caption file carries no such
-        mark, so score does not.)
+        (The trainer also gives a caption cut at its length cap 0, --zero-truncated, and can add a length term,
+        --length-bounds: both read the policy's tokens, which a caption file does not carry; score is the judge's
+        accuracy alone.)
 filter  the paper's leak filter: every question is asked --filter-asks times with an EMPTY caption, options
         shuffled each time; a question the judge still gets right in --max-blind-accuracy of the asks or more
         is answerable without the image (from priors or its own wording) and is dropped (paper: kept only when
