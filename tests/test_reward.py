@@ -163,13 +163,14 @@ def test_score_writes_the_trainers_reward_with_each_captions_seeded_draws(tmp_pa
 
 
 def test_a_killed_score_resumes_and_writes_what_one_run_writes(tmp_path, monkeypatch, capsys):
-    """reward.py score --out killed in its 3rd 256-caption call goes on from OUT.partial.jsonl: the rerun scores only
-    the last 8 captions (their own draws) and writes what one uninterrupted run writes; the partial file goes at the
-    end. A rerun with another --judge-mode is refused, naming the file and the setting."""
+    """reward.py score --out killed in its 3rd 256-caption call goes on from OUT.partial.jsonl, also when the kill
+    cut a line short and the rerun is killed in turn: the last rerun makes only the 4th call (the last 8 captions,
+    their own draws) and writes what one uninterrupted run writes; the partial file goes at the end. A rerun with
+    another --judge-mode is refused, naming the file and the setting."""
     items = [shapes.world_item(i, "eval") for i in range(30)]
     caps = tmp_path / "caps.jsonl"
     caps.write_text("".join(json.dumps({"id": items[k % 30]["id"], "caption": shapes.human_caption(
-        items[k % 30]["scene"], random.Random(k))}) + "\n" for k in range(520)))
+        items[k % 30]["scene"], random.Random(k))}) + "\n" for k in range(776)))
     real, calls = judge.caption_rewards, []
 
     def killable(model, tok, captions, *rest):
@@ -186,7 +187,7 @@ def test_a_killed_score_resumes_and_writes_what_one_run_writes(tmp_path, monkeyp
     kill_at, out = None, tmp_path / "out.jsonl"
     run(tmp_path / "whole.jsonl")
     whole_calls, calls[:], kill_at = list(calls), [], 2
-    assert [len(c) for c in whole_calls] == [256, 256, 8]
+    assert [len(c) for c in whole_calls] == [256, 256, 256, 8]
     with pytest.raises(KeyboardInterrupt):
         run(out)
     lines = open(f"{out}.partial.jsonl").readlines()
@@ -197,9 +198,13 @@ def test_a_killed_score_resumes_and_writes_what_one_run_writes(tmp_path, monkeyp
         run(out, "--judge-mode", "sample")
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"{out}.partial.jsonl" in err and "judge_mode 'prob' there, 'sample' now" in err
+    kill_at, calls[:] = 1, []  # the rerun's 1st call appends its line (after the cut one unless that was dropped)
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    assert calls == whole_calls[2:3] and len(open(f"{out}.partial.jsonl").readlines()) == 4
     kill_at, calls[:] = None, []
     run(out)
-    assert calls == whole_calls[2:] and "resuming from" in capsys.readouterr().out
+    assert calls == whole_calls[3:] and "resuming from" in capsys.readouterr().out
     assert out.read_text() == (tmp_path / "whole.jsonl").read_text() and not os.path.exists(f"{out}.partial.jsonl")
     assert len({json.loads(x)["reward"] for x in out.read_text().splitlines()}) > 1
 
