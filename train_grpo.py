@@ -283,8 +283,8 @@ for step in range(start, args.steps):
     # draw from it in turn, each its own questions and shuffles, as the paper's reward server draws per caption
     rewards = caption_rewards(judge, jtok, captions, [it for it in items for _ in range(G)],
                               args.questions_per_caption, jfmt, args.judge_mode, [r for r in rrngs for _ in range(G)],
-                              reward_types, (n_tok - (~roll["truncated"]).long()).tolist(),  # (no end token)
-                              args.length_bounds, args.length_weight).to(device)
+                              reward_types, tokens=(n_tok - (~roll["truncated"]).long()).tolist(),  # no end token
+                              length_bounds=args.length_bounds, length_weight=args.length_weight).to(device)
     if args.zero_truncated:  # a caption that never ends is not a caption: no credit for what it rambled
         rewards = rewards * (~roll["truncated"]).float()
     t_reward = time.time() - t0 - t_gen

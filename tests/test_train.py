@@ -202,9 +202,9 @@ def test_every_flag_reaches_the_arithmetic(tmp_path, monkeypatch):
     spy(monkeypatch, torch.nn.utils, "clip_grad_norm_", clips)
     real_rewards = judge.caption_rewards
 
-    def caption_rewards(*a):  # the generators' states as they arrive (the call moves them on)
+    def caption_rewards(*a, **k):  # the generators' states as they arrive (the call moves them on)
         states = [rng.getstate() for rng in a[7]]
-        rewards.append((a, states, real_rewards(*a)))
+        rewards.append(((*a, k), states, real_rewards(*a, **k)))
         return rewards[-1][2]
     monkeypatch.setattr(judge, "caption_rewards", caption_rewards)
 
@@ -229,8 +229,8 @@ def test_every_flag_reaches_the_arithmetic(tmp_path, monkeypatch):
     for step, m in enumerate(logged):
         roll, (a, states, r) = rolls[step][2], rewards[step]
         done = ~roll["truncated"]  # (8,) the captions that ended with EOS
-        assert a[8] == shapes.REWARD_TYPES and a[9] == (roll["mask"].sum(1) - done.long()).tolist()
-        assert a[10:] == ([3, 6], 0.5)
+        assert a[8] == shapes.REWARD_TYPES and a[9] == {"tokens": (roll["mask"].sum(1) - done.long()).tolist(),
+                                                         "length_bounds": [3, 6], "length_weight": 0.5}
         assert states[::4] == [random.Random(f"0:reward:{step}:{b}").getstate() for b in (0, 1)]
         assert advs[step][0][1:] == (4, "none")
         assert torch.allclose(advs[step][2], r - r.view(2, 4).mean(1).repeat_interleave(4))
