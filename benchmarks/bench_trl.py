@@ -14,9 +14,9 @@ prompt (image + the caption instruction), sampling at temperature 1 with no top-
 world: reward types only, --data: all) times "not truncated" (the project's --zero-truncated, default 1),
 group-std advantages, clip 0.2 / 0.28, token-level (DAPO) loss, beta 0, AdamW lr 1e-4 after a 10-step linear
 warm-up, grad clip 1, one optimizer step per rollout, fp32 on a CPU, fp32 weights under bf16 autocast on a GPU (both
-sides). --micro-batch-images M: both sides run the update in
-B / M micro-batches of M x G captions (TRL: per-device batch M x G, B / M accumulation steps, one generation batch of
-B x G); without it the project runs its default (4) and TRL one batch of B x G.
+sides). --micro-batch-images M: both sides run the update in B / M micro-batches of M x G captions (TRL: per-device
+batch M x G, B / M accumulation steps, one generation batch of B x G); without it the project runs its default (4)
+and TRL one batch of B x G.
 Both stop at EOS, so the captions each side samples differ: generated tokens per caption are reported next to
 captions/s.
 How each side runs: the project as `train_grpo.py --steps K --eval-images 0` in a subprocess, step_seconds read
