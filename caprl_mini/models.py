@@ -21,6 +21,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, Aut
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from . import shapes
+from .data import DataError
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SFT_CAPTIONER = os.path.join(ASSETS, "captioner")
@@ -177,6 +178,8 @@ def check_model_path(path):
 def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None):
     """A vision-language captioner and its processor, from a folder or a hub id."""
     check_model_path(path)
+    if min_pixels and max_pixels and min_pixels > max_pixels:
+        raise DataError(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}")
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
     try:
         proc = AutoProcessor.from_pretrained(path)

@@ -1,9 +1,11 @@
 import random
 import warnings
 
+import pytest
 import torch
 
 from caprl_mini import models, shapes
+from caprl_mini.data import DataError
 from caprl_mini.judge import score_questions
 from caprl_mini.logprobs import token_logprobs
 from caprl_mini.sampling import decode, sample
@@ -169,3 +171,5 @@ def test_pixel_bounds_apply_alone_or_together_without_the_deprecated_arguments()
         for lo, hi, grid in [(None, None, 6), (100 * 100, None, 8), (None, 40 * 40, 2), (224 * 224, 448 * 448, 16)]:
             _, proc = models.load_policy(shipped("captioner"), min_pixels=lo, max_pixels=hi)
             assert proc.image_processor(img)["image_grid_thw"].tolist() == [[1, grid, grid]], (lo, hi)
+    with pytest.raises(DataError, match="^--min-pixels 50176 is above --max-pixels 3136$"):
+        models.load_policy(shipped("captioner"), min_pixels=50176, max_pixels=3136)
