@@ -351,7 +351,7 @@ def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path)
         os.makedirs(tmp_path / name / "checkpoints" / "step_000002")
         json.dump(config, open(tmp_path / name / "config.json", "w"))
     a, b = tmp_path / "a", tmp_path / "b"
-    errors = scripts(["train_grpo.py", "--out", str(a)],  # the four at once: ~7 s of imports each
+    errors = scripts(["train_grpo.py", "--out", str(a)],  # the five at once: ~7 s of imports each
                      ["train_grpo.py", "--out", f"{a}/", "--resume", "--steps", "20"],  # --steps, paths may change
                      ["train_grpo.py", "--out", str(b), "--resume", "--steps", "20", "--lr-schedule", "cosine"],
                      ["train_grpo.py", "--out", str(tmp_path / "new"), "--temperature", "0"],
