@@ -34,8 +34,14 @@ to --image-root, else the caption file's folder). The per-cell auxiliary loss ne
 (a QA JSONL written by `reward.py world` has them); without scenes it is off. A bad line or image in these files
 stops the run with `error: <file>:<line>: ...` (exit status 2); with --skip-bad it is left out, listed and counted.
 
-Simplifications: fresh scenes every step (no epochs), one process, no resume (a captioner stage runs in minutes; the
-shipped judge's two runs took 48 and 100 minutes: README).
+Resume: --out is a model folder, so the run's flags and checkpoints live in OUT/run (config.json, checkpoints/
+step_NNNNNN: checkpoint.py's layout, atomic), one every --save-every steps and at the end of each stage. A killed
+run goes on from the newest with --resume and ends with the weights of an uninterrupted run, bit for bit (a
+checkpoint holds the optimizer, the data stream's generator and the captioner's aux head);
+flags that change the training are refused, as in train_grpo.py. A finished judge run with --judge-stop-at goes on
+to the end of its schedule with --resume and another --judge-stop-at.
+
+Simplifications: fresh scenes every step (no epochs), one process.
 """
 import argparse
 import json
@@ -49,6 +55,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from caprl_mini import shapes
+from caprl_mini.checkpoint import load_trainer_state, resume_checkpoint, save_checkpoint, write_config
 from caprl_mini.data import (DataError, QAFile, caption_records, load_image, print_skipped, skip_bad,
                              user_errors)
 from caprl_mini.evaluation import caption_items, fact_totals
@@ -95,6 +102,9 @@ parser.add_argument("--eval-images", type=int, default=300,
                     help="held-out images for evaluation (0: none during training)")
 parser.add_argument("--captioner", default=SFT_CAPTIONER, help="eval: the captioner to evaluate")
 parser.add_argument("--judge", default=JUDGE, help="eval: the judge to evaluate")
+parser.add_argument("--save-every", type=int, default=250,
+                    help="steps between checkpoints in OUT/run (0: only at the end of each stage)")
+parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/run, exactly")
 parser.add_argument("--seed", type=int, default=0, help="seed for model init and data order")
 parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
 args = parser.parse_args()
@@ -110,6 +120,37 @@ def lr_at(step, total, peak):
     if step < warm:
         return peak * (step + 1) / warm
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm))))
+
+
+def start_run():
+    """The newest checkpoint of this run (OUT/run) and its state, or (None, None); then OUT/run/config.json.
+    Refuses a fresh run over checkpoints and a resume with other training flags (paths may change: moved folders;
+    --init and --judge-init are not read on resume)."""
+    run = os.path.join(args.out, "run")
+    try:
+        ckpt = resume_checkpoint(run, args.resume, vars(args), default=parser.get_default, may_change=(
+            "out", "resume", "threads", "eval_every", "eval_images", "save_every", "judge_stop_at", "init",
+            "judge_init", "perception_out", "image_root", "skip_bad", "captioner", "judge"))
+    except ValueError as e:
+        parser.error(str(e))
+    write_config(run, vars(args))
+    if ckpt:
+        print(f"resuming from {ckpt}", flush=True)
+    return ckpt, load_trainer_state(ckpt) if ckpt else None
+
+
+def checkpoint(step, last, model, proc, opt, rng, meta=None, **extra):
+    """Every --save-every steps and at `last` (a stage's end): OUT/run/checkpoints/step_NNNNNN."""
+    if args.save_every and step % args.save_every == 0 or step == last:
+        save_checkpoint(os.path.join(args.out, "run"), step, model, proc, opt, meta=meta,
+                        extra={"rng": rng.getstate(), **extra})
+
+
+def restore(state, opt, rng):
+    """A checkpoint's optimizer and data generator, in place. (torch's generator only draws initial weights: these
+    models have no dropout.)"""
+    opt.load_state_dict(state["optimizer"])
+    rng.setstate(state["rng"])
 
 
 def update(model, opt, loss, lr):
@@ -189,22 +230,29 @@ def caption_file_batch():
     return draw
 
 
-def captioner_stage(model, proc, steps, human, seed, draw):
+def captioner_stage(model, proc, steps, human, seed, draw, offset=0, state=None):
     """One stage: fresh AdamW, warm-up + cosine over the stage, its own data stream (draw(rng) -> images, captions,
     scenes or None) and aux head, so a stage is a function of (initial weights, seed) alone and `--init` can
-    restart from any saved stage."""
+    restart from any saved stage. Its steps are offset + 1 ... offset + steps of the run (checkpoint names);
+    `state`: a checkpoint of this stage to go on from."""
     tok = proc.tokenizer
-    rng = random.Random(f"{seed}:{'human' if human else 'full'}")
+    name = "human" if human else "full"
+    rng = random.Random(f"{seed}:{name}")
     torch.manual_seed(seed + human)
     D = model.config.text_config.hidden_size
     aux = torch.nn.Linear(D, 2 + len(shapes.SHAPES) + len(shapes.COLORS) + len(shapes.SIZES))
     opt = torch.optim.AdamW(list(model.parameters()) + list(aux.parameters()), lr=args.lr, weight_decay=0.0)
+    start = 0
+    if state and state["stage"] == name:
+        restore(state, opt, rng)
+        aux.load_state_dict(state["aux"])
+        start = state["step"] - offset
     W = model.get_output_embeddings().weight
     eos, pad = tok.convert_tokens_to_ids(tok.eos_token), tok.pad_token_id
     splits = [2, len(shapes.SHAPES), len(shapes.COLORS), len(shapes.SIZES)]
     model.train()
     t0 = time.time()
-    for step in range(steps):
+    for step in range(start, steps):
         images, caps, scenes = draw(rng)
         prompt = encode_prompts(proc, images)
         pos, nxt = rope_positions(model, prompt["input_ids"], prompt["attention_mask"], prompt["image_grid_thw"])
@@ -225,22 +273,26 @@ def captioner_stage(model, proc, steps, human, seed, draw):
                   f"{time.time() - t0:.0f}s", flush=True)
         if args.eval_images and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
             print(json.dumps(caption_eval(model, proc, args.eval_images)), flush=True)
+        checkpoint(offset + step + 1, offset + steps, model, proc, opt, rng, stage=name, aux=aux.state_dict())
 
 
 def train_captioner():
     draw = caption_file_batch() if args.captions else None  # the data is read and checked before the model is built
-    if args.init:
-        model, proc = load_policy(args.init)
+    ckpt, state = start_run()
+    if ckpt or args.init:
+        model, proc = load_policy(ckpt or args.init)
     else:
         model, proc = build_tiny_policy(build_tokenizer(shapes.world_text()), seed=args.seed)
     t0 = time.time()
     if args.captions:
-        captioner_stage(model, proc, args.caption_steps, human=True, seed=args.seed, draw=draw)
+        captioner_stage(model, proc, args.caption_steps, human=True, seed=args.seed, draw=draw, state=state)
     else:
-        if args.full_steps:
-            captioner_stage(model, proc, args.full_steps, human=False, seed=args.seed, draw=world_batch(False))
+        if args.full_steps and not (state and state["stage"] == "human"):  # else resumed in stage 2
+            captioner_stage(model, proc, args.full_steps, human=False, seed=args.seed, draw=world_batch(False),
+                            state=state)
             save_model(model, proc, args.perception_out)  # the stage-1 model: stage 2 can restart from it (--init)
-        captioner_stage(model, proc, args.human_steps, human=True, seed=args.seed, draw=world_batch(True))
+        captioner_stage(model, proc, args.human_steps, human=True, seed=args.seed, draw=world_batch(True),
+                        offset=args.full_steps, state=state)
     save_model(model, proc, args.out)
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
 
@@ -276,8 +328,9 @@ def mixed_caption(scene, rng):
 
 
 def train_judge():
-    if args.judge_init and os.path.isfile(os.path.join(args.judge_init, "judge.json")):  # go on training a judge
-        model, tok, _ = load_judge(args.judge_init)
+    ckpt, state = start_run()
+    if ckpt or args.judge_init and os.path.isfile(os.path.join(args.judge_init, "judge.json")):  # go on training
+        model, tok, _ = load_judge(ckpt or args.judge_init)
         model.requires_grad_(True)  # load_judge loads for inference: frozen
     elif args.judge_init:  # start from a captioner's language model: a judge that already reads the world's language
         assert os.path.isdir(args.judge_init), f"{args.judge_init} not found: run `python sft.py captioner` first"
@@ -293,11 +346,14 @@ def train_judge():
         tok = build_tokenizer(shapes.world_text())
         model, _ = build_tiny_judge(tok, seed=args.seed, heads=args.judge_heads)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    if state:
+        restore(state, opt, rng)
     W = model.get_output_embeddings().weight
     D = model.config.hidden_size
     model.train()
     t0 = time.time()
-    for step in range(min(args.judge_steps, args.judge_stop_at or args.judge_steps)):
+    stop = min(args.judge_steps, args.judge_stop_at or args.judge_steps)
+    for step in range(state["step"] if state else 0, stop):
         loss = judge_loss(model, tok, W, D)
         update(model, opt, loss, lr_at(step, args.judge_steps, args.lr))
         if step % 50 == 0:
@@ -307,6 +363,7 @@ def train_judge():
                 print(json.dumps(judge_eval(model.eval(), tok, {"format": "cloze"}, args.eval_images)), flush=True)
                 model.train()
             save_model(model, tok, args.out, meta={"format": "cloze"})  # usable while training goes on
+        checkpoint(step + 1, stop, model, tok, opt, rng, meta={"format": "cloze"})
     save_model(model, tok, args.out, meta={"format": "cloze"})
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
 

@@ -12,6 +12,8 @@ A checkpoint is written into a temporary folder and renamed into place (atomic o
 mid-write leaves the previous checkpoint intact and never a half-written one that looks complete.
 Resume needs no RNG state: every random draw of a step is seeded from (seed, step) (the images) or
 (seed, step, image) (sampling, question draws), so step k+1 after a resume is step k+1 of an uninterrupted run.
+sft.py's runs use RUN = OUT/run (its --out is the model folder), config.json and checkpoints/ alone; their data
+streams are sequential, so its trainer_state.pt also holds their generator's state.
 """
 import json
 import os
@@ -24,9 +26,9 @@ from .data import write_whole
 from .models import save_model
 
 
-def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2, extra=None):
-    """Atomically write checkpoint `step` (trainer_state.pt holds the optimizer, the step and `extra`); keep the
-    newest `keep` checkpoints. Refuses weights that are not finite. If writing fails (disk full, a kill), the
+def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2, extra=None, meta=None):
+    """Atomically write checkpoint `step` (trainer_state.pt holds the optimizer, the step and `extra`; a judge's
+    `meta` goes to judge.json, as save_model writes it); keep the newest `keep` checkpoints. Refuses weights that are not finite. If writing fails (disk full, a kill), the
     temporary folder goes and the previous checkpoints are untouched."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
@@ -35,7 +37,7 @@ def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2, extra=None):
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while writing
     try:
-        save_model(model, proc, tmp)
+        save_model(model, proc, tmp, meta)
         torch.save({"step": step, "optimizer": optimizer.state_dict(), **(extra or {})},
                    os.path.join(tmp, "trainer_state.pt"))
     except Exception as e:

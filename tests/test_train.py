@@ -361,6 +361,59 @@ def test_sft_stage_two_alone_from_the_saved_stage_one_is_the_same_model(tmp_path
     assert all(torch.equal(wa[k], wb[k]) for k in wa) and any(not torch.equal(wa[k], wp[k]) for k in wa)
 
 
+class Killed(Exception):
+    pass
+
+
+def killed_at(g, n):
+    """sft.py's `update` raises at its n-th call, as a kill would stop the run there."""
+    calls, update = [], g["update"]
+
+    def u(*a):
+        calls.append(1)
+        if len(calls) == n:
+            raise Killed
+        update(*a)
+    g["update"] = u
+
+
+@pytest.mark.parametrize("stage, kills", [("judge", [4]), ("captioner", [4, 5])])
+def test_sft_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, capsys, stage, kills):
+    """A run killed in its n-th update goes on from its newest checkpoint (OUT/run, every 2 steps and at each
+    stage's end) with --resume to the weights of an uninterrupted run, bit for bit: the judge from step 2; the
+    captioner (3 + 3 steps) from stage 1's end (its stage 2 starts afresh, stage 1's model saved again) and from
+    stage 2's step 1 (stage 1 not redone). A fresh run over the checkpoints and a resume with another --lr are
+    refused."""
+    flags = {"judge": ["--judge-init", "", "--judge-steps", "6"],
+             "captioner": ["--full-steps", "3", "--human-steps", "3"]}[stage]
+    out = lambda name: ["--out", str(tmp_path / name), "--perception-out", str(tmp_path / f"{name}_perception")]
+    common = [stage, *flags, "--batch-size", "2", "--eval-images", "0", "--save-every", "2"]
+    sft(monkeypatch, *common, *out("a"))[f"train_{stage}"]()
+    weights = lambda name, folder="": load_file(os.path.join(tmp_path, name + folder, "model.safetensors"))
+    for n in kills:
+        b = f"b{n}"
+        g = sft(monkeypatch, *common, *out(b))
+        killed_at(g, n)
+        with pytest.raises(Killed):
+            g[f"train_{stage}"]()
+        for extra, says in (([], "holds an earlier run's checkpoints"), (["--resume", "--lr", "0.01"], "--lr 0.01")):
+            with pytest.raises(SystemExit):
+                sft(monkeypatch, *common, *out(b), *extra)[f"train_{stage}"]()
+            assert says in capsys.readouterr().err
+        g = sft(monkeypatch, *common, *out(b), "--resume")
+        lrs = record_lr(g)
+        g[f"train_{stage}"]()
+        assert lrs[0] == {"judge": (2, 6), "captioner": {4: (0, 3), 5: (1, 3)}.get(n)}[stage]  # where it went on
+        wa, wb = weights("a"), weights(b)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        if stage == "captioner":
+            wa, wb = weights("a", "_perception"), weights(b, "_perception")
+            assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        assert sorted(os.listdir(tmp_path / b / "run" / "checkpoints")) == ["step_000004", "step_000006"]
+    w4, w6 = weights("a", "/run/checkpoints/step_000004"), weights("a")  # the steps after 4 moved the weights
+    assert any(not torch.equal(w6[k], w4[k]) for k in w6)
+
+
 def world_qa(folder, n, scenes=True):
     """A QA JSONL of built-in world images in folder/imgs, with their scenes (as `reward.py world` writes them)."""
     os.makedirs(os.path.join(folder, "imgs"), exist_ok=True)
