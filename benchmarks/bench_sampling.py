@@ -11,11 +11,11 @@ Workload: B images x G captions each, temperature 1, exactly --new-tokens new to
 do_sample=True, top_k=0, top_p=1, repetition_penalty=1` (plain sampling, as the sampler). The sampler runs the vision
 tower and the prompt once per image and keeps the prompt's cache once per image (an image's G rows read it together);
 generate expands the prompt G times before its prefill. On a GPU the sampler decodes with a fixed batch and a compiled
-step recorded as a CUDA graph (KVDecoder, fixed=True; the first call compiles, in the warm-up round); "sampler-flex" is
-the same fixed step with its attention as one flex_attention kernel a layer (KVDecoder.flex) in place of the matmuls,
+step recorded as a CUDA graph (KVDecoder, static=True; the first call compiles, in the warm-up round); "sampler-flex" is
+the same static step with its attention as one flex_attention kernel a layer (KVDecoder.flex) in place of the matmuls,
 softmax and layout copies (~8 kernels a layer), "sampler-fused" that and q/k/v and gate/up as one product each
 (KVDecoder.fuse); "sampler-dynamic" is the CPU path (rows leave at EOS, eager) on the GPU, to show what the graph buys;
-"sampler-cast" (GPU, --amp 1) is the fixed step reading the fp32 parameters, autocast casting each matrix inside the
+"sampler-cast" (GPU, --amp 1) is the static step reading the fp32 parameters, autocast casting each matrix inside the
 compiled step every token (as before 2026-11-27 21:00 UTC; the default makes bf16 copies once a call). With
 --stop-at-eos 1 both stop captions at EOS; the sampler drops finished rows, generate pads them until the last row ends
 (the two sample different captions: compare tokens/s, caption tokens only).
@@ -125,7 +125,7 @@ def copy_bandwidth():
 def rollout(model, prompt, mm, seed, method, n):
     """(R, n) new tokens and how many of them are caption tokens (up to and including EOS)."""
     if method.startswith("sampler"):  # "sampler": the default decode of the device, "sampler-dynamic": CPU's on GPU
-        copies = sampling.needs_copies  # "sampler-cast": the fixed step reads the parameters (autocast casts them)
+        copies = sampling.needs_copies  # "sampler-cast": the static step reads the parameters (autocast casts them)
         sampling.needs_copies = (lambda *a: False) if method == "sampler-cast" else copies
         sampling.KVDecoder.flex = method in ("sampler-flex", "sampler-fused")  # fixed, flex_attention
         sampling.KVDecoder.fuse = method == "sampler-fused"  # and q/k/v, gate/up fused
@@ -187,7 +187,7 @@ if methods[0] != "generate" or len(methods) < 2:  # the ratios are over generate
     parser.error("--methods: generate first, then at least one of the samplers")
 if {"sampler-flex", "sampler-fused"} & set(methods) and not gpu:  # eager on a CPU: flex_attention's unfused reference
     parser.error("--methods sampler-flex, sampler-fused: only with --device cuda")
-if "sampler-cast" in methods and not (gpu and args.amp):  # on a CPU the fixed step runs eagerly: autocast's cache
+if "sampler-cast" in methods and not (gpu and args.amp):  # on a CPU the static step runs eagerly: autocast's cache
     parser.error("--methods sampler-cast: only with --device cuda --amp 1")  # casts each matrix once a call anyway
 for name in names:
     model, proc = build(name)

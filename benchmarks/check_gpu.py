@@ -10,7 +10,7 @@ exact against unshared references). Run first on a GPU machine (run_gpu.sh's `ch
              more;
              under bf16 autocast with fp32 weights (the trainer's setting), sampled captions' log-probs against
              teacher forcing (bf16 rounding: tolerance 0.1, as tests/test_sampling.py);
-             the same two checks with the fixed step's attention as one flex_attention kernel (KVDecoder.flex),
+             the same two checks with the static step's attention as one flex_attention kernel (KVDecoder.flex),
              and with q/k/v and gate/up fused too (KVDecoder.fuse);
   teacher    completion_hidden (prompt cached once, each image's captions packed under a block-diagonal bool mask)
              on the device against the CPU: max |state difference| over the real tokens and the parameter

@@ -9,7 +9,7 @@
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
 # The limits of the default parts add up to ~25 minutes, more than a session's GPU time: run the parts in two calls
 # on the same warm machine, most telling first. Next (changed since the 21:48 run: the decode step compiled per
-# layer, the teacher-forced pass under checkpointing packed, flex attention and fused projections for the fixed step
+# layer, the teacher-forced pass under checkpointing packed, flex attention and fused projections for the static step
 # as options): PARTS="check real_step teacher" (limits 570 s: run it with the call's 600 s), then PARTS=sampling
 # (logprobs and judge are unchanged since their H100 rows; sampling_amp if time is left).
 set -u

@@ -6,7 +6,7 @@
     decode    all rows together, one token per step, until every row has emitted EOS or hit the length cap. The
               step is written out layer by layer (KVDecoder) over preallocated key/value buffers, the prompt's kept
               once per image (shared-prefix attention). CPU (dynamic): rows that finished leave the batch, so they
-              stop costing compute. GPU (static, fixed=True): a fixed batch and fixed shapes (finished rows ride
+              stop costing compute. GPU (static=True): a fixed batch and fixed shapes (finished rows ride
               along, masked), the step compiled into one CUDA-graph replay per token.
 
 Returns the tokens, their mask (1 up to and including EOS) and the sampled tokens' log-probs under
@@ -57,7 +57,7 @@ def sample(model, prompt, group_size=1, max_new_tokens=64, temperature=1.0, seed
     tokens = torch.full((R, max_new_tokens), model.config.text_config.pad_token_id or 0, dtype=torch.long, device=dev)
     logps = torch.zeros((R, max_new_tokens), device=dev)
     lengths = torch.full((R,), max_new_tokens, dtype=torch.long, device=dev)
-    step = KVDecoder(model, cache, G, am, max_new_tokens, fixed=static)
+    step = KVDecoder(model, cache, G, am, max_new_tokens, static)
     del cache  # the decoder holds the prompt's keys and values now (copied, or cast to its compute dtype)
     if temperature > 0:  # the rollout's uniforms drawn up front, (R, L): image b's rows from seeds[b] alone, in the
         # order of one draw per row and step
@@ -124,7 +124,7 @@ class KVDecoder:
         (compacted when rows leave the batch).
     The softmax runs over [prompt scores, new-token scores] together: the same attention, not an approximation
     (tests/test_sampling.py checks it against teacher forcing and `generate`).
-    fixed=True (the GPU path): every step has the same shapes (all L new-token positions read, the ones not yet
+    static=True (the GPU path): every step has the same shapes (all L new-token positions read, the ones not yet
     written masked; the step's index a device tensor). On CUDA its two functions are compiled, the layer step
     once for all layers, and the whole step is recorded as one CUDA graph per call, replayed every token. Nothing
     but two lengths is kept between calls: the buffers exist during the rollout only.
@@ -132,28 +132,28 @@ class KVDecoder:
     Legend: R rows (B images x G), r rows still decoding, Hkv key/value heads, n_rep = query heads per key/value
     head, n new tokens so far."""
 
-    # fixed: True computes attention with one flex_attention kernel over image-major buffers (attention_flex);
+    # static: True computes attention with one flex_attention kernel over image-major buffers (attention_flex);
     # False (the default, measured on an H100) with the dynamic path's matmuls. Flex is checked on the CPU only;
     # `bench_sampling.py --methods generate,sampler,sampler-flex` compares the two on a GPU
     flex = False
-    # fixed: True reads q/k/v and gate/up as one matrix each (concatenated copies made per rollout: one product
+    # static: True reads q/k/v and gate/up as one matrix each (concatenated copies made per rollout: one product
     # instead of three and two; 3B: +3.6 GiB during the rollout unless the weights are copied anyway). Not the
     # default either, for the same reason: `--methods ...,sampler-fused` (flex and fused) measures it
     fuse = False
 
-    def __init__(self, model, prefix, G, prompt_mask, L, fixed=False):
+    def __init__(self, model, prefix, G, prompt_mask, L, static=False):
         """Started on the prompt's cache prefix (B images) and its padding prompt_mask (R, P), for L new tokens.
-        fixed: buffers of the model's largest prompt and caption lengths so far, rounded up to 128 (a few shapes,
+        static: buffers of the model's largest prompt and caption lengths so far, rounded up to 128 (a few shapes,
         each compiled once), the prompt copied into the first P positions, the rest zero (masked: weight 0, and
         0 x garbage such as NaN would still be NaN)."""
         B, Hkv, P, d = prefix.layers[0].keys.shape
-        self.lm, self.G, self.R, self.fixed, dev = model.model.language_model, G, B * G, fixed, prompt_mask.device
+        self.lm, self.G, self.R, self.static, dev = model.model.language_model, G, B * G, static, prompt_mask.device
         # keys and values stored in autocast's dtype inside autocast (with fp32 weights the prompt's cache is fp32: the
         # rotary tables follow the fp32 residual stream), rounded as autocast's attention matmuls would round them
         autocast = torch.is_autocast_enabled(dev.type)
         self.dtype = dtype = torch.get_autocast_dtype(dev.type) if autocast else prefix.layers[0].keys.dtype
         keys, values = [x.keys for x in prefix.layers], [x.values for x in prefix.layers]
-        if fixed:  # the largest lengths so far: a shorter call after a longer one reuses its compiled shapes
+        if static:  # the largest lengths so far: a shorter call after a longer one reuses its compiled shapes
             room = model.__dict__.setdefault("_decode_room", [0, 0])
             room[:] = max(room[0], -(-P // 128) * 128), max(room[1], -(-L // 128) * 128)
             Pb, L = room
@@ -163,7 +163,7 @@ class KVDecoder:
                 buf[:, :, :P] = x
         else:  # (B, Hkv, P, d): the prompt, once per image, in the compute dtype
             self.kp, self.vp, Pb = [x.to(dtype) for x in keys], [x.to(dtype) for x in values], P
-        if fixed and self.flex:  # row b*G + g's new tokens at Pb + g*L + t of image b's buffer (written there, not
+        if static and self.flex:  # row b*G + g's new tokens at Pb + g*L + t of image b's buffer (written there, not
             # through a (B, Hkv, G, L, d) view: Inductor copies a view's whole region out and back to write one column)
             self.k, self.v, self.slots = self.kp, self.vp, Pb + torch.arange(G, device=dev) * L
             # key blocks of 128 positions, every one read (the default mask is one block of the whole length, which
@@ -182,14 +182,14 @@ class KVDecoder:
         self.n, self.rows = 0, torch.arange(self.R, device=dev)  # original index of each row
         W = model.get_output_embeddings().weight
         self.W = W if W.dtype == torch.float32 else W.detach().float()  # fp32: the parameter itself, or a copy
-        # each layer's matrices (weight, bias) as the step reads them: the parameters, or, fixed with fp32 weights
+        # each layer's matrices (weight, bias) as the step reads them: the parameters, or, static with fp32 weights
         # under bf16 autocast (the trainer on a GPU), copies in the compute dtype, as autocast rounds them: the
         # compiled step would otherwise cast every matrix again each token, reading the fp32 weights and writing and
         # reading the bf16 ones, 3x the bytes of reading bf16 weights (3B: 5.2 GiB of copies during the rollout)
-        self.copied = fixed and needs_copies(model, dtype)
+        self.copied = static and needs_copies(model, dtype)
         cast = lambda x: x if x is None or not self.copied else x.detach().to(dtype)  # noqa: E731
         mats = ({n: [cast(m.weight), cast(m.bias)] for n, m in linears(layer)} for layer in self.lm.layers)
-        self.mats = [fused(w) if fixed and self.fuse else w for w in mats]  # one layer's unfused copies at a time
+        self.mats = [fused(w) if static and self.fuse else w for w in mats]  # one layer's unfused copies at a time
         # layer i's RMSNorm weights: after attention, and the norm its output goes through next (the next layer's
         # input norm; the last layer's: the final norm); Qwen3-VL's per-head query and key norms
         afters = [layer.input_layernorm for layer in self.lm.layers[1:]] + [self.lm.norm]
@@ -199,7 +199,7 @@ class KVDecoder:
         a = self.lm.layers[0].self_attn
         self.head_dim, self.scaling, self.act = a.head_dim, a.scaling, self.lm.layers[0].mlp.act_fn
         self.eps = self.lm.norm.variance_epsilon  # every RMSNorm of the model has the config's
-        self.graphed, self.graph = fixed and dev.type == "cuda", None
+        self.graphed, self.graph = static and dev.type == "cuda", None
         steps = (KVDecoder.first_step, KVDecoder.layer_step)  # plain functions of (self, ...), or compiled
         self.first, self.layer = (compiled(f) for f in steps) if self.graphed else steps
 
@@ -228,14 +228,14 @@ class KVDecoder:
         """q (r, H, 1, d) of the new tokens over a layer's prompt Kp, Vp (once per image) and new tokens K, V (per
         row)."""
         r = q.shape[0]
-        if self.fixed and self.flex:
+        if self.static and self.flex:
             return self.attention_flex(q, Kp, Vp)
-        if not self.fixed:  # only the new tokens so far (fixed: all L positions, the later ones masked below; a
+        if not self.static:  # only the new tokens so far (static: all L positions, the later ones masked below; a
             K, V = K[:, :, :self.n + 1], V[:, :, :self.n + 1]  # Python int read there would recompile every step)
         q = q.view(r, K.shape[1], -1, q.shape[-1])  # (r, Hkv, n_rep, d): query head j * n_rep + e uses kv head j
         sp = self.by_row(self.by_image(q) @ Kp.transpose(-1, -2)).masked_fill_(self.pad, -float("inf"))
         sn = q @ K.transpose(-1, -2)
-        if self.fixed:
+        if self.static:
             sn = sn.masked_fill_(torch.arange(K.shape[2], device=q.device) > self.t, -float("inf"))
         s = torch.cat([sp, sn], -1) * self.scaling  # (r, Hkv, n_rep, P + new positions read)
         pp, pn = s.softmax(-1).split([Kp.shape[2], K.shape[2]], -1)
@@ -324,7 +324,7 @@ class KVDecoder:
             q, k = rms_norm(q, norms["q"], self.eps), rms_norm(k, norms["k"], self.eps)
         k, v = (k * cos + rotate_half(k) * sin).to(self.dtype), v.to(self.dtype)
         at = self.t
-        if self.fixed and self.flex:  # image-major: row b*G + g writes image b's slot g
+        if self.static and self.flex:  # image-major: row b*G + g writes image b's slot g
             k, v = (z.view(-1, self.G, z.shape[1], d).transpose(1, 2) for z in (k, v))  # (B, Hkv, G, d)
             at = self.slots + self.t
         k_buf.index_copy_(2, at, k)
@@ -372,7 +372,7 @@ def side_stream(device):
 
 
 def needs_copies(model, dtype):
-    """Whether a fixed decoder computing in dtype reads copies of the layers' matrices: weights of another dtype
+    """Whether a static decoder computing in dtype reads copies of the layers' matrices: weights of another dtype
     under autocast (the trainer's fp32 weights under bf16 autocast)."""
     w = model.model.language_model.layers[0].mlp.down_proj.weight
     return w.dtype != dtype and torch.is_autocast_enabled(w.device.type)
