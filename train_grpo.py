@@ -161,7 +161,7 @@ if args.images_per_step % (world * args.micro_batch_images):
 pdtype = torch.float32 if args.policy_dtype == "fp32" else torch.bfloat16
 amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != pdtype)  # mixed precision: fp32 weights, bf16 math
 os.makedirs(args.out, exist_ok=True)
-start, n_skipped = 0, 0
+start, skipped_updates = 0, 0
 try:  # a fresh run into a folder with checkpoints, or a resume with other training flags: refused. Paths may
     # differ (a moved folder); --steps too, except under the cosine schedule, which it would stretch
     ckpt = resume_checkpoint(args.out, args.resume, vars(args), may_change=(
@@ -183,7 +183,7 @@ opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type 
 if ckpt:
     state = load_trainer_state(ckpt)
     opt.load_state_dict(state["optimizer"])
-    start, n_skipped = state["step"], state.get("skipped_updates", 0)
+    start, skipped_updates = state["step"], state.get("skipped_updates", 0)
     print(f"resumed from {ckpt} at step {start}")
 if rank == 0:  # the logs keep the steps before `start`: a fresh run (start 0) starts them empty
     for name in ("metrics.jsonl", "samples.jsonl"):
@@ -338,8 +338,8 @@ for step in range(start, args.steps):
                        else "no token has a loss" if norm == 0  # all dropped or masked: AdamW's momentum would still
                        else None)  # move the weights
         if skip_reason:  # a NaN/inf step must not touch the weights or AdamW's state
-            n_skipped += 1
-            print(f"step {step}: {skip_reason}, update skipped ({n_skipped} so far)", flush=True)
+            skipped_updates += 1
+            print(f"step {step}: {skip_reason}, update skipped ({skipped_updates} so far)", flush=True)
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)  # free the gradients before the next rollout needs the memory
@@ -354,7 +354,7 @@ for step in range(start, args.steps):
                "entropy": all_sum(ent_sum).item() / max(1, n_mask),
                "ratio_mean": stats["ratio_sum"] / max(1, stats["tokens"]),
                "clip_frac": stats["clipped"] / max(1, stats["tokens"]), "loss": loss_total,
-               "grad_norm": grad_norm, "lr": lr_at(step), "skipped": skip_reason, "skipped_updates": n_skipped,
+               "grad_norm": grad_norm, "lr": lr_at(step), "skipped": skip_reason, "skipped_updates": skipped_updates,
                "gen_tokens_per_s": n_mask / t_gen, "gen_seconds": t_gen, "reward_seconds": t_reward,
                "step_seconds": step_s}
     if device.type == "cuda":
@@ -372,7 +372,8 @@ for step in range(start, args.steps):
               f"reward {t_reward:.2f}s step {step_s:.2f}s | {captions[0][:90]}", flush=True)
     interrupted = bool(all_sum(len(stop)) > 0)  # every rank stops after the same step
     if rank == 0 and (interrupted or args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps):
-        save_checkpoint(args.out, step + 1, model, proc, opt, extra={"skipped_updates": n_skipped, "data": source})
+        save_checkpoint(args.out, step + 1, model, proc, opt,
+                        extra={"skipped_updates": skipped_updates, "data": source})
     if interrupted:
         if world > 1:  # every rank waits for rank 0's checkpoint: torchrun stops the group once one rank exits
             dist.barrier()
@@ -393,7 +394,8 @@ if world > 1:
 if args.save_final:
     save_model(model, proc, final)
     if start < args.steps:  # else resumed from this very checkpoint: rewriting it would only open a window to lose it
-        save_checkpoint(args.out, args.steps, model, proc, opt, extra={"skipped_updates": n_skipped, "data": source})
+        save_checkpoint(args.out, args.steps, model, proc, opt,
+                        extra={"skipped_updates": skipped_updates, "data": source})
     print(f"saved {final}")
 if args.eval_images:  # both captioners as evaluate.py runs a saved one: weights in the device's dtype, no autocast
     model.eval().to(dtype)
