@@ -36,10 +36,10 @@ stops the run with `error: <file>:<line>: ...` (exit status 2); with --skip-bad 
 
 Resume: --out is a model folder, so the run's flags and checkpoints live in OUT/run (config.json, checkpoints/
 step_NNNNNN: checkpoint.py's layout, atomic), one every --save-every steps and at the end of each stage. A killed
-run goes on from the newest with --resume and ends with the weights of an uninterrupted run, bit for bit (a
-checkpoint holds the optimizer, the data stream's generator and the captioner's aux head);
-flags that change the training are refused, as in train_grpo.py. A finished judge run with --judge-stop-at goes on
-to the end of its schedule with --resume and another --judge-stop-at.
+run goes on from the newest with --resume and ends with the weights of an uninterrupted run, bit for bit at the
+same --threads (a checkpoint holds the optimizer, the data stream's generator and the captioner's aux head); flags
+that change the training are refused, as in train_grpo.py. A judge run that stopped at --judge-stop-at goes on to
+the end of its schedule with --resume and another --judge-stop-at. To train afresh into an --out, delete OUT/run.
 
 Simplifications: fresh scenes every step (no epochs), one process.
 """
@@ -124,8 +124,9 @@ def lr_at(step, total, peak):
 
 def start_run():
     """The newest checkpoint of this run (OUT/run) and its state, or (None, None); then OUT/run/config.json.
-    Refuses a fresh run over checkpoints and a resume with other training flags (paths may change: moved folders;
-    --init and --judge-init are not read on resume)."""
+    Refuses a fresh run over checkpoints and a resume with other training flags. May change: --threads (the
+    rounding of the sums, so not the weights' last bits), evaluation, saving, and the paths of models (not read on
+    resume) and images; not --captions or --data, which decide the data."""
     run = os.path.join(args.out, "run")
     try:
         ckpt = resume_checkpoint(run, args.resume, vars(args), default=parser.get_default, may_change=(
@@ -139,9 +140,9 @@ def start_run():
     return ckpt, load_trainer_state(ckpt) if ckpt else None
 
 
-def checkpoint(step, last, model, proc, opt, rng, meta=None, **extra):
-    """Every --save-every steps and at `last` (a stage's end): OUT/run/checkpoints/step_NNNNNN."""
-    if args.save_every and step % args.save_every == 0 or step == last:
+def maybe_checkpoint(step, last, model, proc, opt, rng, meta=None, **extra):
+    """OUT/run/checkpoints/step_NNNNNN, every --save-every steps and at `last` (a stage's end)."""
+    if (args.save_every and step % args.save_every == 0) or step == last:
         save_checkpoint(os.path.join(args.out, "run"), step, model, proc, opt, meta=meta,
                         extra={"rng": rng.getstate(), **extra})
 
@@ -273,7 +274,7 @@ def captioner_stage(model, proc, steps, human, seed, draw, offset=0, state=None)
                   f"{time.time() - t0:.0f}s", flush=True)
         if args.eval_images and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
             print(json.dumps(caption_eval(model, proc, args.eval_images)), flush=True)
-        checkpoint(offset + step + 1, offset + steps, model, proc, opt, rng, stage=name, aux=aux.state_dict())
+        maybe_checkpoint(offset + step + 1, offset + steps, model, proc, opt, rng, stage=name, aux=aux.state_dict())
 
 
 def train_captioner():
@@ -363,7 +364,7 @@ def train_judge():
                 print(json.dumps(judge_eval(model.eval(), tok, {"format": "cloze"}, args.eval_images)), flush=True)
                 model.train()
             save_model(model, tok, args.out, meta={"format": "cloze"})  # usable while training goes on
-        checkpoint(step + 1, stop, model, tok, opt, rng, meta={"format": "cloze"})
+        maybe_checkpoint(step + 1, stop, model, tok, opt, rng, meta={"format": "cloze"})
     save_model(model, tok, args.out, meta={"format": "cloze"})
     print(f"saved {args.out} after {time.time() - t0:.0f}s")
 

@@ -13,7 +13,8 @@ mid-write leaves the previous checkpoint intact and never a half-written one tha
 Resume needs no RNG state: every random draw of a step is seeded from (seed, step) (the images) or
 (seed, step, image) (sampling, question draws), so step k+1 after a resume is step k+1 of an uninterrupted run.
 sft.py's runs use RUN = OUT/run (its --out is the model folder), config.json and checkpoints/ alone; their data
-streams are sequential, so its trainer_state.pt also holds their generator's state.
+streams are sequential, so its trainer_state.pt also holds their generator's state (and the captioner's stage and
+aux head).
 """
 import json
 import os
@@ -28,8 +29,9 @@ from .models import save_model
 
 def save_checkpoint(run_dir, step, model, proc, optimizer, keep=2, extra=None, meta=None):
     """Atomically write checkpoint `step` (trainer_state.pt holds the optimizer, the step and `extra`; a judge's
-    `meta` goes to judge.json, as save_model writes it); keep the newest `keep` checkpoints. Refuses weights that are not finite. If writing fails (disk full, a kill), the
-    temporary folder goes and the previous checkpoints are untouched."""
+    `meta` goes to judge.json, as save_model writes it); keep the newest `keep` checkpoints. Refuses weights that
+    are not finite. If writing fails (disk full, a kill), the temporary folder goes and the previous checkpoints
+    are untouched."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise RuntimeError(f"not saving checkpoint {step}: non-finite weights in {bad[:3]}")

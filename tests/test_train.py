@@ -377,40 +377,53 @@ def killed_at(g, n):
     g["update"] = u
 
 
-@pytest.mark.parametrize("stage, kills", [("judge", [4]), ("captioner", [4, 5])])
-def test_sft_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, capsys, stage, kills):
+@pytest.mark.parametrize("stage, stops", [("judge", [4, "stop-at"]), ("captioner", [3, 4, 5]), ("captions", [3])])
+def test_sft_killed_and_resumed_ends_with_the_uninterrupted_weights(tmp_path, monkeypatch, capsys, stage, stops):
     """A run killed in its n-th update goes on from its newest checkpoint (OUT/run, every 2 steps and at each
-    stage's end) with --resume to the weights of an uninterrupted run, bit for bit: the judge from step 2; the
-    captioner (3 + 3 steps) from stage 1's end (its stage 2 starts afresh, stage 1's model saved again) and from
-    stage 2's step 1 (stage 1 not redone). A fresh run over the checkpoints and a resume with another --lr are
+    stage's end) with --resume to the weights of an uninterrupted run, bit for bit: the judge from step 2, and from
+    a run that stopped at step 3 with --judge-stop-at; the captioner (3 + 3 steps) from stage 1's step 2, from stage
+    1's end (its stage 2 starts afresh, stage 1's model saved again) and from stage 2's step 1 (stage 1 not redone);
+    a captioner on caption JSONL from step 2. A fresh run over the checkpoints and a resume with another --lr are
     refused."""
     flags = {"judge": ["--judge-init", "", "--judge-steps", "6"],
-             "captioner": ["--full-steps", "3", "--human-steps", "3"]}[stage]
+             "captioner": ["--full-steps", "3", "--human-steps", "3"],
+             "captions": ["--captions", str(tmp_path / "caps.jsonl"), "--data", world_qa(tmp_path, 4),
+                          "--caption-steps", "4"]}[stage]
+    with open(tmp_path / "caps.jsonl", "w") as f:
+        f.writelines(json.dumps({"id": str(i), "caption": f"{i} large red stars."}) + "\n" for i in range(4))
+    train = "train_judge" if stage == "judge" else "train_captioner"
     out = lambda name: ["--out", str(tmp_path / name), "--perception-out", str(tmp_path / f"{name}_perception")]
-    common = [stage, *flags, "--batch-size", "2", "--eval-images", "0", "--save-every", "2"]
-    sft(monkeypatch, *common, *out("a"))[f"train_{stage}"]()
+    common = ["judge" if stage == "judge" else "captioner", *flags, "--batch-size", "2", "--eval-images", "0",
+              "--save-every", "2"]
+    sft(monkeypatch, *common, *out("a"))[train]()
     weights = lambda name, folder="": load_file(os.path.join(tmp_path, name + folder, "model.safetensors"))
-    for n in kills:
+    for n in stops:
         b = f"b{n}"
-        g = sft(monkeypatch, *common, *out(b))
-        killed_at(g, n)
-        with pytest.raises(Killed):
-            g[f"train_{stage}"]()
+        if n == "stop-at":
+            sft(monkeypatch, *common, *out(b), "--judge-stop-at", "3")[train]()
+        else:
+            g = sft(monkeypatch, *common, *out(b))
+            killed_at(g, n)
+            with pytest.raises(Killed):
+                g[train]()
         for extra, says in (([], "holds an earlier run's checkpoints"), (["--resume", "--lr", "0.01"], "--lr 0.01")):
             with pytest.raises(SystemExit):
-                sft(monkeypatch, *common, *out(b), *extra)[f"train_{stage}"]()
+                sft(monkeypatch, *common, *out(b), *extra)[train]()
             assert says in capsys.readouterr().err
         g = sft(monkeypatch, *common, *out(b), "--resume")
         lrs = record_lr(g)
-        g[f"train_{stage}"]()
-        assert lrs[0] == {"judge": (2, 6), "captioner": {4: (0, 3), 5: (1, 3)}.get(n)}[stage]  # where it went on
+        g[train]()
+        went_on = {"judge": {4: (2, 6), "stop-at": (3, 6)}, "captioner": {3: (2, 3), 4: (0, 3), 5: (1, 3)},
+                   "captions": {3: (2, 4)}}[stage][n]  # (step of its stage, the stage's steps)
+        assert lrs[0] == went_on
         wa, wb = weights("a"), weights(b)
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
         if stage == "captioner":
             wa, wb = weights("a", "_perception"), weights(b, "_perception")
             assert all(torch.equal(wa[k], wb[k]) for k in wa)
-        assert sorted(os.listdir(tmp_path / b / "run" / "checkpoints")) == ["step_000004", "step_000006"]
-    w4, w6 = weights("a", "/run/checkpoints/step_000004"), weights("a")  # the steps after 4 moved the weights
+        last = 4 if stage == "captions" else 6
+        assert sorted(os.listdir(tmp_path / b / "run" / "checkpoints")) == [f"step_{last - 2:06d}", f"step_{last:06d}"]
+    w4, w6 = weights("a", f"/run/checkpoints/step_{last - 2:06d}"), weights("a")  # the last steps moved the weights
     assert any(not torch.equal(w6[k], w4[k]) for k in w6)
 
 
