@@ -71,6 +71,8 @@ def resume_checkpoint(run_dir, resume, flags, may_change, default):
     `flags` differ from the run's config.json in any flag not in `may_change` (it would silently train another run).
     A flag the config lacks (a run started before the flag existed) ran at default(flag)."""
     ckpt = latest_checkpoint(run_dir)
+    if resume and not ckpt:  # a mistyped --out would otherwise start over unnoticed
+        print(f"--resume: no checkpoint in {run_dir}, starting from step 0", flush=True)
     if ckpt and not resume:
         raise ValueError(f"{run_dir} holds an earlier run's checkpoints ({ckpt}): add --resume to continue it, or "
                          "choose another --out")

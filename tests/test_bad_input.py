@@ -365,6 +365,14 @@ def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path)
     assert errors[4].endswith("was started with: --beta 0.1 (was 0.0)")  # "a" has no "beta": it ran at the default
 
 
+def test_resume_without_a_checkpoint_says_it_starts_from_step_0(tmp_path, capsys):
+    """--resume into a folder that holds no checkpoint (a mistyped --out) starts over: it says so. A fresh run
+    into a fresh folder says nothing."""
+    for resume, says in ((True, f"--resume: no checkpoint in {tmp_path}, starting from step 0\n"), (False, "")):
+        assert checkpoint.resume_checkpoint(str(tmp_path), resume, {"lr": 1.0}, (), lambda flag: None) is None
+        assert capsys.readouterr().out == says
+
+
 def test_resume_refuses_other_training_data_but_follows_a_moved_file(tmp_path):
     """The step's images are drawn by index into the data: a resume on the built-in world of a run trained on a file,
     or on a file of another length, would silently train on other images. A moved copy of the file resumes, and its
