@@ -398,3 +398,23 @@ def test_resume_refuses_other_training_data_but_follows_a_moved_file(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))] == [1]
     assert checkpoint.load_trainer_state(checkpoint.latest_checkpoint(out))["data"] == "a QA file of 3 rows"
+
+
+def test_resume_refusal_names_every_changed_flag_as_it_is_typed(tmp_path):
+    """Each flag that differs from the run's config.json is named, in --kebab-case, with its old value."""
+    os.makedirs(tmp_path / "checkpoints" / "step_000002")
+    json.dump({"lr": 1e-4, "lr_schedule": "constant", "steps": 10}, open(tmp_path / "config.json", "w"))
+    flags = {"lr": 1e-3, "lr_schedule": "cosine", "steps": 10}
+    with pytest.raises(ValueError) as e:
+        checkpoint.resume_checkpoint(str(tmp_path), True, flags, (), lambda flag: None)
+    assert str(e.value) == (f"--resume with other flags than {tmp_path} was started with: --lr 0.001 (was 0.0001), "
+                            "--lr-schedule cosine (was constant)")
+
+
+def test_a_run_folder_without_checkpoints_starts_over_with_any_flags(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves config.json alone: there is nothing to continue, so a new run
+    (fresh, or --resume, which says it starts from step 0) may use other flags."""
+    json.dump({"lr": 1e-4}, open(tmp_path / "config.json", "w"))
+    for resume in (False, True):
+        assert checkpoint.resume_checkpoint(str(tmp_path), resume, {"lr": 1e-3}, (), lambda flag: None) is None
+    assert capsys.readouterr().out == f"--resume: no checkpoint in {tmp_path}, starting from step 0\n"

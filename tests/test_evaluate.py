@@ -2,6 +2,7 @@
 import html
 import json
 import os
+import random
 import re
 import runpy
 import subprocess
@@ -9,8 +10,8 @@ import sys
 from html.parser import HTMLParser
 
 from caprl_mini import shapes
-from caprl_mini.evaluation import caption_items, evaluate_captions
-from caprl_mini.models import load_judge, load_policy
+from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed
+from caprl_mini.models import build_tiny_judge, load_judge, load_policy
 from conftest import shipped
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -159,3 +160,54 @@ def test_results_and_report_are_evaluate_captions_with_the_flags_given(tmp_path,
     page = open(out / "r.html", encoding="utf-8").read()
     shown = [html.unescape(re.sub("<[^>]+>", "", p)) for p in re.findall(r'<p class="cap">(.*?)</p>', page, re.S)]
     assert shown == [c for s, g in zip(sampled, given) for c, _ in s + g]
+
+
+def test_every_figure_of_one_image_with_two_captions_by_hand():
+    """One small red circle at the top left; a full caption (10 tokens) and "a blue circle at the top left." (4).
+    By hand: the full one answers all 7 questions, the short one only the shape; its facts are position and shape
+    true, color false (no count, no size), so precision pools 5 + 2 true of 5 + 3 stated facts, recall 5 + 2 of
+    the 5 true facts per caption. An image with no caption changes only the image count and captions per image."""
+    scene = [{"pos": "top left", "shape": "circle", "color": "red", "size": "small"}]
+    item = {"id": "x", "scene": scene, "questions": shapes.make_questions(scene, random.Random(0))}
+    assert sorted(q["type"] for q in item["questions"]) == sorted(shapes.QUESTION_TYPES + ["existence"])
+    caps = [("one object. a small red circle at the top left.", 10), ("a blue circle at the top left.", 4)]
+    res = evaluate_captions("oracle", None, "cloze", [item], [caps])
+    assert res == {"n_images": 1, "captions_per_image": 2.0, "qa_accuracy": 8 / 14, "best_of_n_accuracy": 1.0,
+                   "qa_accuracy_by_type": {"color": 0.5, "count": 0.5, "existence": 0.5, "position": 0.5,
+                                           "shape": 1.0, "size": 0.5},
+                   "heldout_types_accuracy": 3 / 6, "mean_caption_tokens": 7.0, "fact_precision": 7 / 8,
+                   "fact_recall": 7 / 10}
+    other = shapes.world_item(0, "eval")
+    assert evaluate_captions("oracle", None, "cloze", [item, other], [caps, []]) == {
+        **res, "n_images": 2, "captions_per_image": 1.0}
+
+
+def test_without_held_out_questions_their_accuracy_is_missing_not_zero():
+    """A QA file's questions are no held-out type: the held-out accuracy is None (a dash in the table), not 0.0."""
+    items = [shapes.world_item(i, "eval") for i in range(2)]
+    for it in items:
+        it["questions"] = [q for q in it["questions"] if q["type"] not in shapes.HELDOUT_TYPES]
+    res = evaluate_captions("oracle", None, "cloze", items, [[(shapes.full_caption(it["scene"]), 1)] for it in items])
+    assert res["qa_accuracy"] == 1.0 and res["heldout_types_accuracy"] is None
+
+
+def test_letter_judges_see_options_shuffled_by_the_seed(tok):
+    """A letter judge's answer depends on the option order: the same seed gives the same choices, another seed
+    other ones (with the seed ignored, every evaluation would read one order)."""
+    judge, jtok = build_tiny_judge(tok, seed=2, kv_heads=2)
+    items = [shapes.world_item(i, "eval") for i in range(2)]
+    caps = [[(shapes.full_caption(it["scene"]), 1)] for it in items]
+
+    def choices(seed):
+        details = []
+        evaluate_captions(judge, jtok, "letter", items, caps, seed=seed, details=details)
+        return [a["chosen"] for d in details for c in d["captions"] for a in c["answers"]]
+    assert choices(0) == choices(0) != choices(1)
+
+
+def test_item_seeds_depend_on_seed_and_id_and_never_on_the_process():
+    """63-bit, a function of (seed, id) alone: a pinned value (Python's hash() of a str differs per process), and
+    another seed or id gives another."""
+    assert item_seed(0, "shapes-eval-0") == 3641031929105473671
+    seeds = {item_seed(s, i) for s in (0, 1) for i in ("shapes-eval-0", "shapes-eval-1")}
+    assert len(seeds) == 4 and all(0 <= s < 2 ** 63 for s in seeds)

@@ -233,3 +233,67 @@ def test_a_step_where_no_token_has_a_loss_skips_the_update(tmp_path):
     assert [x["skipped"] for x in m] == ["no token has a loss"] * 2 and [x["truncated_frac"] for x in m] == [1.0] * 2
     state = checkpoint.load_trainer_state(checkpoint.latest_checkpoint(out))
     assert state["skipped_updates"] == 2 and not state["optimizer"]["state"]  # AdamW never stepped
+
+
+def test_a_half_written_checkpoint_is_never_resumed_nor_carried_into_the_next(tmp_path, tok):
+    """A run killed while writing step 2 leaves checkpoints/step_000002.tmp: the newest checkpoint is still step 1,
+    and the next write of step 2 starts from an empty folder: nothing the killed write left (here a judge's
+    judge.json, which this save does not write) ends up in it."""
+    model, jtok = models.build_tiny_judge(tok, seed=2)
+    opt = torch.optim.AdamW(model.parameters())
+    first = checkpoint.save_checkpoint(str(tmp_path), 1, model, jtok, opt)
+    half = os.path.join(str(tmp_path), "checkpoints", "step_000002.tmp")
+    os.makedirs(half)
+    json.dump({"format": "letter"}, open(os.path.join(half, "judge.json"), "w"))
+    assert checkpoint.latest_checkpoint(str(tmp_path)) == first
+    second = checkpoint.save_checkpoint(str(tmp_path), 2, model, jtok, opt)
+    assert checkpoint.list_checkpoints(str(tmp_path)) == [first, second]
+    assert "judge.json" not in os.listdir(second)
+
+
+def test_a_step_saved_again_replaces_its_checkpoint(tmp_path, tok):
+    """Writing a step that already has a checkpoint replaces it: the second write's trainer state is the one read."""
+    model, jtok = models.build_tiny_judge(tok, seed=2)
+    opt = torch.optim.AdamW(model.parameters())
+    for skipped in (0, 5):
+        path = checkpoint.save_checkpoint(str(tmp_path), 1, model, jtok, opt, extra={"skipped_updates": skipped})
+    assert os.listdir(os.path.join(str(tmp_path), "checkpoints")) == ["step_000001"]
+    assert checkpoint.load_trainer_state(path)["skipped_updates"] == 5
+
+
+def test_a_judges_checkpoint_keeps_how_it_is_asked_and_two_checkpoints_by_default(tmp_path, tok):
+    """meta goes to the checkpoint's judge.json, so a resumed judge is asked in its format; without `keep`, the two
+    newest checkpoints stay."""
+    model, jtok = models.build_tiny_judge(tok, seed=2)
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3):
+        path = checkpoint.save_checkpoint(str(tmp_path), step, model, jtok, opt, meta={"format": "letter"})
+    assert json.load(open(os.path.join(path, "judge.json"))) == {"format": "letter"}
+    assert models.load_judge(path)[2] == {"format": "letter"}
+    assert sorted(os.listdir(os.path.join(str(tmp_path), "checkpoints"))) == ["step_000002", "step_000003"]
+
+
+def test_a_failed_checkpoint_write_names_the_newest_intact_one(tmp_path, tok, monkeypatch):
+    """With steps 1 and 2 on disk, a failed write of step 3 points at step 2, the one to resume from."""
+    model, jtok = models.build_tiny_judge(tok, seed=2)
+    opt = torch.optim.AdamW(model.parameters())
+    for step in (1, 2):
+        checkpoint.save_checkpoint(str(tmp_path), step, model, jtok, opt)
+
+    def disk_full(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(RuntimeError, match=r"previous checkpoint is intact: \S*step_000002$"):
+        checkpoint.save_checkpoint(str(tmp_path), 3, model, jtok, opt)
+
+
+def test_truncated_logs_end_in_whole_lines_and_a_fresh_run_starts_them_empty(tmp_path):
+    """A last line that parses but lost its newline gets one back (the next step's line would be glued to it);
+    truncating at step -1 (a fresh run, start 0) empties the log of an earlier run that left no checkpoint."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "x": 1}\n{"step": 1, "x": 2}')
+    checkpoint.truncate_jsonl(str(path), 5)
+    assert path.read_text() == '{"step": 0, "x": 1}\n{"step": 1, "x": 2}\n'
+    checkpoint.truncate_jsonl(str(path), -1)
+    assert path.read_text() == ""

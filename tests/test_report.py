@@ -2,12 +2,13 @@ import base64
 import io
 import random
 import re
+from html import unescape
 from html.parser import HTMLParser
 
 from PIL import Image
 
 from caprl_mini import shapes
-from caprl_mini.evaluation import write_results
+from caprl_mini.evaluation import summary_rows, write_results
 from caprl_mini.report import write_report
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -214,3 +215,98 @@ def test_summary_numbers_accuracies_to_three_decimals_also_when_perfect(tmp_path
     console = {line[:24].strip(): line[24:].split() for line in capsys.readouterr().out.splitlines()[1:-1]}
     assert console == {"QA accuracy": ["1.000", "0.500"], "fact precision": ["0.250", "-"],
                        "mean caption tokens": ["20.0", "0.5"], "captions per image": ["1.0", "4.0"]}
+
+
+def test_each_captions_answers_count_the_right_ones_and_show_judge_and_gold():
+    """Under a caption: "k/n right" with k its right answers, then each answer with its type (held-out ones say so);
+    a wrong one shows the judge's choice, then the gold."""
+    from caprl_mini.report import _answers_html
+    answers = [{"question": "what color is the object at the center?", "gold": "red", "chosen": "red", "right": True,
+                "type": "color"},
+               {"question": "how many objects are there?", "gold": "two", "chosen": "two", "right": True,
+                "type": "count"},
+               {"question": "where is the blue star?", "gold": "top left", "chosen": "center", "right": False,
+                "type": "position"}]
+    assert _answers_html(answers) == (
+        '<ul class="qs"><li class="type">2/3 right</li>'
+        '<li><span class="ok">✓</span> <span class="type">[color]</span> what color is the object at the center? '
+        '<b>red</b></li>'
+        '<li><span class="ok">✓</span> <span class="type">[count]</span> how many objects are there? <b>two</b></li>'
+        '<li><span class="bad">✗</span> <span class="type">[position (held out)]</span> where is the blue star? '
+        'judge: <b class="bad">center</b>, gold: <b>top left</b></li></ul>')
+
+
+def test_highlighting_keeps_every_character_of_the_caption():
+    """Tags stripped and entities read back, the highlighted caption is the caption, character for character: the
+    spaces around a marked clause (before a delimiter too) and text that looks like HTML included."""
+    from caprl_mini.report import _caption_html
+    scene = [{"pos": "top left", "shape": "circle", "color": "red", "size": "small"}]
+    cap = " one object .  a large blue circle at the top left ; a small red circle at the top left ,<b>&amp;</b>  "
+    out = _caption_html(cap, scene)
+    assert out.count('<mark class="wrong"') == 1  # the blue clause alone
+    assert unescape(re.sub("<[^>]+>", "", out)) == cap
+
+
+def test_a_wrong_count_says_the_count_stated_then_the_images():
+    """The tooltip of a false count: "count: <stated> stated, <real> in the image"."""
+    from caprl_mini.report import _caption_html
+    scene = [{"pos": "top left", "shape": "circle", "color": "red", "size": "small"},
+             {"pos": "center", "shape": "star", "color": "blue", "size": "large"}]
+    assert _caption_html("three objects.", scene) == (
+        '<mark class="wrong" title="count: 3 stated, 2 in the image">three objects</mark>.')
+
+
+def test_small_images_scale_to_the_display_width(tmp_path):
+    """A small image that is not square scales by its width: 56x28 shows at 3x, 168 px wide like the world's."""
+    rec = {"id": 0, "image": Image.new("RGB", (56, 28), "white"), "scene": None, "captioners": []}
+    write_report(tmp_path / "r.html", [], [rec])
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert re.findall(r'<img class="px" src="[^"]*" width="(\d+)" height="(\d+)"', page) == [("168", "84")]
+
+
+def test_page_title_counts_images_and_captioners(tmp_path):
+    recs = [{"id": i, "image": Image.new("RGB", (84, 84), "white"), "scene": None, "captioners": []} for i in range(3)]
+    write_report(tmp_path / "r.html", [{"path": "a", "qa_accuracy": 0.5}], recs)
+    page = (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert "<title>Caption evaluation: 3 images, 1 captioners</title>" in page
+
+
+def test_a_zero_reads_as_a_number_and_only_a_missing_value_as_a_dash(tmp_path, capsys):
+    """An accuracy of 0.0 (a captioner the judge never agrees with) reads 0.000, on the page and the console alike;
+    the dash is for a value the captioner has not got."""
+    res = [{"path": "a", "qa_accuracy": 0.0, "fact_precision": 0.0, "mean_caption_tokens": 0.0},
+           {"path": "b", "qa_accuracy": 0.5, "mean_caption_tokens": 3.0}]
+    write_report(tmp_path / "r.html", res, [])
+    page = Page()
+    page.feed((tmp_path / "r.html").read_text(encoding="utf-8"))
+    assert {r[0].strip(): r[1:] for r in page.rows[1:]} == {
+        "QA accuracy": ["0.000", "0.500"], "fact precision": ["0.000", "–"], "mean caption tokens": ["0.0", "3.0"]}
+    write_results(str(tmp_path / "eval"), res)
+    console = {line[:24].strip(): line[24:].split() for line in capsys.readouterr().out.splitlines()[1:-1]}
+    assert console == {"QA accuracy": ["0.000", "0.500"], "fact precision": ["0.000", "-"],
+                       "mean caption tokens": ["0.0", "3.0"]}
+
+
+def test_summary_rows_read_each_metric_from_its_own_key():
+    """Every metric a distinct value: each row holds its own key's values, per captioner; a question type only one
+    captioner has gets a row (the other's cell None), marked held out when it is."""
+    res = [{"path": "a", "qa_accuracy": 0.1, "qa_accuracy_by_type": {"color": 0.2}, "heldout_types_accuracy": 0.3,
+            "best_of_n_accuracy": 0.4, "fact_precision": 0.5, "fact_recall": 0.6, "mean_caption_tokens": 7.0,
+            "captions_per_image": 8.0},
+           {"path": "b", "qa_accuracy": 0.9, "qa_accuracy_by_type": {"color": 0.8, "position": 0.7}}]
+    assert summary_rows(res) == [
+        ("QA accuracy", False, [0.1, 0.9], 3), ("  color", False, [0.2, 0.8], 3), ("  position", True, [None, 0.7], 3),
+        ("held-out types", False, [0.3, None], 3), ("best of n", False, [0.4, None], 3),
+        ("fact precision", False, [0.5, None], 3), ("fact recall", False, [0.6, None], 3),
+        ("mean caption tokens", False, [7.0, None], 1), ("captions per image", False, [8.0, None], 1)]
+
+
+def test_console_names_long_paths_by_their_end_and_marks_held_out_types(tmp_path, capsys):
+    """A captioner path over 28 characters heads its 30-wide column as "..." and its last 25; a held-out type's row
+    says so."""
+    long = "runs/an_ablation_with_a_long_name/checkpoints/step_000400"
+    write_results(str(tmp_path / "eval"), [{"path": long, "qa_accuracy_by_type": {"position": 0.25}},
+                                           {"path": "assets/captioner", "qa_accuracy_by_type": {"position": 0.5}}])
+    head, row = capsys.readouterr().out.splitlines()[:2]
+    assert head == " " * 24 + ("..." + long[-25:]).rjust(30) + "assets/captioner".rjust(30)
+    assert row == "  position (held out)".ljust(24) + "0.250".rjust(30) + "0.500".rjust(30)
