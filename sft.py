@@ -113,6 +113,7 @@ if args.threads:
     torch.set_num_threads(args.threads)
 torch.manual_seed(args.seed)
 rng = random.Random(args.seed)
+RUN = os.path.join(args.out, "run")  # the run's config.json and checkpoints/ (--out is the model folder)
 
 
 def lr_at(step, total, peak):
@@ -127,14 +128,13 @@ def start_run():
     Refuses a fresh run over checkpoints and a resume with other training flags. May change: --threads (the
     rounding of the sums, so not the weights' last bits), evaluation, saving, and the paths of models (not read on
     resume) and images; not --captions or --data, which decide the data."""
-    run = os.path.join(args.out, "run")
     try:
-        ckpt = resume_checkpoint(run, args.resume, vars(args), default=parser.get_default, may_change=(
+        ckpt = resume_checkpoint(RUN, args.resume, vars(args), default=parser.get_default, may_change=(
             "out", "resume", "threads", "eval_every", "eval_images", "save_every", "judge_stop_at", "init",
             "judge_init", "perception_out", "image_root", "skip_bad", "captioner", "judge"))
     except ValueError as e:
         parser.error(str(e))
-    write_config(run, vars(args))
+    write_config(RUN, vars(args))
     if ckpt:
         print(f"resuming from {ckpt}", flush=True)
     return ckpt, load_trainer_state(ckpt) if ckpt else None
@@ -143,8 +143,7 @@ def start_run():
 def maybe_checkpoint(step, last, model, proc, opt, rng, meta=None, **extra):
     """OUT/run/checkpoints/step_NNNNNN, every --save-every steps and at `last` (a stage's end)."""
     if (args.save_every and step % args.save_every == 0) or step == last:
-        save_checkpoint(os.path.join(args.out, "run"), step, model, proc, opt, meta=meta,
-                        extra={"rng": rng.getstate(), **extra})
+        save_checkpoint(RUN, step, model, proc, opt, meta=meta, extra={"rng": rng.getstate(), **extra})
 
 
 def restore(state, opt, rng):

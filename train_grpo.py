@@ -372,8 +372,7 @@ for step in range(start, args.steps):
               f"reward {t_reward:.2f}s step {step_s:.2f}s | {captions[0][:90]}", flush=True)
     interrupted = bool(all_sum(len(stop)) > 0)  # every rank stops after the same step
     if rank == 0 and (interrupted or args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps):
-        save_checkpoint(args.out, step + 1, model, proc, opt,
-                        extra={"skipped_updates": skipped_updates, "data": source})
+        save_checkpoint(args.out, step + 1, model, proc, opt, extra=dict(skipped_updates=skipped_updates, data=source))
     if interrupted:
         if world > 1:  # every rank waits for rank 0's checkpoint: torchrun stops the group once one rank exits
             dist.barrier()
@@ -395,7 +394,7 @@ if args.save_final:
     save_model(model, proc, final)
     if start < args.steps:  # else resumed from this very checkpoint: rewriting it would only open a window to lose it
         save_checkpoint(args.out, args.steps, model, proc, opt,
-                        extra={"skipped_updates": skipped_updates, "data": source})
+                        extra=dict(skipped_updates=skipped_updates, data=source))
     print(f"saved {final}")
 if args.eval_images:  # both captioners as evaluate.py runs a saved one: weights in the device's dtype, no autocast
     model.eval().to(dtype)
