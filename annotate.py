@@ -24,8 +24,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from caprl_mini.data import (CaptionFile, DataError, MissingImage, list_images, load_image, print_skipped, rebase,
-                             user_errors)
+from caprl_mini.data import (CaptionFile, DataError, MissingImage, at_least, list_images, load_image, print_skipped,
+                             rebase, user_errors)
 from caprl_mini.evaluation import caption_items
 from caprl_mini.models import CAPTION_INSTRUCTION, load_policy, pick_device
 
@@ -34,19 +34,18 @@ parser.add_argument("--model", required=True, help="captioner: folder or hub id"
 parser.add_argument("--images", required=True, help="folder, QA JSONL or list file of images")
 parser.add_argument("--image-root", default=None, help="folder that relative paths in a QA JSONL / list resolve to")
 parser.add_argument("--out", required=True, help="caption JSONL to append to")
-parser.add_argument("--batch-size", type=int, default=32, help="images per sampler call")
-parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap in tokens")
-parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+parser.add_argument("--batch-size", type=at_least(1), default=32, help="images per sampler call")
+parser.add_argument("--max-new-tokens", type=at_least(1), default=64, help="caption length cap in tokens")
+parser.add_argument("--temperature", type=at_least(0.0, float), default=0.0, help="0: greedy")
 parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction")
-parser.add_argument("--min-pixels", type=int, default=None, help="images are resized to at least this many pixels")
-parser.add_argument("--max-pixels", type=int, default=None, help="... and at most this many")
+parser.add_argument("--min-pixels", type=at_least(1), default=None,
+                    help="images are resized to at least this many pixels")
+parser.add_argument("--max-pixels", type=at_least(1), default=None, help="... and at most this many")
 parser.add_argument("--seed", type=int, default=0, help="seed of sampling (with --temperature > 0)")
 parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad rows (QA JSONL / list file lines), list and count them in the summary instead of "
                     "stopping; unreadable images are always skipped and listed in OUT.errors.jsonl")
 args = parser.parse_args()
-if args.batch_size < 1 or args.max_new_tokens < 1 or args.temperature < 0:
-    parser.error("--batch-size and --max-new-tokens must be at least 1, --temperature at least 0")
 
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 device, dtype = pick_device()  # under torchrun: the GPU of this process's LOCAL_RANK

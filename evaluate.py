@@ -21,10 +21,11 @@ import os
 import torch
 import torch.distributed as dist
 
-from caprl_mini.data import DataError, QAFile, World, print_skipped, read_captions, skip_bad, user_errors
+from caprl_mini.data import DataError, QAFile, World, at_least, print_skipped, read_captions, skip_bad, user_errors
 from caprl_mini.evaluation import caption_items, evaluate_captions, write_results
 from caprl_mini.report import write_report
-from caprl_mini.models import CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, load_judge, load_policy, pick_device
+from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, judge_meta, load_judge, load_policy,
+                               pick_device)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--captioner", action="append", default=[], help="captioner folder or hub id (repeatable)")
@@ -37,14 +38,16 @@ parser.add_argument("--image-root", default=None, help="folder that relative ima
 parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad --data / --captions lines and unreadable images (listed and counted) instead of "
                          "stopping with an error naming the file and line")
-parser.add_argument("--images", type=int, default=200,
+parser.add_argument("--images", type=at_least(1), default=200,
                     help="images to evaluate: the built-in world's held-out split, or --data's first readable rows")
-parser.add_argument("--captions-per-image", type=int, default=1, help="captions per image (the paper: 4)")
-parser.add_argument("--temperature", type=float, default=0.0, help="caption sampling temperature (0 = greedy)")
-parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap")
+parser.add_argument("--captions-per-image", type=at_least(1), default=1, help="captions per image (the paper: 4)")
+parser.add_argument("--temperature", type=at_least(0.0, float), default=0.0,
+                    help="caption sampling temperature (0 = greedy)")
+parser.add_argument("--max-new-tokens", type=at_least(1), default=64, help="caption length cap")
 parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction")
-parser.add_argument("--min-pixels", type=int, default=None, help="images are resized to at least this many pixels")
-parser.add_argument("--max-pixels", type=int, default=None, help="... and at most this many")
+parser.add_argument("--min-pixels", type=at_least(1), default=None,
+                    help="images are resized to at least this many pixels")
+parser.add_argument("--max-pixels", type=at_least(1), default=None, help="... and at most this many")
 parser.add_argument("--seed", type=int, default=0, help="seed of option shuffling and caption sampling")
 parser.add_argument("--out", default="runs/eval", help="output folder for results.json")
 parser.add_argument("--report", default=None, help="also write this self-contained HTML page (in --out if relative)")
@@ -53,8 +56,8 @@ captioners = args.captioner or ([] if args.captions else [SFT_CAPTIONER])
 captioned = {}  # captioner path -> per image a list of (caption, tokens)
 if args.captions_per_image > 1 and args.temperature == 0:
     parser.error("several captions per image need --temperature > 0")
-if args.images < 1 or args.captions_per_image < 1:
-    parser.error("--images and --captions-per-image must be at least 1")
+if os.path.isfile(args.out):
+    parser.error(f"--out {args.out} is a file, not a folder")
 if not captioners and (args.captions_per_image > 1 or args.temperature > 0):  # they would be silently ignored
     parser.error("--captions-per-image and --temperature set how a --captioner captions; --captions files are "
                  "evaluated as they are")
@@ -80,6 +83,7 @@ with user_errors():
         if missing:
             print_skipped(skipped)  # --skip-bad: the bad lines behind the missing ids
             raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. {missing[0]!r}")
+    judge_meta(args.judge, args.judge_format)  # the judge checked now: it loads after the captioners ran
 for path in captioners:  # every rank captions its share; rank 0 keeps all captions
     with user_errors():
         model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)
@@ -102,8 +106,8 @@ if world > 1:
         raise SystemExit(0)
 
 with user_errors():
-    judge, jtok, meta = load_judge(args.judge, device, dtype)
-fmt = args.judge_format or meta["format"]
+    judge, jtok, meta = load_judge(args.judge, device, dtype, args.judge_format)
+fmt = meta["format"]  # --judge-format, else the judge folder's
 results, details = [], []  # details: per captioner, per image, the captions and the judge's answers
 for path in captioners + args.captions:
     if path in captioners:

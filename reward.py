@@ -38,8 +38,8 @@ import torch
 from tqdm import tqdm
 
 from caprl_mini import shapes
-from caprl_mini.data import (DataError, QAFile, caption_records, print_skipped, skip_bad, user_errors, write_qa,
-                             write_whole, write_world_qa)
+from caprl_mini.data import (DataError, QAFile, at_least, caption_records, print_skipped, skip_bad, user_errors,
+                             write_qa, write_whole, write_world_qa)
 from caprl_mini.judge import caption_rewards, score_questions
 from caprl_mini.models import JUDGE, load_judge, pick_device
 
@@ -53,23 +53,26 @@ parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", 
                     help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
 parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "argmax"],
                     help="score: how the judge's answer is read (filter always reads argmax)")
-parser.add_argument("--questions-per-caption", type=int, default=8, help="N question draws per caption")
+parser.add_argument("--questions-per-caption", type=at_least(1), default=8, help="N question draws per caption")
 parser.add_argument("--all-types", action="store_true", help="built-in world: draw held-out question types too")
 parser.add_argument("--seed", type=int, default=0, help="seed of question draws and option shuffling")
 parser.add_argument("--out", default=None, help="output JSONL (score: default prints only the mean)")
 parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad rows, list and count them in the summary instead of stopping")
 # filter and world
-parser.add_argument("--filter-asks", type=int, default=4, help="filter: asks per question with an empty caption")
+parser.add_argument("--filter-asks", type=at_least(1), default=4,
+                    help="filter: asks per question with an empty caption")
 parser.add_argument("--max-blind-accuracy", type=float, default=0.25,
                     help="filter: keep a question only if answered right blind in less than this fraction of the "
                     "asks (paper: 0.25, i.e. never in 4)")
-parser.add_argument("--images", type=int, default=300, help="world: number of images")
+parser.add_argument("--images", type=at_least(1), default=300, help="world: number of images")
 parser.add_argument("--split", default="eval", help="world: split of the built-in world")
 parser.add_argument("--leaky", action="store_true", help="world: add the leaky question type")
 args = parser.parse_args()
-if args.filter_asks < 1 or args.questions_per_caption < 1 or args.images < 1:
-    parser.error("--filter-asks, --questions-per-caption and --images must be at least 1")
+if not 0 < args.max_blind_accuracy <= 1:
+    parser.error("--max-blind-accuracy is a fraction of the asks: above 0, at most 1")
+if args.out and (os.path.isdir(args.out) or args.out.endswith(os.sep)):
+    parser.error(f"--out {args.out} is a folder; give a file path, e.g. {os.path.join(args.out, 'out.jsonl')}")
 if not args.out and args.command != "score" or args.command == "filter" and not args.data:
     parser.error(f"{args.command} needs --out" + (" and --data" if args.command == "filter" else ""))
 if args.command == "score" and not args.captions:
@@ -100,8 +103,8 @@ with user_errors():  # the input is read and checked before the judge loads
         raise DataError(f"{args.captions}: no caption left to score")
 device, dtype = pick_device()
 with user_errors():  # a mistyped judge path: one line
-    judge, jtok, meta = load_judge(args.judge, device, dtype)
-fmt = args.judge_format or meta["format"]
+    judge, jtok, meta = load_judge(args.judge, device, dtype, args.judge_format)
+fmt = meta["format"]  # --judge-format, else the judge folder's
 # resumable: OUT.partial.jsonl holds the run's settings, then one line per judge call (appended as it ends); a rerun
 # with the same settings takes those calls' results from it and makes only the rest, writing what one uninterrupted
 # run writes; the file goes at the end. Appended, not rewritten: its size and writes grow with the work, not its square

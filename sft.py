@@ -56,7 +56,7 @@ from tqdm import tqdm
 
 from caprl_mini import shapes
 from caprl_mini.checkpoint import load_trainer_state, resume_checkpoint, save_checkpoint, write_config
-from caprl_mini.data import (DataError, QAFile, caption_records, load_image, print_skipped, skip_bad,
+from caprl_mini.data import (DataError, QAFile, at_least, caption_records, load_image, print_skipped, skip_bad,
                              user_errors)
 from caprl_mini.evaluation import caption_items, fact_totals
 from caprl_mini.judge import answer_ids, prompt_ids, score_questions
@@ -69,20 +69,22 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.R
 parser.add_argument("stage", choices=["captioner", "judge", "eval"], help="what to train, or eval the pair")
 parser.add_argument("--out", required=True, help="output folder (a save_pretrained folder, or eval results)")
 # captioner
-parser.add_argument("--full-steps", type=int, default=1800, help="captioner stage 1 steps (full captions)")
-parser.add_argument("--human-steps", type=int, default=400, help="captioner stage 2 steps (human captions)")
+parser.add_argument("--full-steps", type=at_least(0), default=1800, help="captioner stage 1 steps (full captions)")
+parser.add_argument("--human-steps", type=at_least(0), default=400, help="captioner stage 2 steps (human captions)")
 parser.add_argument("--perception-out", default="runs/sft_perception", help="where stage 1's model is saved")
 parser.add_argument("--init", default=None, help="start the captioner from this folder (e.g. a saved stage 1)")
 parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-cell auxiliary loss")
 parser.add_argument("--captions", default=None, help="captioner: train on this caption JSONL instead (see above)")
 parser.add_argument("--data", default=None, help="--captions: QA JSONL holding the images (and scenes) by id")
 parser.add_argument("--image-root", default=None, help="--captions without --data: folder image paths resolve to")
-parser.add_argument("--caption-steps", type=int, default=1000, help="--captions: training steps")
+parser.add_argument("--caption-steps", type=at_least(0), default=1000, help="--captions: training steps")
 parser.add_argument("--skip-bad", action="store_true",
                     help="--captions: skip bad rows/images, list and count them in the summary instead of stopping")
 # judge
-parser.add_argument("--judge-steps", type=int, default=4000, help="judge training steps (length of its lr schedule)")
-parser.add_argument("--judge-stop-at", type=int, default=0, help="stop the judge early at this step (schedule kept)")
+parser.add_argument("--judge-steps", type=at_least(0), default=4000,
+                    help="judge training steps (length of its lr schedule; 0: the initial judge saved)")
+parser.add_argument("--judge-stop-at", type=at_least(0), default=0,
+                    help="stop the judge early at this step (schedule kept; 0: at the end)")
 parser.add_argument("--judge-init", default="runs/sft_perception",
                     help="start the judge from this captioner's language model, or go on training this judge "
                          "folder ('' = from scratch)")
@@ -91,23 +93,26 @@ parser.add_argument("--restate", action="store_true",
 parser.add_argument("--many-objects", action="store_true",
                     help="judge scenes drawn in proportion to their object count (binding is hard only with several)")
 parser.add_argument("--full-frac", type=float, default=0.25, help="fraction of judge examples with a full caption")
-parser.add_argument("--judge-heads", type=int, default=8, help="attention heads of a judge trained from scratch")
+parser.add_argument("--judge-heads", type=int, default=8, choices=[1, 2, 4, 8, 16, 32, 64],
+                    help="attention heads of a judge trained from scratch (its width, 128, in heads of an even size)")
 # shared
-parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
-parser.add_argument("--lr", type=float, default=2e-3,
+parser.add_argument("--batch-size", type=at_least(1), default=32, help="examples per step")
+parser.add_argument("--lr", type=at_least(0.0, float), default=2e-3,
                     help="peak AdamW learning rate; 100 warm-up steps, then cosine down to 0.1x")
-parser.add_argument("--eval-every", type=int, default=250,
+parser.add_argument("--eval-every", type=at_least(1), default=250,
                     help="steps between held-out evaluations (judge: also between saves of --out)")
-parser.add_argument("--eval-images", type=int, default=300,
+parser.add_argument("--eval-images", type=at_least(0), default=300,
                     help="held-out images for evaluation (0: none during training)")
 parser.add_argument("--captioner", default=SFT_CAPTIONER, help="eval: the captioner to evaluate")
 parser.add_argument("--judge", default=JUDGE, help="eval: the judge to evaluate")
-parser.add_argument("--save-every", type=int, default=250,
+parser.add_argument("--save-every", type=at_least(0), default=250,
                     help="steps between checkpoints in OUT/run (0: only at the end of each stage)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/run, exactly")
 parser.add_argument("--seed", type=int, default=0, help="seed for model init and data order")
-parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+parser.add_argument("--threads", type=at_least(0), default=0, help="torch threads (0 = torch's default)")
 args = parser.parse_args()
+if args.stage == "eval" and args.eval_images < 1:
+    parser.error("eval needs --eval-images of at least 1")
 
 if args.threads:
     torch.set_num_threads(args.threads)
@@ -280,7 +285,8 @@ def train_captioner():
     draw = caption_file_batch() if args.captions else None  # the data is read and checked before the model is built
     ckpt, state = start_run()
     if ckpt or args.init:
-        model, proc = load_policy(ckpt or args.init)
+        with user_errors():  # a mistyped --init: one line
+            model, proc = load_policy(ckpt or args.init)
     else:
         model, proc = build_tiny_policy(build_tokenizer(shapes.world_text()), seed=args.seed)
     t0 = time.time()
@@ -330,11 +336,14 @@ def mixed_caption(scene, rng):
 def train_judge():
     ckpt, state = start_run()
     if ckpt or args.judge_init and os.path.isfile(os.path.join(args.judge_init, "judge.json")):  # go on training
-        model, tok, _ = load_judge(ckpt or args.judge_init)
+        with user_errors():
+            model, tok, _ = load_judge(ckpt or args.judge_init)
         model.requires_grad_(True)  # load_judge loads for inference: frozen
     elif args.judge_init:  # start from a captioner's language model: a judge that already reads the world's language
-        assert os.path.isdir(args.judge_init), f"{args.judge_init} not found: run `python sft.py captioner` first"
-        cap, proc = load_policy(args.judge_init)
+        if not os.path.isdir(args.judge_init):
+            parser.error(f"--judge-init {args.judge_init} not found: run `python sft.py captioner` first")
+        with user_errors():
+            cap, proc = load_policy(args.judge_init)
         tok = proc.tokenizer
         tc = cap.config.text_config
         model, _ = build_tiny_judge(tok, seed=args.seed, heads=tc.num_attention_heads, rms_norm_eps=tc.rms_norm_eps)
@@ -426,8 +435,9 @@ def judge_eval(model, tok, meta, n_images):
 # ---------------------------------------------------------------- eval of the shipped pair
 def evaluate_pair():
     os.makedirs(args.out, exist_ok=True)
-    judge, jtok, meta = load_judge(args.judge)
-    cap_model, proc = load_policy(args.captioner)
+    with user_errors():
+        judge, jtok, meta = load_judge(args.judge)
+        cap_model, proc = load_policy(args.captioner)
     res = {"judge": judge_eval(judge, jtok, meta, args.eval_images),
            "captioner": caption_eval(cap_model, proc, args.eval_images)}
     json.dump(res, open(os.path.join(args.out, "warmstart.json"), "w"), indent=1)

@@ -61,7 +61,7 @@ import torch.distributed as dist
 from caprl_mini import shapes
 from caprl_mini.checkpoint import (load_trainer_state, resume_checkpoint, save_checkpoint, truncate_jsonl,
                                    write_config)
-from caprl_mini.data import DataError, QAFile, World, print_skipped, skip_bad, user_errors
+from caprl_mini.data import DataError, QAFile, World, at_least, print_skipped, skip_bad, user_errors
 from caprl_mini.evaluation import caption_items, evaluate_captions, item_seed, write_results
 from caprl_mini.grpo import advantages, flat_token_loss, policy_stats, zero_variance
 from caprl_mini.judge import caption_rewards
@@ -80,22 +80,22 @@ parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad --data lines and unreadable images (each listed once, counted at the end) instead "
                          "of stopping with an error naming the file and line")
 parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction (the paper's)")
-parser.add_argument("--min-pixels", type=int, default=None,
+parser.add_argument("--min-pixels", type=at_least(1), default=None,
                     help="images are resized to at least this many pixels (default: the processor's)")
-parser.add_argument("--max-pixels", type=int, default=None,
+parser.add_argument("--max-pixels", type=at_least(1), default=None,
                     help="... and at most this many (an image costs pixels / 784 tokens; Qwen3-VL: / 1024)")
 # rollout
-parser.add_argument("--steps", type=int, default=150, help="GRPO steps")
-parser.add_argument("--images-per-step", type=int, default=8, help="B: images per step")
-parser.add_argument("--group-size", type=int, default=8, help="G: captions sampled per image")
-parser.add_argument("--max-new-tokens", type=int, default=64, help="caption length cap in tokens")
+parser.add_argument("--steps", type=at_least(0), default=150, help="GRPO steps")
+parser.add_argument("--images-per-step", type=at_least(1), default=8, help="B: images per step")
+parser.add_argument("--group-size", type=at_least(2), default=8, help="G: captions sampled per image")
+parser.add_argument("--max-new-tokens", type=at_least(1), default=64, help="caption length cap in tokens")
 parser.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
 parser.add_argument("--decode", default="auto", choices=["auto", "static", "dynamic"],
                     help="rollout decoding: static, a fixed batch (finished rows ride along; on CUDA a compiled step "
                          "replayed as a CUDA graph), or dynamic, eager, finished rows dropped; both allocate for the "
                          "rollout only (auto: static on CUDA)")
 # reward
-parser.add_argument("--questions-per-caption", type=int, default=8, help="N: question draws per caption")
+parser.add_argument("--questions-per-caption", type=at_least(1), default=8, help="N: question draws per caption")
 parser.add_argument("--judge-format", default=None, choices=["caprl", "letter", "cloze"],
                     help="how MCQs are posed (default: the judge folder's judge.json, else caprl: the paper's prompt)")
 parser.add_argument("--judge-mode", default="prob", choices=["prob", "sample", "argmax"],
@@ -106,23 +106,27 @@ parser.add_argument("--length-bounds", type=int, nargs=2, default=None, metavar=
                          "token past L1, up to a constant: L2 >= --max-new-tokens, weight c * (L2 - L1)")
 parser.add_argument("--length-weight", type=float, default=0.2, help="weight of the length term (CapRL++'s)")
 # optimisation
-parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper, 3B: 1e-6)")
-parser.add_argument("--warmup-steps", type=int, default=10, help="linear learning-rate warm-up steps (paper: 20)")
+parser.add_argument("--lr", type=at_least(0.0, float), default=1e-4, help="AdamW learning rate (paper, 3B: 1e-6)")
+parser.add_argument("--warmup-steps", type=at_least(0), default=10,
+                    help="linear learning-rate warm-up steps (paper: 20)")
 parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                     help="after warm-up: constant, or cosine down to 0 (reached one step after the last; paper)")
 parser.add_argument("--advantage", default="std", choices=["std", "none"],
                     help="std: GRPO's (r - mean) / std per group; none: r - mean (Dr. GRPO; RLOO's up to a constant)")
 parser.add_argument("--loss-aggregation", default="token", choices=["token", "sequence"], help="see docstring")
-parser.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below 1")
-parser.add_argument("--eps-high", type=float, default=0.28, help="ratio clip above 1 (DAPO clip-higher)")
-parser.add_argument("--beta", type=float, default=0.0, help="KL coefficient (k3, frozen initial policy); 0 = off")
-parser.add_argument("--updates-per-rollout", type=int, default=1, help="optimizer steps per rollout (at least 1)")
-parser.add_argument("--micro-batch-images", type=int, default=4, help="images (x G captions) per forward/backward")
+parser.add_argument("--eps-low", type=at_least(0.0, float), default=0.2, help="ratio clip below 1")
+parser.add_argument("--eps-high", type=at_least(0.0, float), default=0.28, help="ratio clip above 1 (DAPO clip-higher)")
+parser.add_argument("--beta", type=at_least(0.0, float), default=0.0,
+                    help="KL coefficient (k3, frozen initial policy); 0 = off")
+parser.add_argument("--updates-per-rollout", type=at_least(1), default=1,
+                    help="optimizer steps per rollout (more: PPO epochs on the rollout)")
+parser.add_argument("--micro-batch-images", type=at_least(1), default=4,
+                    help="images (x G captions) per forward/backward")
 parser.add_argument("--drop-zero-std", type=int, default=0, help="1: drop groups whose rewards are all equal")
 parser.add_argument("--mask-truncated", type=int, default=0, help="1: no loss on captions cut at the length cap")
 parser.add_argument("--zero-truncated", type=int, default=1,
                     help="1: captions cut at the length cap (no EOS) get reward 0 (DAPO's overlong penalty, hard)")
-parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+parser.add_argument("--grad-clip", type=at_least(0.0, float), default=1.0, help="max gradient norm (0: no clipping)")
 # memory (README, "Train a real captioner")
 parser.add_argument("--policy-dtype", default="fp32", choices=["fp32", "bf16"],
                     help="the policy's weights and optimizer state; compute runs in the device's dtype (bf16 autocast "
@@ -131,20 +135,20 @@ parser.add_argument("--gradient-checkpointing", type=int, default=0, help="1: re
 parser.add_argument("--freeze-vision", type=int, default=0, help="1: train only the language model")
 # run
 parser.add_argument("--out", default="runs/grpo", help="run folder")
-parser.add_argument("--save-every", type=int, default=50, help="steps between checkpoints (0: only final)")
+parser.add_argument("--save-every", type=at_least(0), default=50, help="steps between checkpoints (0: only final)")
 parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
 parser.add_argument("--save-final", type=int, default=1, help="0: no final save (benchmarks of a step)")
 parser.add_argument("--seed", type=int, default=0, help="seed of everything random (images, rollouts, draws)")
-parser.add_argument("--eval-images", type=int, default=200,  # evaluate.py scores any other file
+parser.add_argument("--eval-images", type=at_least(0), default=200,  # evaluate.py scores any other file
                     help="images in the final evaluation: the world's held-out split, or --data's first rows; 0: none")
-parser.add_argument("--log-samples", type=int, default=4, help="captions per step written to samples.jsonl")
+parser.add_argument("--log-samples", type=at_least(0), default=4, help="captions per step written to samples.jsonl")
 args = parser.parse_args()
-if args.updates_per_rollout < 1:
-    parser.error("--updates-per-rollout must be at least 1")
-if args.micro_batch_images < 1 or args.images_per_step % args.micro_batch_images:
+if args.images_per_step % args.micro_batch_images:
     parser.error("--images-per-step must be a multiple of --micro-batch-images")
-if args.group_size < 2:
-    parser.error("GRPO needs at least 2 captions per image (--group-size)")
+if args.eps_low >= 1:  # the ratio's clip range [1 - eps_low, 1 + eps_high]
+    parser.error("--eps-low must be below 1")
+if os.path.isfile(args.out):
+    parser.error(f"--out {args.out} is a file, not a run folder")
 if args.length_bounds and not 0 <= args.length_bounds[0] < args.length_bounds[1]:
     parser.error("--length-bounds L1 L2 needs 0 <= L1 < L2")
 if args.temperature <= 0:  # greedy rollouts: no distribution to take log-probs under (the loss divides by it)
@@ -173,17 +177,19 @@ except ValueError as e:
 pixels = dict(min_pixels=args.min_pixels, max_pixels=args.max_pixels)
 with user_errors():  # a mistyped model path: one line, not the hub client's traceback
     model, proc = load_policy(ckpt or args.policy, device, pdtype, **pixels)
-    judge, jtok, meta = load_judge(args.judge, device, dtype)  # inference only, in the device's dtype
+    judge, jtok, meta = load_judge(args.judge, device, dtype, args.judge_format)  # inference only, device's dtype
     # KL's frozen initial policy, only when KL is on: from --policy, also when a resume loaded a checkpoint
     ref_model = load_policy(args.policy, device, pdtype, **pixels)[0].requires_grad_(False) if args.beta > 0 else None
+jfmt = meta["format"]  # --judge-format, else the judge folder's
 params = prepare_for_training(model, args.gradient_checkpointing, args.freeze_vision)
-jfmt = args.judge_format or meta["format"]
 # fused on accelerators: no parameter-sized temporaries in the update (foreach's are GBs at 3B)
 opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, fused=device.type != "cpu")
 if ckpt:
     state = load_trainer_state(ckpt)
     opt.load_state_dict(state["optimizer"])
     start, skipped_updates = state["step"], state.get("skipped_updates", 0)
+    if start > args.steps:
+        parser.error(f"--resume --steps {args.steps}: the run is at step {start} already")
     print(f"resumed from {ckpt} at step {start}")
 if rank == 0:  # the logs keep the steps before `start`: a fresh run (start 0) starts them empty
     for name in ("metrics.jsonl", "samples.jsonl"):

@@ -125,7 +125,7 @@ for name in names:
     with torch.no_grad():  # same work, same numbers: judge.py's option logits vs generate's first-step logits
         z = judge.option_logits(model, tok, rows_c, posed, args.format)
         _, first = generate_scores(model, 1, posed, gold, return_logits=True)
-        ids = [[judge._letter_id(tok, judge.LETTERS[j]) for j in range(len(q["options"]))] for q in posed]
+        ids = [[judge.letter_id(tok, judge.LETTERS[j]) for j in range(len(q["options"]))] for q in posed]
         err = max((zi.cpu() - f[i].cpu()).abs().max().item() for zi, f, i in zip(z, first, ids))
     runs = {"judge.py": lambda: judge.score_questions(model, tok, rows_c, rows_q, args.format, "argmax",
                                                       random.Random(0)),

@@ -78,8 +78,9 @@ def resume_checkpoint(run_dir, resume, flags, may_change, default):
                          "choose another --out")
     if ckpt and os.path.exists(os.path.join(run_dir, "config.json")):  # write_config's: never half-written
         saved = json.load(open(os.path.join(run_dir, "config.json")))
-        changed = [f"--{k.replace('_', '-')} {v} (was {saved.get(k, default(k))})" for k, v in flags.items()
-                   if saved.get(k, default(k)) != v and k not in may_change]
+        shown = lambda v: ("on" if v else "off") if isinstance(v, bool) else v  # noqa: E731 (store_true flags)
+        changed = [f"--{k.replace('_', '-')} {shown(v)} (was {shown(saved.get(k, default(k)))})"
+                   for k, v in flags.items() if saved.get(k, default(k)) != v and k not in may_change]
         if changed:
             raise ValueError(f"--resume with other flags than {run_dir} was started with: {', '.join(changed)}")
     return ckpt

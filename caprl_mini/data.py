@@ -16,6 +16,7 @@ turns it into one line `error: ...` and exit status 2. With --skip-bad, scripts 
 is then left out and recorded there as (where, reason); for a bad image, the caller wraps the access,
 `with skip_bad(skipped): item = data[i]`, and print_skipped(skipped) lists and counts them all at the end.
 """
+import argparse
 import base64
 import binascii
 import contextlib
@@ -73,6 +74,17 @@ def user_errors():
     except (DataError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
         print(f"error: {f'{e.filename}: {e.strerror}' if getattr(e, 'filename', None) else e}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def at_least(low, kind=int):
+    """An argparse type: a `kind` number not below `low`, so a flag out of range stops the script with one line
+    ("argument --steps: must be at least 0, got -3") before any work, not with a traceback deep in it, or silently."""
+    def parse(text):
+        if kind(text) < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return kind(text)
+    parse.__name__ = kind.__name__  # not a number: argparse's own "invalid int value: 'x'"
+    return parse
 
 
 def _read_lines(path, f, parse, skipped, what=None, key=None):

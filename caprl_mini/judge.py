@@ -118,7 +118,7 @@ def gold_option(question):
 
 
 # ---------------------------------------------------------------- scoring with shared prefixes
-def _letter_id(tok, letter):
+def letter_id(tok, letter):
     ids = tok.encode(" " + letter, add_special_tokens=False)
     if len(ids) != 1:
         raise ValueError(f"letter format needs ' {letter}' to be one token; this tokenizer splits it into {ids}")
@@ -237,7 +237,7 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
     for i, c in enumerate(captions):
         rows_of.setdefault(c, []).append(i)
     answers = {o: answer_ids(tok, o) for o in {o for q in questions for o in q["options"]}} if fmt == "cloze" else {}
-    letter_ids = W.new_tensor([_letter_id(tok, L) for L in LETTERS[:max(len(q["options"]) for q in questions)]]
+    letter_ids = W.new_tensor([letter_id(tok, L) for L in LETTERS[:max(len(q["options"]) for q in questions)]]
                               if fmt != "cloze" else [], dtype=torch.long)
     # a question's suffix does not depend on the caption (user_message puts the caption before _SPLIT): tokenized once.
     # A fork that moves the caption after the question must key this by caption too, and loses the shared prefix

@@ -14,7 +14,7 @@ import re
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
                           AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen2VLConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
                           Qwen3VLConfig)
@@ -22,6 +22,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from . import shapes
 from .data import DataError
+from .judge import LETTERS, letter_id
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SFT_CAPTIONER = os.path.join(ASSETS, "captioner")
@@ -176,11 +177,11 @@ def check_model_path(path):
 
 
 def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None):
-    """A vision-language captioner and its processor, from a folder or a hub id."""
-    check_model_path(path)
-    if min_pixels and max_pixels and min_pixels > max_pixels:
-        raise DataError(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    """A vision-language captioner and its processor, from a folder or a hub id. Refused before the weights load: a
+    text-only model (the judge given as the captioner), and pixel bounds that contradict each other or, one given
+    alone, the processor's other bound (the resize would then keep one or the other depending on the image)."""
+    if not hasattr(AutoConfig.from_pretrained(check_model_path(path)), "vision_config"):
+        raise DataError(f"{path}: a text-only language model, not a vision-language captioner")
     try:
         proc = AutoProcessor.from_pretrained(path)
     except (AttributeError, ImportError, ValueError):  # the video slot needs torchvision
@@ -192,9 +193,13 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
     if min_pixels or max_pixels:  # in `size` only: set as attributes they reach each call as the min_pixels /
         # max_pixels arguments transformers 5.23 deprecates (the PIL processor has no such attributes of its own)
         ip = proc.image_processor
-        ip.size = {"shortest_edge": min_pixels or ip.size["shortest_edge"],
-                   "longest_edge": max_pixels or ip.size["longest_edge"]}
-    return model, proc
+        lo, hi = min_pixels or ip.size["shortest_edge"], max_pixels or ip.size["longest_edge"]
+        if lo > hi:
+            raise DataError(f"--min-pixels {lo} is above --max-pixels {hi}" if min_pixels and max_pixels else
+                            f"--min-pixels {lo} is above {path}'s max_pixels {hi}: give --max-pixels too" if min_pixels
+                            else f"--max-pixels {hi} is below {path}'s min_pixels {lo}: give --min-pixels too")
+        ip.size = {"shortest_edge": lo, "longest_edge": hi}
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device), proc
 
 
 def prepare_for_training(model, gradient_checkpointing=False, freeze_vision=False):
@@ -214,20 +219,38 @@ def prepare_for_training(model, gradient_checkpointing=False, freeze_vision=Fals
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def load_judge(path, device="cpu", dtype=torch.float32):
-    """A text-only chat LM and its tokenizer, from a folder or a hub id. Returns (model, tokenizer, meta);
-    meta is the folder's judge.json (how the judge was trained to be asked: {"format": "cloze"} for the built-in
-    world's); without one (real chat judges) the paper's prompt and letter scoring, {"format": "caprl"}.
-    "oracle" is the built-in world's exact reader (judge.py scores it by rule). The judge only runs inference:
-    eval mode, no gradients, in the device's dtype (bf16 on a GPU)."""
+def load_judge(path, device="cpu", dtype=torch.float32, fmt=None):
+    """A text-only chat LM and its tokenizer, from a folder or a hub id. Returns (model, tokenizer, meta), meta from
+    judge_meta. "oracle" is the built-in world's exact reader (judge.py scores it by rule). The judge only runs
+    inference: eval mode, no gradients, in the device's dtype (bf16 on a GPU)."""
+    tok, meta = judge_meta(path, fmt)
     if path == "oracle":
-        return "oracle", None, {"format": "cloze"}
-    model = AutoModelForCausalLM.from_pretrained(check_model_path(path), dtype=dtype).to(device).eval()
-    model.requires_grad_(False)
+        return "oracle", None, meta
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model.requires_grad_(False), tok, meta
+
+
+def judge_meta(path, fmt=None):
+    """(tokenizer, meta) of a judge, without its weights (a script checks its judge before long work). meta is the
+    folder's judge.json (how the judge was trained to be asked: {"format": "cloze"} for the built-in world's);
+    without one (real chat judges) the paper's prompt and letter scoring, {"format": "caprl"}; fmt (--judge-format)
+    overrides it. Refused (DataError): a vision-language model (the captioner given as the judge), and a letter format
+    the tokenizer cannot read (a letter that is not one token)."""
+    if path == "oracle":
+        return None, {"format": fmt or "cloze"}
+    if hasattr(AutoConfig.from_pretrained(check_model_path(path)), "vision_config"):
+        raise DataError(f"{path}: a vision-language model; the judge is a text-only chat language model")
     tok = AutoTokenizer.from_pretrained(path)
     meta_path = os.path.join(path, "judge.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {"format": "caprl"}
-    return model, tok, meta
+    meta["format"] = fmt or meta["format"]
+    if meta["format"] != "cloze":  # letter scoring reads one token a letter: refused now, not after a rollout (the
+        try:  # letters any MCQ asks: two options and abstain; a question with more checks its own when scored)
+            for letter in LETTERS[:3]:
+                letter_id(tok, letter)
+        except ValueError as e:
+            raise DataError(f"--judge-format {meta['format']} with {path}: {e}") from None
+    return tok, meta
 
 
 def save_model(model, proc_or_tok, path, meta=None):

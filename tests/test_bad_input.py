@@ -4,6 +4,7 @@ while the good ones load. Scripts end such errors with `error: ...` and exit sta
 import contextlib
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,66 @@ def test_scripts_end_bad_input_with_one_error_line_and_status_2(folder):
         assert err.startswith(f"error: {bad}"), (name, err)
 
 
+def test_flags_out_of_range_stop_before_any_work(tmp_path, monkeypatch, capsys):
+    """A value a flag cannot take stops the script at once with one line naming the flag, where it used to crash deep
+    in the run (--max-new-tokens 0: an index error in the sampler after the models loaded; --batch-size 0: an empty
+    batch; evaluate.py --out naming a file: after all the captioning) or run on silently (--grad-clip -1 flipped every
+    gradient: clip_grad_norm_ scales by max_norm / norm; --questions-per-caption 0: NaN rewards, every update skipped
+    and the untrained policy saved; --max-blind-accuracy 0 dropped every question). In-process: the scripts' imports
+    are loaded already. Each also names a missing model or file, which a script that let the value through would
+    stop on instead, with another message."""
+    f, nope = tmp_path / "file", str(tmp_path / "nope")
+    f.write_text("")
+    runs = [(["train_grpo.py", "--grad-clip", "-1"], "argument --grad-clip: must be at least 0.0, got -1"),
+            (["train_grpo.py", "--questions-per-caption", "0"],
+             "argument --questions-per-caption: must be at least 1, got 0"),
+            (["train_grpo.py", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+            (["train_grpo.py", "--eps-low", "1"], "--eps-low must be below 1"),
+            (["train_grpo.py", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
+            (["train_grpo.py", "--out", str(f)], f"--out {f} is a file, not a run folder"),
+            (["sft.py", "judge", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+            (["sft.py", "eval", "--eval-images", "0"], "eval needs --eval-images of at least 1"),
+            (["sft.py", "judge", "--judge-heads", "5"], "argument --judge-heads: invalid choice: 5 (choose from 1, 2, "
+                                                        "4, 8, 16, 32, 64)"),
+            (["evaluate.py", "--temperature", "-1"], "argument --temperature: must be at least 0.0, got -1"),
+            (["evaluate.py", "--out", str(f)], f"--out {f} is a file, not a folder"),
+            (["evaluate.py", "--judge-format", "letter"],  # the judge loads after the captioners: checked before
+             f"--judge-format letter with {models.JUDGE}: letter format needs ' A' to be one token"),
+            (["annotate.py", "--model", nope, "--images", nope, "--max-pixels", "-5"],
+             "argument --max-pixels: must be at least 1, got -5"),
+            (["reward.py", "filter", "--data", nope, "--max-blind-accuracy", "0"],
+             "--max-blind-accuracy is a fraction of the asks: above 0, at most 1"),
+            (["reward.py", "world", "--images", "1", "--out", str(tmp_path)],
+             f"--out {tmp_path} is a folder; give a file path, e.g. {tmp_path / 'out.jsonl'}")]
+    guard = {"train_grpo.py": ["--policy", nope], "sft.py": ["--judge-init", nope, "--judge", nope],
+             "evaluate.py": ["--captioner", nope], "annotate.py": [], "reward.py": ["--out", nope]}
+    for argv, message in runs:
+        name, *args = argv
+        out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
+        monkeypatch.setattr(sys, "argv", [name, *guard[name], *out, *args])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, name), run_name="__main__")
+        assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_swapped_models_and_a_letter_format_the_judge_cannot_read_are_refused_before_the_weights_load():
+    """The judge given as the captioner, or the captioner as the judge, used to end in transformers' "Unrecognized
+    configuration class" and a long traceback; a letter format with a judge whose tokenizer splits the letters failed
+    after the first rollout (train_grpo.py) or all the captioning (evaluate.py). Each is one DataError now."""
+    cap, judge = shipped("captioner"), shipped("judge")
+    for call, message in [(lambda: models.load_policy(judge),
+                           f"{judge}: a text-only language model, not a vision-language captioner"),
+                          (lambda: models.load_judge(cap), f"{cap}: a vision-language model; the judge is a text-only "
+                                                           "chat language model"),
+                          (lambda: models.load_judge(judge, fmt="caprl"), f"--judge-format caprl with {judge}: letter "
+                                                                          "format needs ' A' to be one token")]:
+        with pytest.raises(DataError) as e:
+            call()
+        assert str(e.value).startswith(message)
+    assert models.judge_meta(judge)[1] == {"format": "cloze"} and models.judge_meta("oracle", "letter")[1] == {
+        "format": "letter"}
+
+
 def test_sft_caption_jsonl_skip_bad_lists_and_counts_unknown_ids_and_unreadable_images(folder, monkeypatch, capsys):
     """sft.py --captions --data: a caption whose id --data lacks, or whose image cannot be read, stops the run with
     its file:line; with --skip-bad it is left out, listed and counted, with the bad lines, and the rest trains."""
@@ -401,14 +462,16 @@ def test_resume_refuses_other_training_data_but_follows_a_moved_file(tmp_path):
 
 
 def test_resume_refusal_names_every_changed_flag_as_it_is_typed(tmp_path):
-    """Each flag that differs from the run's config.json is named, in --kebab-case, with its old value."""
+    """Each flag that differs from the run's config.json is named, in --kebab-case, with its old value; a store_true
+    flag as on / off (as typed: present or not)."""
     os.makedirs(tmp_path / "checkpoints" / "step_000002")
-    json.dump({"lr": 1e-4, "lr_schedule": "constant", "steps": 10}, open(tmp_path / "config.json", "w"))
-    flags = {"lr": 1e-3, "lr_schedule": "cosine", "steps": 10}
+    json.dump({"lr": 1e-4, "lr_schedule": "constant", "steps": 10, "restate": False, "skip_bad": True},
+              open(tmp_path / "config.json", "w"))
+    flags = {"lr": 1e-3, "lr_schedule": "cosine", "steps": 10, "restate": True, "skip_bad": False}
     with pytest.raises(ValueError) as e:
         checkpoint.resume_checkpoint(str(tmp_path), True, flags, (), lambda flag: None)
     assert str(e.value) == (f"--resume with other flags than {tmp_path} was started with: --lr 0.001 (was 0.0001), "
-                            "--lr-schedule cosine (was constant)")
+                            "--lr-schedule cosine (was constant), --restate on (was off), --skip-bad off (was on)")
 
 
 def test_a_run_folder_without_checkpoints_starts_over_with_any_flags(tmp_path, capsys):

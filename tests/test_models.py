@@ -164,12 +164,22 @@ def test_prompt_run_once_equals_prompt_per_row(tiny_policy_dir):
 def test_pixel_bounds_apply_alone_or_together_without_the_deprecated_arguments():
     """load_policy's --min-pixels / --max-pixels: either alone keeps the processor's other bound (one alone used to
     raise AttributeError: the processor has no max_pixels attribute), and the processor is never called with the
-    min_pixels / max_pixels arguments transformers 5.23 deprecates (they set size; the image's token grid shows it)."""
+    min_pixels / max_pixels arguments transformers 5.23 deprecates (they set size; the image's token grid shows it).
+    Bounds that contradict each other, or one alone that contradicts the processor's other bound (the shipped
+    processor's are both 7,056 pixels: the resize would keep one or the other depending on the image), are refused
+    before the weights load."""
     img = shapes.world_item(0)["image"]  # 84 x 84: 6 x 6 patches of 14 at the shipped bounds (7,056 pixels)
+    big, small = img.resize((168, 168)), img.resize((56, 56))  # 12 x 12 and 4 x 4 patches at their own size
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        for lo, hi, grid in [(None, None, 6), (100 * 100, None, 8), (None, 40 * 40, 2), (224 * 224, 448 * 448, 16)]:
+        for lo, hi, image, grid in [(None, None, img, 6), (3136, None, big, 6), (None, 40000, small, 6),
+                                    (3136, None, small, 4), (None, 40000, big, 12), (224 * 224, 448 * 448, img, 16)]:
             _, proc = models.load_policy(shipped("captioner"), min_pixels=lo, max_pixels=hi)
-            assert proc.image_processor(img)["image_grid_thw"].tolist() == [[1, grid, grid]], (lo, hi)
-    with pytest.raises(DataError, match="^--min-pixels 50176 is above --max-pixels 3136$"):
-        models.load_policy(shipped("captioner"), min_pixels=50176, max_pixels=3136)
+            assert proc.image_processor(image)["image_grid_thw"].tolist() == [[1, grid, grid]], (lo, hi)
+    cap = shipped("captioner")
+    for lo, hi, message in [(50176, 3136, "--min-pixels 50176 is above --max-pixels 3136"),
+                            (10000, None, f"--min-pixels 10000 is above {cap}'s max_pixels 7056: give --max-pixels too"),
+                            (None, 1600, f"--max-pixels 1600 is below {cap}'s min_pixels 7056: give --min-pixels too")]:
+        with pytest.raises(DataError) as e:
+            models.load_policy(cap, min_pixels=lo, max_pixels=hi)
+        assert str(e.value) == message

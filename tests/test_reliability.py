@@ -83,6 +83,17 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted(reference, t
     assert not any(n.endswith(".tmp") for n in os.listdir(os.path.join(out, "checkpoints")))
 
 
+def test_resume_with_fewer_steps_than_the_run_has_done_is_refused(reference, tmp_path):
+    """--resume --steps 2 on a run at step 4 used to do nothing and rewrite config.json with steps 2: now one line,
+    and the run folder as it was."""
+    out = str(tmp_path / "run")
+    shutil.copytree(reference[0], out)
+    config = open(os.path.join(out, "config.json")).read()
+    text = finish(train(*COMMON[:-1], "2", "--save-every", "1", "--out", out, "--resume"), code=2)
+    assert text.strip().splitlines()[-1].endswith("error: --resume --steps 2: the run is at step 4 already")
+    assert open(os.path.join(out, "config.json")).read() == config
+
+
 def test_ctrl_c_writes_a_checkpoint_and_resume_equals_uninterrupted(reference, tmp_path):
     ref, _ = reference
     out = str(tmp_path / "run")
