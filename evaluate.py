@@ -24,8 +24,8 @@ import torch.distributed as dist
 from caprl_mini.data import DataError, QAFile, World, at_least, print_skipped, read_captions, skip_bad, user_errors
 from caprl_mini.evaluation import caption_items, evaluate_captions, write_results
 from caprl_mini.report import write_report
-from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, judge_meta, load_judge, load_policy,
-                               pick_device)
+from caprl_mini.models import (CAPTION_INSTRUCTION, JUDGE, SFT_CAPTIONER, check_policy, judge_meta, load_judge,
+                               load_policy, pick_device)
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--captioner", action="append", default=[], help="captioner folder or hub id (repeatable)")
@@ -83,7 +83,9 @@ with user_errors():
         if missing:
             print_skipped(skipped)  # --skip-bad: the bad lines behind the missing ids
             raise DataError(f"{path}: no caption for {len(missing)} of the {len(items)} images, e.g. {missing[0]!r}")
-    judge_meta(args.judge, args.judge_format)  # the judge checked now: it loads after the captioners ran
+    judge_meta(args.judge, args.judge_format)  # the models checked now, not after an earlier one's captioning
+    for path in captioners:
+        check_policy(path)
 for path in captioners:  # every rank captions its share; rank 0 keeps all captions
     with user_errors():
         model, proc = load_policy(path, device, dtype, args.min_pixels, args.max_pixels)

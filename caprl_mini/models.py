@@ -180,8 +180,7 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
     """A vision-language captioner and its processor, from a folder or a hub id. Refused before the weights load: a
     text-only model (the judge given as the captioner), and pixel bounds that contradict each other or, one given
     alone, the processor's other bound (the resize would then keep one or the other depending on the image)."""
-    if not hasattr(AutoConfig.from_pretrained(check_model_path(path)), "vision_config"):
-        raise DataError(f"{path}: a text-only language model, not a vision-language captioner")
+    check_policy(path)
     try:
         proc = AutoProcessor.from_pretrained(path)
     except (AttributeError, ImportError, ValueError):  # the video slot needs torchvision
@@ -200,6 +199,13 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
                             else f"--max-pixels {hi} is below {path}'s min_pixels {lo}: give --min-pixels too")
         ip.size = {"shortest_edge": lo, "longest_edge": hi}
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device), proc
+
+
+def check_policy(path):
+    """A captioner's path checked without its weights (evaluate.py checks every --captioner before captioning with
+    the first): a folder with a config.json or a hub id, of a vision-language model (not the judge)."""
+    if not hasattr(AutoConfig.from_pretrained(check_model_path(path)), "vision_config"):
+        raise DataError(f"{path}: a text-only language model, not a vision-language captioner")
 
 
 def prepare_for_training(model, gradient_checkpointing=False, freeze_vision=False):

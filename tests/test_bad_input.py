@@ -315,6 +315,20 @@ def test_flags_out_of_range_stop_before_any_work(tmp_path, monkeypatch, capsys):
         assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_evaluate_checks_every_model_before_any_captioning(tmp_path, monkeypatch, capsys):
+    """evaluate.py --captioner A --captioner B with B mistyped or a text-only model used to stop only after A had
+    captioned every image (minutes to hours at 3B)."""
+    monkeypatch.setattr("caprl_mini.evaluation.caption_items", lambda *a, **k: pytest.fail("captioned before checks"))
+    nope = str(tmp_path / "nope")
+    for second, message in [(nope, f"{nope}: no such model folder"),
+                            (models.JUDGE, f"{models.JUDGE}: a text-only language model, not a vision-language")]:
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--captioner", models.SFT_CAPTIONER, "--captioner", second,
+                                          "--images", "1", "--judge", "oracle", "--out", str(tmp_path / "e")])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+        assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_swapped_models_and_a_letter_format_the_judge_cannot_read_are_refused_before_the_weights_load():
     """The judge given as the captioner, or the captioner as the judge, used to end in transformers' "Unrecognized
     configuration class" and a long traceback; a letter format with a judge whose tokenizer splits the letters failed
