@@ -45,8 +45,7 @@ parser.add_argument("--temperature", type=at_least(0.0, float), default=0.0,
                     help="caption sampling temperature (0 = greedy)")
 parser.add_argument("--max-new-tokens", type=at_least(1), default=64, help="caption length cap")
 parser.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the caption instruction")
-parser.add_argument("--min-pixels", type=at_least(1), default=None,
-                    help="images are resized to at least this many pixels")
+parser.add_argument("--min-pixels", type=at_least(1), default=None, help="images resized to at least this many pixels")
 parser.add_argument("--max-pixels", type=at_least(1), default=None, help="... and at most this many")
 parser.add_argument("--seed", type=int, default=0, help="seed of option shuffling and caption sampling")
 parser.add_argument("--out", default="runs/eval", help="output folder for results.json")

@@ -107,8 +107,7 @@ parser.add_argument("--length-bounds", type=int, nargs=2, default=None, metavar=
 parser.add_argument("--length-weight", type=float, default=0.2, help="weight of the length term (CapRL++'s)")
 # optimisation
 parser.add_argument("--lr", type=at_least(0.0, float), default=1e-4, help="AdamW learning rate (paper, 3B: 1e-6)")
-parser.add_argument("--warmup-steps", type=at_least(0), default=10,
-                    help="linear learning-rate warm-up steps (paper: 20)")
+parser.add_argument("--warmup-steps", type=at_least(0), default=10, help="linear lr warm-up steps (paper: 20)")
 parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"],
                     help="after warm-up: constant, or cosine down to 0 (reached one step after the last; paper)")
 parser.add_argument("--advantage", default="std", choices=["std", "none"],
