@@ -60,7 +60,7 @@ parser.add_argument("--out", default=None, help="output JSONL (score: default pr
 parser.add_argument("--skip-bad", action="store_true",
                     help="skip bad rows, list and count them in the summary instead of stopping")
 # filter and world
-parser.add_argument("--filter-asks", type=at_least(1), default=4, help="filter: blind asks per question (empty caption)")
+parser.add_argument("--filter-asks", type=at_least(1), default=4, help="filter: blind asks per question")
 parser.add_argument("--max-blind-accuracy", type=float, default=0.25,
                     help="filter: keep a question only if answered right blind in less than this fraction of the "
                     "asks (paper: 0.25, i.e. never in 4)")
