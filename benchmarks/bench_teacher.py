@@ -35,6 +35,8 @@ parser.add_argument("--repeats", type=int, default=3, help="timed runs of each w
 parser.add_argument("--threads", type=int, default=2, help="CPU threads")
 parser.add_argument("--device", default="cpu", help="cpu or cuda")
 args = parser.parse_args()
+if args.hidden % 128:  # heads of 64, two key/value heads
+    parser.error("--hidden must be a multiple of 128")
 torch.set_num_threads(args.threads)
 dev, B, G, L = torch.device(args.device), args.images, args.group_size, args.new_tokens
 gpu = dev.type == "cuda"
