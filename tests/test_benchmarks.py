@@ -57,6 +57,14 @@ def test_real_step_bench_runs_train_grpo_at_toy_width():
     assert out["step_seconds"] > 0 and out["plan_fixed_gib"] > 0
 
 
+def test_trl_bench_both_sides_do_the_same_work():
+    """Only where TRL is installed (benchmarks/README.md: its own venv; never a project dependency)."""
+    pytest.importorskip("trl")
+    out = run("bench_trl.py", "--rounds", "1", "--steps", "2", "--threads", "1", "--images-per-step", "2",
+              "--group-size", "2", "--max-new-tokens", "8")
+    assert out["median"]["project"]["tokens"] == out["median"]["trl"]["tokens"] == 8 and out["speedup"] > 0
+
+
 def test_gpu_check_passes_on_the_cpu_against_itself():
     """check_gpu.py is the first thing a GPU session runs: the script itself, its static (compiled) decode, flex and
     fused variants, packed teacher forcing, loss and judge, device cpu against cpu."""
