@@ -186,9 +186,11 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
     except (AttributeError, ImportError, ValueError):  # the video slot needs torchvision
         proc = AutoTokenizer.from_pretrained(path)
     if not hasattr(proc, "image_processor"):  # without torchvision AutoProcessor may return only the tokenizer
-        tok = getattr(proc, "tokenizer", proc)
+        tok = getattr(proc, "tokenizer", proc)  # the chat template AutoProcessor would take (chat_template.jinja, or
+        # a hub folder's legacy chat_template.json, which the tokenizer does not read), else the tokenizer's
+        template = ImageProcessorOnly.get_processor_dict(path)[0].get("chat_template") or tok.chat_template
         proc = ImageProcessorOnly(image_processor=Qwen2VLImageProcessorPil.from_pretrained(path), tokenizer=tok,
-                                  chat_template=tok.chat_template)
+                                  chat_template=template)
     if min_pixels or max_pixels:  # in `size` only: set as attributes they reach each call as the min_pixels /
         # max_pixels arguments transformers 5.23 deprecates (the PIL processor has no such attributes of its own)
         ip = proc.image_processor
