@@ -176,6 +176,18 @@ def check_model_path(path):
     return path
 
 
+def model_config(path):
+    """The config of a model folder or hub id (check_model_path first). A hub id the hub does not serve (no network,
+    no such or a gated repo, not in the cache when offline) raises DataError with transformers' reason, on one line."""
+    check_model_path(path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except OSError as e:
+        if os.path.isdir(path):
+            raise
+        raise DataError(f"{path}: {' '.join(str(e).split())}") from None
+
+
 def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None):
     """A vision-language captioner and its processor, from a folder or a hub id. Refused before the weights load: a
     text-only model (the judge given as the captioner), and pixel bounds that contradict each other or, one given
@@ -206,7 +218,7 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
 def check_policy(path):
     """A captioner's path checked without its weights (evaluate.py checks every --captioner before captioning with
     the first): a folder with a config.json or a hub id, of a vision-language model (not the judge)."""
-    if not hasattr(AutoConfig.from_pretrained(check_model_path(path)), "vision_config"):
+    if not hasattr(model_config(path), "vision_config"):
         raise DataError(f"{path}: a text-only language model, not a vision-language captioner")
 
 
@@ -246,7 +258,7 @@ def judge_meta(path, fmt=None):
     the tokenizer cannot read (a letter that is not one token)."""
     if path == "oracle":
         return None, {"format": fmt or "cloze"}
-    if hasattr(AutoConfig.from_pretrained(check_model_path(path)), "vision_config"):
+    if hasattr(model_config(path), "vision_config"):
         raise DataError(f"{path}: a vision-language model; the judge is a text-only chat language model")
     tok = AutoTokenizer.from_pretrained(path)
     meta_path = os.path.join(path, "judge.json")

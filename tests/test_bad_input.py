@@ -412,9 +412,16 @@ def test_a_mistyped_model_path_is_one_error_line(tmp_path):
         check_model_path(str(tmp_path))
     nope = str(tmp_path / "nope" / "model")
     Image.new("RGB", (28, 28)).save(tmp_path / "img.png")
+    hub = "nobody/no-such-model"  # a hub id the hub cannot serve (offline here, and not cached): one line, not the
+    # hub client's traceback (the same for no network, a mistyped or a gated repo)
     errors = scripts(["train_grpo.py", "--policy", nope, "--out", str(tmp_path / "run")],  # side by side
-                     ["annotate.py", "--model", nope, "--images", str(tmp_path), "--out", str(tmp_path / "caps.jsonl")])
-    assert errors == [f"error: {nope}: no such model folder, and not a hub id like Qwen/Qwen2.5-VL-3B-Instruct"] * 2
+                     ["annotate.py", "--model", nope, "--images", str(tmp_path), "--out", str(tmp_path / "caps.jsonl")],
+                     ["train_grpo.py", "--judge", hub, "--out", str(tmp_path / "run2")])
+    assert errors[:2] == [f"error: {nope}: no such model folder, and not a hub id like Qwen/Qwen2.5-VL-3B-Instruct"] * 2
+    assert errors[2].startswith(f"error: {hub}: We couldn't connect to 'https://huggingface.co'"), errors[2]
+    for load in (models.load_policy, models.load_judge):
+        with pytest.raises(DataError, match=f"^{hub}: .*couldn't find them in the cached files"):
+            load(hub)
 
 
 def test_train_refuses_to_mix_runs_or_resume_with_other_training_flags(tmp_path):
