@@ -207,6 +207,7 @@ B, G = args.images_per_step, args.group_size
 Bl = B // world  # images of this rank per step
 mine = range(rank * Bl, rank * Bl + Bl)  # their positions among the step's B images
 stop = []  # SIGINT sets it; the step in flight finishes, then a checkpoint is written
+printed = time.time()  # when the last progress line was printed: one every 10 steps, and at least one a minute
 
 
 def on_sigint(signum, frame):
@@ -371,7 +372,8 @@ for step in range(start, args.steps):
             for i in range(min(args.log_samples, len(captions))):
                 f.write(json.dumps({"step": step, "id": items[i // G]["id"], "caption": captions[i],
                                     "reward": rewards[i].item()}) + "\n")
-    if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
+    if rank == 0 and (step % 10 == 0 or step == args.steps - 1 or time.time() - printed > 60):
+        printed = time.time()
         print(f"step {step:4d} reward {metrics['reward_mean']:.3f} tokens {metrics['caption_tokens_mean']:.1f} "
               f"ratio {metrics['ratio_mean']:.4f} entropy {metrics['entropy']:.3f} gen {t_gen:.2f}s "
               f"reward {t_reward:.2f}s step {step_s:.2f}s | {captions[0][:90]}", flush=True)
