@@ -177,14 +177,13 @@ def check_model_path(path):
 
 
 def model_config(path):
-    """The config of a model folder or hub id (check_model_path first). A hub id the hub does not serve (no network,
-    no such or a gated repo, not in the cache when offline) raises DataError with transformers' reason, on one line."""
+    """The config of a model folder or hub id (check_model_path first). One transformers cannot read (a hub id it
+    cannot fetch: no network, no such or a gated repo, not cached when offline; a config.json that is not JSON) raises
+    DataError with transformers' reason, on one line."""
     check_model_path(path)
     try:
         return AutoConfig.from_pretrained(path)
     except OSError as e:
-        if os.path.isdir(path):
-            raise
         raise DataError(f"{path}: {' '.join(str(e).split())}") from None
 
 
