@@ -3,7 +3,9 @@
 # 181 s (2026-11-27 21:48-22:01 UTC; sampling_amp ran past its then 240 s), logprobs 28 s, judge 44 s at --repeats 1
 # (18:53-19:04 UTC); teacher never run. Each compile of the decode step took ~95 s of those until 22:14 UTC (36 layers
 # unrolled; now one layer function, ~7x faster to compile on the CPU).
-# Usage:
+# Usage (on the lent machines, whose image has another transformers: first install the pinned one's wheel, carried
+# as .whl, benchmarks/README.md says how to fetch it):
+#   python -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 #   bash benchmarks/run_gpu.sh
 #   PARTS="real_step judge" bash benchmarks/run_gpu.sh     # only these parts
 # Each part has its own time limit, so one that fails or hangs does not cost the others.
