@@ -149,6 +149,25 @@ def _additive(allowed, dtype):
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def _masks(model, allowed, q_pos, k_pos):
+    """The attention mask(s) for queries at positions q_pos (n, T) over keys at k_pos (n, S), allowed (n, T, S). A
+    judge with sliding-window layers (Gemma 2 and 3, Mistral v0.1, Phi-3) also gets theirs, keys a window or more
+    back hidden, as its own forward hides them: per layer type where only some layers slide. (The caches here are
+    plain, every key kept: a sliding layer's own cache would drop the keys it no longer needs.)"""
+    window, types = _window(model.config), getattr(model.config, "layer_types", None)
+    full = _additive(allowed, model.dtype)
+    if not window:
+        return full
+    near = _additive(allowed & (q_pos[:, :, None] - k_pos[:, None, :] < window), model.dtype)
+    return {"full_attention": full, "sliding_attention": near} if types else near
+
+
+def _window(config):
+    """The sliding window of a judge's sliding-window layers; None without any."""
+    types = getattr(config, "layer_types", None)
+    return None if types is not None and "sliding_attention" not in types else getattr(config, "sliding_window", None)
+
+
 def common_start(seqs, leave=0):
     """Length of the longest common start of token lists seqs, leaving at least `leave` tokens of each."""
     n = min(map(len, seqs)) - leave
@@ -162,9 +181,11 @@ def caption_cache(model, prefixes, pad_id):
     instruction every caption is shown after) run once, as one row whose cache the C rows extend."""
     dev = model.device
     K = common_start(prefixes)
-    past = DynamicCache()
+    past = DynamicCache()  # every layer keeps every key (no config: no sliding-window layers)
     if K:
-        past = model.base_model(input_ids=torch.tensor([prefixes[0][:K]], device=dev), use_cache=True).past_key_values
+        at = torch.arange(K, device=dev)[None]
+        model.base_model(input_ids=torch.tensor([prefixes[0][:K]], device=dev), past_key_values=past, use_cache=True,
+                         attention_mask=_masks(model, (at <= at.T)[None], at, at) if _window(model.config) else None)
     P = max(map(len, prefixes)) - K
     if P == 0:  # every prefix is the common part (one distinct caption): its single row serves every question
         return past, torch.zeros(len(prefixes), dtype=torch.long), [K] * len(prefixes)
@@ -174,8 +195,9 @@ def caption_cache(model, prefixes, pad_id):
     col = torch.arange(P, device=dev)  # the masks are built where they are used: (C, P, K + P) is large on a GPU
     own = (col <= col[:, None]) & (col < real) | torch.eye(P, dtype=torch.bool, device=dev)  # padding sees itself
     allowed = torch.cat([torch.ones(len(prefixes), P, K, dtype=torch.bool, device=dev), own], -1)
-    model.base_model(input_ids=ids, position_ids=(K + col).expand(len(prefixes), -1),
-                     attention_mask=_additive(allowed, model.dtype), past_key_values=past, use_cache=True)
+    pos = (K + col).expand(len(prefixes), -1)
+    model.base_model(input_ids=ids, position_ids=pos, past_key_values=past, use_cache=True,
+                     attention_mask=_masks(model, allowed, pos, torch.arange(K + P, device=dev)[None]))
     return past, torch.arange(len(prefixes)), [len(p) for p in prefixes]
 
 
@@ -198,8 +220,9 @@ def question_states(model, past, idx, lengths, rows, pad_id):
     buf = [k.new_empty((len(rows), k.shape[1], Kp + T, k.shape[3])) for _ in range(2)]
     cache = copy.copy(past)
     cache.layers = [_ReadPrefix(layer, idx.to(dev), buf) for layer in past.layers]
+    k_pos = torch.cat([torch.arange(Kp, device=dev).expand(len(rows), -1), pos], 1)
     return model.base_model(input_ids=ids, position_ids=pos, past_key_values=cache,
-                            attention_mask=_additive(allowed, model.dtype)).last_hidden_state
+                            attention_mask=_masks(model, allowed, pos, k_pos)).last_hidden_state
 
 
 def question_row(suffix, options):

@@ -75,6 +75,31 @@ def test_shared_prefix_scoring_equals_unshared_forward(fmt, tiny_judge_dir):
                 assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
 
 
+@pytest.mark.parametrize("arch, window", [("LlamaConfig", None), ("Qwen3Config", None), ("Gemma2Config", 16),
+                                          ("MistralConfig", 16)])
+def test_shared_prefix_scoring_equals_unshared_forward_on_other_judge_architectures(arch, window, tok, tmp_path):
+    """Any chat LM may judge (Llama 3, Qwen3, Gemma, Mistral instruct models): the cached prefixes and question rows
+    go through each architecture's own attention and masks. A sliding window shorter than the prompts: Gemma 2's
+    alternate layers (a mask per layer type), all of Mistral v0.1's."""
+    import transformers
+    c = models.tiny_judge_config(tok, kv_heads=2).to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "bos_token_id", "eos_token_id", "pad_token_id")
+    config = getattr(transformers, arch)(**{k: c[k] for k in keep}, sliding_window=window,
+                                         head_dim=c["hidden_size"] // c["num_attention_heads"])
+    torch.manual_seed(0)
+    models.save_model(transformers.AutoModelForCausalLM.from_config(config), tok, str(tmp_path))
+    model, tok, _ = models.load_judge(str(tmp_path))
+    item, rng = shapes.world_item(5, "test"), random.Random(1)
+    caps = [shapes.full_caption(item["scene"], rng), shapes.human_caption(item["scene"], rng), ""]
+    rows_q = [{**q, "options": shuffle_options(q, rng)[0]} for q in item["questions"][:6]]
+    rows_c = [caps[i % 3] for i in range(6)]
+    for fmt in ("caprl", "cloze"):
+        with torch.no_grad():
+            for c, q, z in zip(rows_c, rows_q, option_logits(model, tok, rows_c, rows_q, fmt)):
+                assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
+
+
 def test_prob_mode_is_a_probability_and_a_pure_function_of_its_seed(tiny_judge_dir):
     model, tok, _ = models.load_judge(tiny_judge_dir)
     item = shapes.world_item(6, "test")
