@@ -216,9 +216,14 @@ def load_policy(path, device="cpu", dtype=torch.float32, min_pixels=None, max_pi
 
 def check_policy(path):
     """A captioner's path checked without its weights (evaluate.py checks every --captioner before captioning with
-    the first): a folder with a config.json or a hub id, of a vision-language model (not the judge)."""
-    if not hasattr(model_config(path), "vision_config"):
+    the first): a folder with a config.json or a hub id, of a vision-language model (not the judge) of the Qwen-VL
+    families the sampler's decoder and the multimodal rotary positions are written for."""
+    config = model_config(path)
+    if not hasattr(config, "vision_config"):
         raise DataError(f"{path}: a text-only language model, not a vision-language captioner")
+    if config.model_type not in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        raise DataError(f"{path}: a {config.model_type} model; the captioner must be a Qwen2-VL, Qwen2.5-VL or "
+                        "Qwen3-VL (dense) model")
 
 
 def prepare_for_training(model, gradient_checkpointing=False, freeze_vision=False):

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import transformers
 from PIL import Image
 
 from caprl_mini import checkpoint, models
@@ -329,13 +330,18 @@ def test_evaluate_checks_every_model_before_any_captioning(tmp_path, monkeypatch
         assert e.value.code == 2 and f"error: {message}" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_swapped_models_and_a_letter_format_the_judge_cannot_read_are_refused_before_the_weights_load():
+def test_wrong_models_and_unreadable_letters_are_refused_before_the_weights_load(tmp_path):
     """The judge given as the captioner, or the captioner as the judge, used to end in transformers' "Unrecognized
-    configuration class" and a long traceback; a letter format with a judge whose tokenizer splits the letters failed
-    after the first rollout (train_grpo.py) or all the captioning (evaluate.py). Each is one DataError now."""
+    configuration class" and a long traceback; another family's captioner (LLaVA) loaded and failed in the sampler;
+    a letter format with a judge whose tokenizer splits the letters failed after the first rollout (train_grpo.py)
+    or all the captioning (evaluate.py). Each is one DataError now."""
     cap, judge = shipped("captioner"), shipped("judge")
+    llava = str(tmp_path / "llava")  # a vision-language model the sampler is not written for: its config alone
+    transformers.LlavaConfig(text_config=transformers.AutoConfig.from_pretrained(judge)).save_pretrained(llava)
     for call, message in [(lambda: models.load_policy(judge),
                            f"{judge}: a text-only language model, not a vision-language captioner"),
+                          (lambda: models.load_policy(llava), f"{llava}: a llava model; the captioner must be a "
+                                                              "Qwen2-VL, Qwen2.5-VL or Qwen3-VL (dense) model"),
                           (lambda: models.load_judge(cap), f"{cap}: a vision-language model; the judge is a text-only "
                                                            "chat language model"),
                           (lambda: models.load_judge(judge, fmt="caprl"), f"--judge-format caprl with {judge}: letter "
