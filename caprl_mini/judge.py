@@ -118,6 +118,15 @@ def gold_option(question):
 
 
 # ---------------------------------------------------------------- scoring with shared prefixes
+def finish_logits(config, z):
+    """What a judge's own forward does to its raw logits z = h @ W.T after the LM head: Cohere's logit_scale,
+    Gemma 2's soft-capping (identity for Qwen, Llama, ...; models.load_judge refuses a judge whose logits are still
+    not its forward's)."""
+    z = z * (getattr(config, "logit_scale", None) or 1.0)
+    cap = getattr(config, "final_logit_softcapping", None)
+    return cap * torch.tanh(z / cap) if cap else z
+
+
 def letter_id(tok, letter):
     ids = tok.encode(" " + letter, add_special_tokens=False)
     if len(ids) != 1:
@@ -293,15 +302,16 @@ def option_logits(model, tok, captions, questions, fmt, captions_per_forward=32,
                 part = work[q0:q0 + questions_per_forward]
                 js = [w[1] for w in part]
                 h = question_states(model, past, idx[js], [lengths[j] for j in js], [w[2] for w in part], pad)
-                _read_scores(h, W, part, questions, answers, letter_ids, out, fmt)
+                _read_scores(h, W, part, questions, answers, letter_ids, out, fmt, model.config)
     return out
 
 
-def _read_scores(h, W, part, questions, answers, letter_ids, out, fmt):
+def _read_scores(h, W, part, questions, answers, letter_ids, out, fmt, config):
     """Fill out[i] for the question rows of `part` from their hidden states h (n, T, D)."""
     n_suffix = [w[2][2].count(0) for w in part]
     if fmt != "cloze":  # letter, caprl: each option's letter logit at the question's last token
-        z = (h[torch.arange(len(part)), torch.tensor(n_suffix) - 1].float() @ W[letter_ids].float().T).cpu()
+        z = h[torch.arange(len(part)), torch.tensor(n_suffix) - 1].float() @ W[letter_ids].float().T
+        z = finish_logits(config, z).cpu()
         for (i, _, _), zi in zip(part, z):
             out[i] = zi[:len(questions[i]["options"])]
         return
@@ -316,7 +326,9 @@ def _read_scores(h, W, part, questions, answers, letter_ids, out, fmt):
             owner += [n_opt] * len(a)
             start += len(a) - 1
             n_opt += 1
-    lp = token_logprobs(h[sel_b, sel_t], W, torch.tensor(targets, device=h.device)).float().cpu()
+    # a logit scale s is a temperature 1 / s (soft-capped judges are refused cloze: models.judge_meta)
+    lp = token_logprobs(h[sel_b, sel_t], W, torch.tensor(targets, device=h.device),
+                        1 / (getattr(config, "logit_scale", None) or 1.0)).float().cpu()
     scores = torch.zeros(n_opt).index_add_(0, torch.tensor(owner), lp)
     k = 0
     for i, _, _ in part:

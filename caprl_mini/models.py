@@ -22,7 +22,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from . import shapes
 from .data import DataError
-from .judge import LETTERS, letter_id
+from .judge import ANSWER_PREFIX, LETTERS, finish_logits, letter_id
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SFT_CAPTIONER = os.path.join(ASSETS, "captioner")
@@ -250,8 +250,18 @@ def load_judge(path, device="cpu", dtype=torch.float32, fmt=None):
     tok, meta = judge_meta(path, fmt)
     if path == "oracle":
         return "oracle", None, meta
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return model.requires_grad_(False), tok, meta
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
+    # judge.py reads logits as h @ W.T, finished as finish_logits knows how: checked against the judge's own forward
+    # on a few tokens (other transforms exist: Granite divides by logits_scaling, HyperCLOVA X multiplies by it)
+    ids = torch.tensor([tok.encode(ANSWER_PREFIX + " A.", add_special_tokens=False)], device=device)
+    with torch.no_grad():
+        theirs = model(input_ids=ids).logits.float()
+        ours = finish_logits(model.config, model.base_model(input_ids=ids).last_hidden_state.float()
+                             @ model.get_output_embeddings().weight.float().T)
+    if not torch.allclose(ours, theirs, rtol=0.02, atol=0.02 * theirs.abs().max().item()):
+        raise DataError(f"{path}: its forward transforms the LM head's logits in a way judge.py does not reproduce "
+                        f"(max difference {(ours - theirs).abs().max().item():.3g}); not supported as a judge")
+    return model, tok, meta
 
 
 def judge_meta(path, fmt=None):
@@ -262,12 +272,15 @@ def judge_meta(path, fmt=None):
     the tokenizer cannot read (a letter that is not one token)."""
     if path == "oracle":
         return None, {"format": fmt or "cloze"}
-    if hasattr(model_config(path), "vision_config"):
+    config = model_config(path)
+    if hasattr(config, "vision_config"):
         raise DataError(f"{path}: a vision-language model; the judge is a text-only chat language model")
     tok = AutoTokenizer.from_pretrained(path)
     meta_path = os.path.join(path, "judge.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {"format": "caprl"}
     meta["format"] = fmt or meta["format"]
+    if meta["format"] == "cloze" and getattr(config, "final_logit_softcapping", None):  # token_logprobs has no cap
+        raise DataError(f"--judge-format cloze with {path}: its logits are soft-capped (Gemma 2); use caprl or letter")
     if meta["format"] != "cloze":  # letter scoring reads one token a letter: refused now, not after a rollout (the
         try:  # letters any MCQ asks: two options and abstain; a question with more checks its own when scored)
             for letter in LETTERS[:3]:

@@ -2,8 +2,10 @@ import random
 
 import pytest
 import torch
+import transformers
 
 from caprl_mini import judge, models, shapes
+from caprl_mini.data import DataError
 from caprl_mini.shapes import ABSTAIN
 from caprl_mini.judge import (LETTERS, answer_ids, caption_rewards, option_logits, prompt_ids, score_questions,
                               shuffle_options)
@@ -75,29 +77,49 @@ def test_shared_prefix_scoring_equals_unshared_forward(fmt, tiny_judge_dir):
                 assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
 
 
-@pytest.mark.parametrize("arch, window", [("LlamaConfig", None), ("Qwen3Config", None), ("Gemma2Config", 16),
-                                          ("MistralConfig", 16)])
-def test_shared_prefix_scoring_equals_unshared_forward_on_other_judge_architectures(arch, window, tok, tmp_path):
-    """Any chat LM may judge (Llama 3, Qwen3, Gemma, Mistral instruct models): the cached prefixes and question rows
-    go through each architecture's own attention and masks. A sliding window shorter than the prompts: Gemma 2's
-    alternate layers (a mask per layer type), all of Mistral v0.1's."""
-    import transformers
+def _other_judge(tok, path, arch, **kw):
+    """A tiny random judge of another architecture, its sizes and special tokens the tests' Qwen2 judge's, saved."""
     c = models.tiny_judge_config(tok, kv_heads=2).to_dict()
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "bos_token_id", "eos_token_id", "pad_token_id")
-    config = getattr(transformers, arch)(**{k: c[k] for k in keep}, sliding_window=window,
-                                         head_dim=c["hidden_size"] // c["num_attention_heads"])
+    config = getattr(transformers, arch)(**{k: c[k] for k in keep}, **kw)
     torch.manual_seed(0)
-    models.save_model(transformers.AutoModelForCausalLM.from_config(config), tok, str(tmp_path))
-    model, tok, _ = models.load_judge(str(tmp_path))
+    models.save_model(transformers.AutoModelForCausalLM.from_config(config), tok, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("arch, kw", [("LlamaConfig", {}), ("Qwen3Config", {}),
+                                      ("Gemma2Config", dict(sliding_window=16, final_logit_softcapping=0.5)),
+                                      ("MistralConfig", dict(sliding_window=16)),
+                                      ("Cohere2Config", dict(sliding_window=16, logit_scale=0.25))])
+def test_shared_prefix_scoring_equals_unshared_forward_on_other_judge_architectures(arch, kw, tok, tmp_path):
+    """Any chat LM may judge (Llama 3, Qwen3, Gemma, Mistral, Command R instruct models): the cached prefixes and
+    question rows go through each architecture's own attention, masks and logits. A sliding window shorter than the
+    prompts: Gemma 2's and Command R7B's layers of one type (a mask per layer type), all of Mistral v0.1's. Logits
+    finished after the LM head: Gemma 2's soft-capping (cloze refused: the fused log-softmax has no cap), Cohere's
+    logit scale."""
+    path = _other_judge(tok, tmp_path, arch, head_dim=32, **kw)
+    model, tok, _ = models.load_judge(path)
     item, rng = shapes.world_item(5, "test"), random.Random(1)
     caps = [shapes.full_caption(item["scene"], rng), shapes.human_caption(item["scene"], rng), ""]
     rows_q = [{**q, "options": shuffle_options(q, rng)[0]} for q in item["questions"][:6]]
     rows_c = [caps[i % 3] for i in range(6)]
     for fmt in ("caprl", "cloze"):
+        if fmt == "cloze" and "final_logit_softcapping" in kw:
+            with pytest.raises(DataError, match="its logits are soft-capped"):
+                models.load_judge(path, fmt="cloze")
+            continue
         with torch.no_grad():
             for c, q, z in zip(rows_c, rows_q, option_logits(model, tok, rows_c, rows_q, fmt)):
                 assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
+
+
+def test_a_judge_whose_logits_judge_py_cannot_reproduce_is_refused_at_load(tok, tmp_path):
+    """Granite divides its LM head's logits by logits_scaling (HyperCLOVA X multiplies by a field of that name):
+    judge.py would read them unscaled, so the judge is refused when loaded, not scored wrongly."""
+    path = _other_judge(tok, tmp_path, "GraniteConfig", logits_scaling=8.0)
+    with pytest.raises(DataError, match="transforms the LM head's logits in a way judge.py does not reproduce"):
+        models.load_judge(path)
 
 
 def test_prob_mode_is_a_probability_and_a_pure_function_of_its_seed(tiny_judge_dir):
