@@ -18,6 +18,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTex
                           AutoTokenizer, DynamicCache, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
                           Qwen2VLConfig, Qwen2_5_VLConfig, Qwen2_5_VLProcessor,
                           Qwen3VLConfig)
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from . import shapes
@@ -268,13 +269,16 @@ def judge_meta(path, fmt=None):
     """(tokenizer, meta) of a judge, without its weights (a script checks its judge before long work). meta is the
     folder's judge.json (how the judge was trained to be asked: {"format": "cloze"} for the built-in world's);
     without one (real chat judges) the paper's prompt and letter scoring, {"format": "caprl"}; fmt (--judge-format)
-    overrides it. Refused (DataError): a vision-language model (the captioner given as the judge), and a letter format
-    the tokenizer cannot read (a letter that is not one token)."""
+    overrides it. Refused (DataError): a vision-language model (the captioner given as the judge), layers that are
+    not attention, and a letter format the tokenizer cannot read (a letter that is not one token)."""
     if path == "oracle":
         return None, {"format": fmt or "cloze"}
     config = model_config(path)
     if hasattr(config, "vision_config"):
         raise DataError(f"{path}: a vision-language model; the judge is a text-only chat language model")
+    if not {type(x) for x in DynamicCache(config=config).layers} <= {DynamicLayer, DynamicSlidingWindowLayer}:
+        raise DataError(f"{path}: layers that are not attention (linear attention, state space, convolution: "
+                        "Qwen3.5, Jamba, Falcon-H1, ...); the judge's shared prefixes are attention keys only")
     tok = AutoTokenizer.from_pretrained(path)
     meta_path = os.path.join(path, "judge.json")
     meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else {"format": "caprl"}

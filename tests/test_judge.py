@@ -114,6 +114,15 @@ def test_shared_prefix_scoring_equals_unshared_forward_on_other_judge_architectu
                 assert torch.allclose(z, _reference_scores(model, tok, c, q, fmt), atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["Qwen3_5TextConfig", "JambaConfig"])
+def test_a_judge_with_layers_that_are_not_attention_is_refused_before_its_weights_load(arch, tmp_path):
+    """Linear-attention and state-space layers (Qwen3.5, Jamba) keep a state, not keys and values: the shared-prefix
+    scoring used to end in an IndexError or a ValueError deep in transformers."""
+    getattr(transformers, arch)(num_hidden_layers=4).save_pretrained(tmp_path)  # the config alone is enough
+    with pytest.raises(DataError, match="layers that are not attention"):
+        models.judge_meta(str(tmp_path))
+
+
 def test_a_judge_whose_logits_judge_py_cannot_reproduce_is_refused_at_load(tok, tmp_path):
     """Granite divides its LM head's logits by logits_scaling (HyperCLOVA X multiplies by a field of that name):
     judge.py would read them unscaled, so the judge is refused when loaded, not scored wrongly."""
