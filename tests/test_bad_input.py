@@ -475,7 +475,8 @@ def test_resume_refuses_other_training_data_but_follows_a_moved_file(tmp_path):
     more = write(tmp_path / "more.jsonl", *[row(str(i), f"{i}.png") for i in range(4)])
     resume = ["train_grpo.py", "--steps", "2", "--images-per-step", "2", "--micro-batch-images", "1", "--group-size",
               "2", "--max-new-tokens", "4", "--eval-images", "0", "--out", out, "--resume"]
-    errors = scripts(resume, [*resume, "--data", more])
+    other = shutil.copytree(out, str(tmp_path / "run2"))  # side by side, each its own folder: both write config.json
+    errors = scripts(resume, [*resume, "--data", more, "--out", other])
     assert errors[0] == "train_grpo.py: error: --resume: the run trained on a QA file of 3 rows, not the built-in " \
                         "world (the steps would draw other images)"
     assert errors[1].endswith("the run trained on a QA file of 3 rows, not a QA file of 4 rows (the steps would draw "
