@@ -247,7 +247,8 @@ def prepare_for_training(model, gradient_checkpointing=False, freeze_vision=Fals
 def load_judge(path, device="cpu", dtype=torch.float32, fmt=None):
     """A text-only chat LM and its tokenizer, from a folder or a hub id. Returns (model, tokenizer, meta), meta from
     judge_meta. "oracle" is the built-in world's exact reader (judge.py scores it by rule). The judge only runs
-    inference: eval mode, no gradients, in the device's dtype (bf16 on a GPU)."""
+    inference: eval mode, no gradients, in the device's dtype (bf16 on a GPU). Refused once loaded (DataError): a judge
+    whose logits judge.py would read otherwise than its own forward computes them."""
     tok, meta = judge_meta(path, fmt)
     if path == "oracle":
         return "oracle", None, meta
