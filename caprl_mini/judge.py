@@ -127,6 +127,21 @@ def finish_logits(config, z):
     return cap * torch.tanh(z / cap) if cap else z
 
 
+@torch.no_grad()
+def logits_gap(model, tok):
+    """None if judge.py's logits (h @ W.T, then finish_logits) are the judge's own forward's on a few tokens, else
+    their largest difference (other transforms exist: Granite divides by logits_scaling, HyperCLOVA X multiplies by
+    it). Tolerance 2% of the largest logit: above bf16 rounding, below any scale or cap that matters; NaN equals NaN
+    (a judge with NaN weights loads: its rewards skip the updates)."""
+    ids = torch.tensor([tok.encode(ANSWER_PREFIX + " A.", add_special_tokens=False)], device=model.device)
+    theirs = model(input_ids=ids).logits.float()
+    ours = finish_logits(model.config, model.base_model(input_ids=ids).last_hidden_state.float()
+                         @ model.get_output_embeddings().weight.float().T)
+    big = theirs.nan_to_num(0, 0, 0).abs().max().item()
+    ok = torch.allclose(ours, theirs, rtol=0.02, atol=0.02 * big, equal_nan=True)
+    return None if ok else (ours - theirs).abs().max().item()
+
+
 def letter_id(tok, letter):
     ids = tok.encode(" " + letter, add_special_tokens=False)
     if len(ids) != 1:

@@ -23,7 +23,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from . import shapes
 from .data import DataError
-from .judge import ANSWER_PREFIX, LETTERS, finish_logits, letter_id
+from .judge import LETTERS, letter_id, logits_gap
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 SFT_CAPTIONER = os.path.join(ASSETS, "captioner")
@@ -253,17 +253,10 @@ def load_judge(path, device="cpu", dtype=torch.float32, fmt=None):
     if path == "oracle":
         return "oracle", None, meta
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval().requires_grad_(False)
-    # judge.py reads logits as h @ W.T, finished as finish_logits knows how: checked against the judge's own forward
-    # on a few tokens (other transforms exist: Granite divides by logits_scaling, HyperCLOVA X multiplies by it)
-    ids = torch.tensor([tok.encode(ANSWER_PREFIX + " A.", add_special_tokens=False)], device=device)
-    with torch.no_grad():
-        theirs = model(input_ids=ids).logits.float()
-        ours = finish_logits(model.config, model.base_model(input_ids=ids).last_hidden_state.float()
-                             @ model.get_output_embeddings().weight.float().T)
-    big = theirs.nan_to_num(0, 0, 0).abs().max().item()  # a judge with NaN weights passes: its rewards skip updates
-    if not torch.allclose(ours, theirs, rtol=0.02, atol=0.02 * big, equal_nan=True):
+    gap = logits_gap(model, tok)
+    if gap is not None:
         raise DataError(f"{path}: its forward transforms the LM head's logits in a way judge.py does not reproduce "
-                        f"(max difference {(ours - theirs).abs().max().item():.3g}); not supported as a judge")
+                        f"(max difference {gap:.3g}); not supported as a judge")
     return model, tok, meta
 
 
